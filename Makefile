@@ -1,0 +1,28 @@
+# make demo: the main job on the bundled real photos.  make test: the test suite.
+# Both create .venv and install everything first (torch from the files pip finds on this machine).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test,demo,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python jobs/explain_sample.py --out out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check unioncam tests jobs
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,51 @@
+"""The ``unioncam explain`` command: outputs, printed values and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unioncam.cli import main
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(rng.integers(0, 65535, (30, 30), dtype=np.uint16)).save(gray16)
+    return path, gray16
+
+
+def test_explain_writes_overlays_and_prints_ams(photo, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["explain", str(photo[0]), str(photo[1]), "--model", "tiny_cnn", "--method", "all", "--out", str(out)])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    for stem in ("photo", "gray16"):
+        for method in ("gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "unioncam"):
+            with Image.open(out / f"{stem}_{method}.png") as img:
+                assert img.size == (64, 64) and img.mode == "RGB"
+    assert lines[0].startswith("photo.jpg: class_")
+    union = [line for line in lines if line.strip().startswith("unioncam")]
+    assert len(union) == 2 and all("AMS=" in u and "β_reg=" in u for u in union)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["missing.png"], "no such image"),
+    (["{photo}", "--method", "gradcan"], "did you mean 'gradcam'"),
+    (["{bad}"], "cannot decode image"),
+    (["{photo}", "--model", "resnet"], "unknown model"),
+    (["{photo}", "--model", "tiny_cnn", "--weights", "{bad}"], "corrupt or not a state dict"),
+])
+def test_usage_errors_are_one_line_exit_2(photo, tmp_path, capsys, args, message):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    argv = ["explain"] + [a.format(photo=photo[0], bad=bad) for a in args] + ["--out", str(tmp_path / "o")]
+    if "--model" not in argv:
+        argv += ["--model", "tiny_cnn"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

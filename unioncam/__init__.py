@@ -1,0 +1,8 @@
+"""unioncam: UnionCAM, Integrative CAM and their baselines, at dataset scale."""
+
+from unioncam.methods import METHODS, Explanation, explain, get_method
+from unioncam.models import LoadedModel, load
+
+__version__ = "0.1.0"
+
+__all__ = ["METHODS", "Explanation", "LoadedModel", "__version__", "explain", "get_method", "load"]

@@ -1,0 +1,106 @@
+"""Command line: ``unioncam explain IMAGE... --model NAME [--method M|all] --out DIR``.
+
+Usage errors (bad paths, unreadable images, unknown models or methods, bad weights) print one
+line to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from unioncam.methods import METHODS, explain
+from unioncam.models import MODELS, WeightsError, load
+from unioncam.ops import PRECISIONS
+from unioncam.registry import UnknownNameError
+from unioncam.viz import ImageError, load_image, overlay
+
+
+class UsageError(Exception):
+    """A problem with the command line's inputs; reported in one line, exit code 2."""
+
+
+def parse_methods(spec: str) -> list[str]:
+    """``"all"`` or a comma-separated list of method names (validated)."""
+    if spec.strip().lower() == "all":
+        return METHODS.names()
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UsageError("no method given")
+    return [METHODS.canonical(n) for n in names]
+
+
+def _format_details(details: dict[str, object], i: int) -> str:
+    if "selected" not in details or not details["selected"][i]:  # type: ignore[index]
+        return ""
+    b = {k: float(details[k][i]) for k in ("beta_den", "beta_reg", "beta_dereg")}  # type: ignore[index]
+    return (f"  AMS={details['selected'][i]}  β_den={b['beta_den']:.4f}"  # type: ignore[index]
+            f"  β_reg={b['beta_reg']:.4f}  β_dereg={b['beta_dereg']:.4f}")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.method)
+    paths = [Path(p) for p in args.images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UsageError(f"no such image: {', '.join(missing)}")
+    loaded = load(args.model, args.weights)
+    device = torch.device(args.device)
+    model = loaded.model.to(device)
+    images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options: dict[str, object] = {"precision": args.precision}
+    if args.batch_size:
+        options["batch_size"] = args.batch_size
+    for path, image in zip(paths, images, strict=True):
+        x = image[None].to(device)
+        with torch.no_grad():
+            probs = model(x).softmax(-1)[0]
+        target = int(probs.argmax()) if args.target is None else args.target
+        print(f"{path.name}: {loaded.class_names[target]} (class {target}, p={float(probs[target]):.3f})",
+              flush=True)
+        for method in methods:
+            start = time.perf_counter()
+            opts = dict(options) if method in ("scorecam", "unioncam") else {}
+            result = explain(loaded, x, method, targets=[target], **opts)
+            seconds = time.perf_counter() - start
+            dest = out / f"{path.stem}_{method}.png"
+            overlay(image, result.maps[0]).save(dest)
+            print(f"  {method:<10} {seconds:7.2f}s  {dest}{_format_details(result.details, 0)}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unioncam", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("explain", help="write a heat-map overlay PNG per image and method")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(MODELS.names())}")
+    p.add_argument("--weights", default=None, help="state-dict file (weights_only); default: see README")
+    p.add_argument("--method", default="unioncam", help=f"'all' or comma-separated: {', '.join(METHODS.names())}")
+    p.add_argument("--out", required=True, help="output folder for the overlay PNGs")
+    p.add_argument("--target", type=int, default=None, help="class index to explain (default: predicted)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="masked inputs per forward")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.set_defaults(func=cmd_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UsageError, UnknownNameError, WeightsError, ImageError) as exc:
+        print(f"unioncam: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Method registry and the one-call API :func:`explain`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from unioncam.methods.base import CAM, Explanation, find_layer
+from unioncam.methods.gradient import GradCAM, GradCAMPP, LayerCAM, XGradCAM
+from unioncam.methods.score import ScoreCAM
+from unioncam.methods.union import UnionCAM
+from unioncam.models import LoadedModel
+from unioncam.registry import Registry
+
+METHODS: Registry[type[CAM]] = Registry("method")
+for _cls in (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM):
+    METHODS.add(_cls.name, _cls)
+
+
+def get_method(name: str) -> type[CAM]:
+    """The CAM class registered as ``name``; an unknown name raises with the valid ones."""
+    return METHODS.get(name)
+
+
+def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "unioncam",
+            target_layer: str | nn.Module | None = None, targets: Tensor | list[int] | None = None,
+            **options: Any) -> Explanation:
+    """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) with ``method``.
+
+    Args:
+        model: a pixel-space classifier or a :class:`~unioncam.models.LoadedModel`.
+        method: a registered method name (see ``METHODS.names()``).
+        target_layer: dotted module name or module; None: the model's default.
+        targets: classes to explain; None: the predicted class of each image.
+        **options: method options (``batch_size``, ``precision``, ``theta``, ``stage``, ...).
+    """
+    net = model.model if isinstance(model, LoadedModel) else model
+    with get_method(method)(net, target_layer, **options) as cam:
+        return cam(images, targets)
+
+
+__all__ = ["CAM", "METHODS", "Explanation", "explain", "find_layer", "get_method"]

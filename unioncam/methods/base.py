@@ -1,0 +1,223 @@
+"""The CAM base class: hooks as a resource, one forward (and backward), a fixed pipeline.
+
+``CAM.__call__`` validates the input, runs the model once with the target layer hooked, takes
+``g = ∂S_c/∂A`` with ``torch.autograd.grad`` (so parameters never get ``.grad`` and in-place
+ReLUs such as VGG16's are harmless), asks the subclass for its raw saliency (:meth:`CAM.compute`),
+then upsamples (bilinear) and min-max normalizes it to ``B×H×W`` in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from unioncam.ops import Precision, autocast, chunks, normalize, upsample
+
+Details = dict[str, Any]
+
+
+@dataclass
+class Explanation:
+    """The result of explaining a batch.
+
+    Attributes:
+        maps: ``B×H×W`` float maps in ``[0, 1]`` at the input's size.
+        targets: ``B`` class indices that the maps explain.
+        details: per-image values (tensors of length ``B`` or lists), method-specific.
+    """
+
+    maps: Tensor
+    targets: Tensor
+    details: Details = field(default_factory=dict)
+
+
+def find_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
+    """Resolve ``layer`` (a dotted name, a module, or None for the model's default) to a module.
+
+    Names are looked up in ``model``, then inside ``model.net`` (a :class:`PixelModel`'s
+    classifier), so ``"features.29"`` works for a wrapped VGG16.
+    """
+    if layer is None:
+        layer = getattr(model, "target_layer", None)
+        if layer is None:
+            raise ValueError("target_layer is required for models not built by unioncam.models.load")
+    if isinstance(layer, nn.Module):
+        if not any(m is layer for m in model.modules()):
+            raise ValueError("target_layer module is not part of the model")
+        return layer
+    for root in (model, getattr(model, "net", None)):
+        if isinstance(root, nn.Module):
+            try:
+                return root.get_submodule(layer)
+            except AttributeError:
+                continue
+    names = [n for n, _ in model.named_modules() if n]
+    raise ValueError(f"no layer {layer!r} in the model; some valid names: {', '.join(names[-8:])}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Masked inputs per forward when not given: 8 on CPU (measured best for small CNNs on
+    two cores), 64 on accelerators."""
+    return 8 if device.type == "cpu" else 64
+
+
+def masked_scores(model: nn.Module, images: Tensor, targets: Tensor, index: Tensor,
+                  masks: Tensor | Callable[[slice], Tensor], batch_size: int,
+                  precision: Precision = "fp32") -> Tensor:
+    """``f_c(M_n ⊙ I_{index[n]})`` for ``n`` masked inputs, ``batch_size`` per forward.
+
+    Args:
+        images: ``B×3×H×W`` pixel-space images.
+        targets: ``B`` class per image.
+        index: ``N`` image index of each masked input; masked inputs of different images
+            share forward batches.
+        masks: ``N×H×W`` masks, or a function returning the masks of a slice of ``0..N`` (so
+            masks can be built one chunk at a time and peak memory stays bounded).
+    Returns:
+        ``N`` softmax probabilities, on the images' device, without any host synchronization.
+    """
+    n = index.numel()
+    out = torch.empty(n, dtype=torch.promote_types(images.dtype, torch.float32), device=images.device)
+    for sl in chunks(n, batch_size):
+        m = masks[sl] if isinstance(masks, Tensor) else masks(sl)
+        idx = index[sl]
+        with torch.inference_mode(), autocast(images.device, precision):
+            logits = model(m[:, None] * images[idx])
+        probs = logits.to(out.dtype).softmax(-1)
+        out[sl] = probs.gather(1, targets[idx][:, None])[:, 0]
+    return out
+
+
+class CAM(abc.ABC):
+    """Base class: owns a forward hook on the target layer; use as a context manager.
+
+    Subclasses set ``name`` and ``uses_gradients`` and implement :meth:`compute`.
+
+    Args:
+        model: a classifier taking pixel-space images (e.g. a :class:`unioncam.models.PixelModel`).
+        target_layer: dotted module name or module; None uses ``model.target_layer``.
+        batch_size: masked inputs per forward for score-based methods (None: by device).
+        precision: "fp32", "bf16" or "fp16" (CUDA) for the masked forward-only passes.
+    """
+
+    name: ClassVar[str]
+    uses_gradients: ClassVar[bool] = True
+    _handle: torch.utils.hooks.RemovableHandle | None = None  # until __init__ registers the hook
+
+    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
+                 batch_size: int | None = None, precision: Precision = "fp32") -> None:
+        self.model = model
+        self.layer = find_layer(model, target_layer)
+        self.device = model_device(model)
+        self.batch_size = batch_size or default_batch_size(self.device)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        autocast(self.device, precision)  # validates the precision name early
+        self.precision: Precision = precision
+        self._capturing = False
+        self._act: Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = self.layer.register_forward_hook(self._hook)
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        """Capture ``A`` during the explaining forward only.
+
+        The captured tensor is a fresh leaf; the network continues on a clone of it, so an
+        in-place op after the layer cannot modify ``A`` and gradients stop at ``A``.
+        """
+        if not self._capturing:
+            return None
+        if self._act is not None:
+            raise RuntimeError("the target layer ran twice in one forward; choose a module used once")
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            raise RuntimeError(f"target layer output must be a B×K×h×w tensor, got {type(output).__name__}"
+                               f"{'' if not isinstance(output, Tensor) else tuple(output.shape)}")
+        self._act = output.detach().clone().requires_grad_(self.uses_gradients)
+        return self._act.clone() if self.uses_gradients else None
+
+    def remove_hooks(self) -> None:
+        """Remove the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> CAM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove_hooks()
+
+    def __del__(self) -> None:
+        self.remove_hooks()
+
+    # -- pipeline ---------------------------------------------------------------------------
+    def _check_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a B×3×H×W tensor in [0, 1], got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch")
+        return images.to(self.device)
+
+    def _check_targets(self, targets: Tensor | list[int] | None, logits: Tensor) -> Tensor:
+        if targets is None:
+            return logits.argmax(dim=1)
+        t = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
+        if t.numel() != logits.shape[0]:
+            raise ValueError(f"got {t.numel()} targets for {logits.shape[0]} images")
+        if bool(((t < 0) | (t >= logits.shape[1])).any()):
+            raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got {t.tolist()}")
+        return t
+
+    def __call__(self, images: Tensor, targets: Tensor | list[int] | None = None) -> Explanation:
+        """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) for ``targets`` (None: predicted class)."""
+        if self._handle is None:
+            raise RuntimeError(f"{type(self).__name__} was closed (its hooks were removed)")
+        images = self._check_images(images)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._capturing = True
+            with torch.set_grad_enabled(self.uses_gradients):
+                logits = self.model(images)
+            self._capturing = False
+            if self._act is None:
+                raise RuntimeError("the target layer did not run in the forward pass")
+            acts = self._act
+            t = self._check_targets(targets, logits)
+            grads = None
+            if self.uses_gradients:
+                score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
+                (grads,) = torch.autograd.grad(score, acts)
+            with torch.no_grad():
+                raw, details = self.compute(images, t, acts.detach(), grads, logits.detach())
+                maps = normalize(upsample(raw, tuple(images.shape[-2:])))
+        finally:
+            self._capturing = False
+            self._act = None
+            self.model.train(was_training)
+        return Explanation(maps=maps, targets=t, details=details)
+
+    @abc.abstractmethod
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        """Raw saliency ``B×h×w`` (any resolution; the base upsamples and normalizes) and details.
+
+        Args:
+            images: ``B×3×H×W`` input. targets: ``B`` classes. acts: ``A``, ``B×K×h×w``.
+            grads: ``g = ∂S_c/∂A`` (None when ``uses_gradients`` is False). logits: ``B×C``.
+        """

