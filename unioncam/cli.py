@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,12 +36,13 @@ def parse_methods(spec: str) -> list[str]:
     return [METHODS.canonical(n) for n in names]
 
 
-def _format_details(details: dict[str, object], i: int) -> str:
-    if "selected" not in details or not details["selected"][i]:  # type: ignore[index]
-        return ""
-    b = {k: float(details[k][i]) for k in ("beta_den", "beta_reg", "beta_dereg")}  # type: ignore[index]
-    return (f"  AMS={details['selected'][i]}  β_den={b['beta_den']:.4f}"  # type: ignore[index]
-            f"  β_reg={b['beta_reg']:.4f}  β_dereg={b['beta_dereg']:.4f}")
+def _format_details(details: dict[str, Any], i: int) -> str:
+    text = f"  masked_forwards={int(details['forwards'][i])}" if "forwards" in details else ""
+    if details.get("selected", [""])[i]:
+        b = {k: float(details[k][i]) for k in ("beta_den", "beta_reg", "beta_dereg")}
+        text += (f"  AMS={details['selected'][i]}  β_den={b['beta_den']:.4f}"
+                 f"  β_reg={b['beta_reg']:.4f}  β_dereg={b['beta_dereg']:.4f}")
+    return text
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

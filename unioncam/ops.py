@@ -67,18 +67,6 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def target_probs(model: nn.Module, images: Tensor, targets: Tensor, precision: Precision = "fp32") -> Tensor:
-    """``f_c(x)``: softmax probability of class ``targets[i]`` for each input ``images[i]``.
-
-    Runs under ``torch.inference_mode`` (forward only); the softmax is taken in float32 or the
-    input's dtype, whichever is wider, so reduced precision affects only the network body.
-    """
-    with torch.inference_mode(), autocast(images.device, precision):
-        logits = model(images)
-    logits = logits.to(torch.promote_types(images.dtype, torch.float32))
-    return logits.softmax(dim=-1).gather(1, targets[:, None])[:, 0]
-
-
 _BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], Tensor]] = weakref.WeakKeyDictionary()
 
 

@@ -8,13 +8,14 @@ from torch import Tensor, nn
 
 from unioncam.methods.base import CAM, Explanation, find_layer
 from unioncam.methods.gradient import GradCAM, GradCAMPP, LayerCAM, XGradCAM
+from unioncam.methods.integrative import IntegrativeCAM
 from unioncam.methods.score import ScoreCAM
 from unioncam.methods.union import UnionCAM
 from unioncam.models import LoadedModel
 from unioncam.registry import Registry
 
 METHODS: Registry[type[CAM]] = Registry("method")
-for _cls in (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM):
+for _cls in (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM, IntegrativeCAM):
     METHODS.add(_cls.name, _cls)
 
 

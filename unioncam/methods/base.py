@@ -9,6 +9,7 @@ then upsamples (bilinear) and min-max normalizes it to ``B×H×W`` in ``[0, 1]``
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -73,6 +74,28 @@ def default_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cpu" else 64
 
 
+def batched_probs(model: nn.Module, targets: Tensor, inputs: Callable[[slice], Tensor], n: int,
+                  batch_size: int, precision: Precision = "fp32") -> Tensor:
+    """``f_{targets[j]}(inputs(j))`` for ``j < n``: inputs built and run ``batch_size`` at a time.
+
+    Args:
+        targets: ``n`` class per input.
+        inputs: returns the ``len(slice)×3×H×W`` inputs of a slice of ``0..n``, so only one
+            batch of inputs exists at a time and peak memory is bounded by ``batch_size``.
+    Returns:
+        ``n`` softmax probabilities on the targets' device, without any host synchronization.
+    """
+    out: Tensor | None = None
+    for sl in chunks(n, batch_size):
+        x = inputs(sl)
+        with torch.inference_mode(), autocast(x.device, precision):
+            logits = model(x)
+        if out is None:
+            out = torch.empty(n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        out[sl] = logits.to(out.dtype).softmax(-1).gather(1, targets[sl][:, None])[:, 0]
+    return out if out is not None else torch.empty(0, device=targets.device)
+
+
 def masked_scores(model: nn.Module, images: Tensor, targets: Tensor, index: Tensor,
                   masks: Tensor | Callable[[slice], Tensor], batch_size: int,
                   precision: Precision = "fp32") -> Tensor:
@@ -88,22 +111,19 @@ def masked_scores(model: nn.Module, images: Tensor, targets: Tensor, index: Tens
     Returns:
         ``N`` softmax probabilities, on the images' device, without any host synchronization.
     """
-    n = index.numel()
-    out = torch.empty(n, dtype=torch.promote_types(images.dtype, torch.float32), device=images.device)
-    for sl in chunks(n, batch_size):
+
+    def inputs(sl: slice) -> Tensor:
         m = masks[sl] if isinstance(masks, Tensor) else masks(sl)
-        idx = index[sl]
-        with torch.inference_mode(), autocast(images.device, precision):
-            logits = model(m[:, None] * images[idx])
-        probs = logits.to(out.dtype).softmax(-1)
-        out[sl] = probs.gather(1, targets[idx][:, None])[:, 0]
-    return out
+        return m[:, None] * images[index[sl]]
+
+    return batched_probs(model, targets[index], inputs, index.numel(), batch_size, precision)
 
 
 class CAM(abc.ABC):
     """Base class: owns a forward hook on the target layer; use as a context manager.
 
-    Subclasses set ``name`` and ``uses_gradients`` and implement :meth:`compute`.
+    Subclasses set ``name`` and ``uses_gradients`` and implement :meth:`compute`. A method that
+    reads several layers overrides :meth:`_resolve_layers` and :meth:`compute_layers`.
 
     Args:
         model: a classifier taking pixel-space images (e.g. a :class:`unioncam.models.PixelModel`).
@@ -114,44 +134,63 @@ class CAM(abc.ABC):
 
     name: ClassVar[str]
     uses_gradients: ClassVar[bool] = True
-    _handle: torch.utils.hooks.RemovableHandle | None = None  # until __init__ registers the hook
+    _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # until __init__ registers hooks
 
     def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
                  batch_size: int | None = None, precision: Precision = "fp32") -> None:
         self.model = model
-        self.layer = find_layer(model, target_layer)
         self.device = model_device(model)
+        self.layers = self._resolve_layers(target_layer)
         self.batch_size = batch_size or default_batch_size(self.device)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         autocast(self.device, precision)  # validates the precision name early
         self.precision: Precision = precision
         self._capturing = False
-        self._act: Tensor | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = self.layer.register_forward_hook(self._hook)
+        self._closed = False
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        """Hook every module in ``self.layers`` (after removing any earlier hooks)."""
+        for handle in self._handles:
+            handle.remove()
+        self._acts: list[Tensor | None] = [None] * len(self.layers)
+        self._handles = tuple(layer.register_forward_hook(functools.partial(self._hook, i))
+                              for i, layer in enumerate(self.layers))
+
+    def _resolve_layers(self, target_layer: str | nn.Module | None) -> list[nn.Module]:
+        """The modules to hook; one target layer unless a subclass reads several."""
+        return [find_layer(self.model, target_layer)]
 
     # -- hooks ------------------------------------------------------------------------------
-    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-        """Capture ``A`` during the explaining forward only.
+    def _hook(self, i: int, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        """Capture layer ``i``'s output ``A`` during the explaining forward only.
 
-        The captured tensor is a fresh leaf; the network continues on a clone of it, so an
-        in-place op after the layer cannot modify ``A`` and gradients stop at ``A``.
+        The network continues on a clone of ``A``, so an in-place op after the layer cannot modify
+        it. ``A`` stays in the autograd graph when it already is (so with several hooked layers,
+        ``∂S_c/∂A`` of an early layer includes the paths through later ones); otherwise it becomes
+        a leaf that requires grad, so frozen parameters need no graph below it.
         """
         if not self._capturing:
             return None
-        if self._act is not None:
-            raise RuntimeError("the target layer ran twice in one forward; choose a module used once")
+        if self._acts[i] is not None:
+            raise RuntimeError(f"layer {module} ran twice in one forward; choose a module used once")
         if not isinstance(output, Tensor) or output.dim() != 4:
-            raise RuntimeError(f"target layer output must be a B×K×h×w tensor, got {type(output).__name__}"
-                               f"{'' if not isinstance(output, Tensor) else tuple(output.shape)}")
-        self._act = output.detach().clone().requires_grad_(self.uses_gradients)
-        return self._act.clone() if self.uses_gradients else None
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise RuntimeError(f"a target layer's output must be a B×K×h×w tensor, got {shape}")
+        if not self.uses_gradients:
+            self._acts[i] = output.detach().clone()
+            return None
+        act = output if output.requires_grad else output.detach().requires_grad_(True)
+        self._acts[i] = act
+        return act.clone()
 
     def remove_hooks(self) -> None:
-        """Remove the hook (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks (idempotent); the instance cannot explain afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = ()
+        self._closed = True
 
     def __enter__(self) -> CAM:
         return self
@@ -185,7 +224,7 @@ class CAM(abc.ABC):
 
     def __call__(self, images: Tensor, targets: Tensor | list[int] | None = None) -> Explanation:
         """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) for ``targets`` (None: predicted class)."""
-        if self._handle is None:
+        if self._closed:
             raise RuntimeError(f"{type(self).__name__} was closed (its hooks were removed)")
         images = self._check_images(images)
         was_training = self.model.training
@@ -195,22 +234,28 @@ class CAM(abc.ABC):
             with torch.set_grad_enabled(self.uses_gradients):
                 logits = self.model(images)
             self._capturing = False
-            if self._act is None:
-                raise RuntimeError("the target layer did not run in the forward pass")
-            acts = self._act
+            acts = [a for a in self._acts if a is not None]
+            if len(acts) != len(self.layers):
+                raise RuntimeError("a target layer did not run in the forward pass")
             t = self._check_targets(targets, logits)
             grads = None
             if self.uses_gradients:
                 score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
-                (grads,) = torch.autograd.grad(score, acts)
+                grads = list(torch.autograd.grad(score, acts, allow_unused=True))
+                grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads, strict=True)]
             with torch.no_grad():
-                raw, details = self.compute(images, t, acts.detach(), grads, logits.detach())
-                maps = normalize(upsample(raw, tuple(images.shape[-2:])))
+                raw, details = self.compute_layers(images, t, [a.detach() for a in acts], grads, logits.detach())
+                maps = normalize(upsample(raw, (images.shape[-2], images.shape[-1])))
         finally:
             self._capturing = False
-            self._act = None
+            self._acts = [None] * len(self.layers)
             self.model.train(was_training)
         return Explanation(maps=maps, targets=t, details=details)
+
+    def compute_layers(self, images: Tensor, targets: Tensor, acts: list[Tensor], grads: list[Tensor] | None,
+                       logits: Tensor) -> tuple[Tensor, Details]:
+        """Raw saliency from every hooked layer; single-layer methods defer to :meth:`compute`."""
+        return self.compute(images, targets, acts[0], None if grads is None else grads[0], logits)
 
     @abc.abstractmethod
     def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,

@@ -1,0 +1,253 @@
+"""Evaluation metrics (REFERENCE.md, "Metrics"): per-sample values; aggregation is separate.
+
+Every per-sample function carries its metadata as ``fn.info`` (:class:`MetricInfo`: name,
+higher-is-better, needs boxes) and is listed in :data:`METRICS`, so reports can label it.
+Per-sample values are what the Parquet rows store; :func:`summarize` aggregates them (mean and a
+seeded 95% bootstrap confidence interval, overall and per class).
+
+Conventions:
+    * ``Y_i = f_c(I0)``, ``O_i = f_c(L ⊙ I0)``: softmax probabilities of the target class ``c``
+      on the image and on the image masked by the method's normalized map ``L`` (pixel space).
+    * Boxes are ``[xmin, ymin, xmax, ymax]`` in the map's pixel coordinates, continuous: the pixel
+      in column ``x``, row ``y`` covers ``[x, x+1) × [y, y+1)`` and lies in a box when its centre
+      ``(x + 0.5, y + 0.5)`` does. So integer boxes cover columns ``xmin … xmax−1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unioncam.methods.base import batched_probs, default_batch_size, model_device
+from unioncam.ops import Precision
+
+F_ = TypeVar("F_", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a report needs to label a metric."""
+
+    name: str
+    label: str
+    higher_is_better: bool
+    needs_boxes: bool = False
+    unit: str = ""
+
+
+METRICS: dict[str, MetricInfo] = {}
+
+
+def _metric(info: MetricInfo) -> Callable[[F_], F_]:
+    def register(fn: F_) -> F_:
+        fn.info = info  # type: ignore[attr-defined]
+        METRICS[info.name] = info
+        return fn
+
+    return register
+
+
+def _check_maps(images: Tensor, maps: Tensor) -> None:
+    if maps.dim() != 3 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"maps must be B×H×W matching images {tuple(images.shape)}, got {tuple(maps.shape)}")
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError("maps contain NaN or infinite values")
+
+
+def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, batch_size: int | None = None,
+               precision: Precision = "fp32") -> tuple[Tensor, Tensor]:
+    """``(Y, O)`` with ``Y_i = f_c(I0_i)`` and ``O_i = f_c(L_i ⊙ I0_i)``, batched.
+
+    Args:
+        images: ``B×3×H×W`` in ``[0, 1]``. maps: ``B×H×W`` in ``[0, 1]``. targets: ``B`` classes.
+    """
+    _check_maps(images, maps)
+    b = images.shape[0]
+    size = batch_size or default_batch_size(model_device(model))
+    maps = maps.to(images.dtype)
+
+    def inputs(sl: slice) -> Tensor:
+        j = torch.arange(sl.start, sl.stop, device=images.device)
+        i = j % b
+        return torch.where((j < b)[:, None, None, None], images[i], maps[i][:, None] * images[i])
+
+    probs = batched_probs(model, targets.to(images.device).repeat(2), inputs, 2 * b, size, precision)
+    return probs[:b], probs[b:]
+
+
+def _check_confidences(y: Tensor, o: Tensor) -> None:
+    if y.shape != o.shape:
+        raise ValueError(f"Y and O differ in shape: {tuple(y.shape)} vs {tuple(o.shape)}")
+    if not (bool(torch.isfinite(y).all()) and bool(torch.isfinite(o).all())):
+        raise ValueError("Y or O contains NaN or infinite values")
+    if bool((y <= 0).any()):
+        raise ValueError("Y must be > 0 (the drop is relative to Y); got a zero confidence")
+
+
+@_metric(MetricInfo("average_drop", "Average Drop", higher_is_better=False, unit="%"))
+def average_drop(y: Tensor, o: Tensor) -> Tensor:
+    """Per-sample drop ``100 · max(0, Y − O) / Y`` in percent; its mean is the Average Drop
+    (Chattopadhay et al., 2018). Raises ``ValueError`` for ``Y ≤ 0`` or non-finite input."""
+    _check_confidences(y, o)
+    return 100.0 * (y - o).clamp_min(0) / y
+
+
+@_metric(MetricInfo("average_increase", "Average Increase", higher_is_better=True, unit="%"))
+def average_increase(y: Tensor, o: Tensor) -> Tensor:
+    """Per-sample increase ``100 · 1[Y < O]`` in percent; its mean is the Average Increase."""
+    _check_confidences(y, o)
+    return 100.0 * (y < o).to(y.dtype)
+
+
+def gaussian_blur(images: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
+    """Separable Gaussian blur with reflect padding (RISE's insertion baseline: 11 px, σ = 5)."""
+    half = kernel // 2
+    x = torch.arange(kernel, dtype=images.dtype, device=images.device) - half
+    k1 = torch.exp(-(x**2) / (2 * sigma**2))
+    k1 = k1 / k1.sum()
+    c = images.shape[1]
+    out = F.pad(images, (half, half, half, half), mode="reflect")
+    out = F.conv2d(out, k1.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(out, k1.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def _auc(curve: Tensor) -> Tensor:
+    """Trapezoid rule over ``steps + 1`` equally spaced points of ``[0, 1]`` (last dim)."""
+    steps = curve.shape[-1] - 1
+    return (curve[..., 1:] + curve[..., :-1]).sum(-1) / (2 * steps)
+
+
+@_metric(MetricInfo("insertion_auc", "Insertion AUC", higher_is_better=True))
+def insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
+                  batch_size: int | None = None, precision: Precision = "fp32") -> Tensor:
+    """Insertion AUC per image; see :func:`insertion_deletion`."""
+    return insertion_deletion(model, images, maps, targets, steps, batch_size, precision)[0]
+
+
+@_metric(MetricInfo("deletion_auc", "Deletion AUC", higher_is_better=False))
+def deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
+                 batch_size: int | None = None, precision: Precision = "fp32") -> Tensor:
+    """Deletion AUC per image; see :func:`insertion_deletion`."""
+    return insertion_deletion(model, images, maps, targets, steps, batch_size, precision)[1]
+
+
+def insertion_deletion(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
+                       batch_size: int | None = None, precision: Precision = "fp32") -> tuple[Tensor, Tensor]:
+    """RISE insertion and deletion AUCs (Petsiuk et al., 2018), per image.
+
+    Pixels are ranked by the map (descending; ties by raster order). At step ``s = 0 … steps`` the
+    first ``round(s · HW / steps)`` pixels are revealed on the blurred image (insertion) or set
+    to black (deletion); ``f_c`` is taken after each step and the AUC is the trapezoid rule over
+    the fraction revealed. All ``2·B·(steps+1)`` perturbed inputs run in batches of ``batch_size``.
+    """
+    _check_maps(images, maps)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    b, _, h, w = images.shape
+    n_pix = h * w
+    order = torch.sort(maps.reshape(b, -1), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n_pix, device=maps.device).expand(b, -1))
+    revealed = torch.round(torch.arange(steps + 1, device=maps.device, dtype=torch.float64) * n_pix / steps)
+    blurred = gaussian_blur(images)
+    per_image = steps + 1
+    size = batch_size or default_batch_size(model_device(model))
+
+    def inputs(sl: slice) -> Tensor:
+        j = torch.arange(sl.start, sl.stop, device=images.device)
+        deleting, rest = j >= b * per_image, j % (b * per_image)
+        i, s = rest // per_image, rest % per_image
+        shown = (rank[i] < revealed[s][:, None]).view(-1, 1, h, w).to(images.dtype)
+        start = torch.where(deleting[:, None, None, None], torch.zeros_like(images[i]), blurred[i])
+        return torch.where(deleting[:, None, None, None], images[i] * (1 - shown), start + shown * (images[i] - start))
+
+    t = targets.to(images.device).repeat_interleave(per_image).repeat(2)
+    probs = batched_probs(model, t, inputs, 2 * b * per_image, size, precision).view(2, b, per_image)
+    return _auc(probs[0]), _auc(probs[1])
+
+
+def _box_mask(boxes: Sequence[Sequence[float]], size: tuple[int, int], device: torch.device) -> Tensor:
+    h, w = size
+    if len(boxes) == 0:
+        raise ValueError("energy pointing game needs at least one box per image; got an empty list")
+    ys = torch.arange(h, device=device, dtype=torch.float64)[:, None] + 0.5
+    xs = torch.arange(w, device=device, dtype=torch.float64)[None, :] + 0.5
+    mask = torch.zeros(h, w, dtype=torch.bool, device=device)
+    for box in boxes:
+        if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+            raise ValueError(f"a box is [xmin, ymin, xmax, ymax] of finite numbers, got {list(box)}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"empty box {list(box)}: need xmax > xmin and ymax > ymin")
+        mask |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+    return mask
+
+
+@_metric(MetricInfo("epg", "Energy Pointing Game", higher_is_better=True, needs_boxes=True))
+def energy_pointing_game(maps: Tensor, boxes: Sequence[Sequence[Sequence[float]]]) -> Tensor:
+    """Energy-based pointing game (Wang et al., 2020): ``Σ L inside ∪ boxes / Σ L`` per image.
+
+    Args:
+        maps: ``B×H×W`` non-negative maps.
+        boxes: per image, a non-empty list of ``[xmin, ymin, xmax, ymax]`` (module docstring).
+    Returns:
+        ``B`` values in ``[0, 1]``; an all-zero map (no energy anywhere) scores 0.
+    """
+    if maps.dim() != 3 or len(boxes) != maps.shape[0]:
+        raise ValueError(f"need B×H×W maps and one box list per map; got {tuple(maps.shape)} and {len(boxes)} lists")
+    if not bool(torch.isfinite(maps).all()) or bool((maps < 0).any()):
+        raise ValueError("maps must be finite and non-negative")
+    size = (maps.shape[-2], maps.shape[-1])
+    masks = torch.stack([_box_mask(b, size, maps.device) for b in boxes])
+    total = maps.sum(dim=(1, 2))
+    inside = (maps * masks).sum(dim=(1, 2))
+    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.zeros_like(total))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean and bootstrap confidence interval of one metric over one group of samples."""
+
+    group: str
+    n: int
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: resample with replacement ``n_boot`` times
+    (NumPy ``default_rng(seed)``) and take the ``(1−level)/2`` and ``(1+level)/2`` quantiles."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(values: Sequence[float] | np.ndarray | Tensor, classes: Sequence[Any] | None = None,
+              n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> list[Summary]:
+    """Mean and seeded bootstrap CI overall (group ``"all"``) and, given ``classes``, per class.
+
+    Raises:
+        ValueError: empty input, NaN values, or ``classes`` of another length.
+    """
+    arr = (values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)).astype(np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError("summarize needs a non-empty 1-D sequence of values")
+    if not np.isfinite(arr).all():
+        raise ValueError("summarize got NaN or infinite values; drop failed samples first")
+    groups: list[tuple[str, np.ndarray]] = [("all", arr)]
+    if classes is not None:
+        labels = np.asarray([str(c) for c in classes])
+        if labels.shape != arr.shape:
+            raise ValueError(f"{labels.size} classes for {arr.size} values")
+        groups += [(c, arr[labels == c]) for c in sorted(set(labels.tolist()))]
+    return [Summary(name, len(v), float(v.mean()), *bootstrap_ci(v, n_boot, level, seed)) for name, v in groups]
