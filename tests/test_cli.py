@@ -49,3 +49,16 @@ def test_usage_errors_are_one_line_exit_2(photo, tmp_path, capsys, args, message
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_explain_metrics_prints_values(photo, tmp_path, capsys):
+    rc = main(["explain", str(photo[0]), "--model", "tiny_cnn", "--method", "gradcam", "--metrics",
+               "--steps", "8", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    line = next(li for li in capsys.readouterr().out.splitlines() if "Y=" in li)
+    values = dict(item.split("=") for item in line.split())
+    y, o = float(values["Y"]), float(values["O"])
+    assert 0 < y <= 1 and 0 <= o <= 1
+    assert float(values["drop"].rstrip("%")) == pytest.approx(max(0.0, y - o) / y * 100, abs=0.02)
+    assert values["increase"] == ("100%" if y < o else "0%")
+    assert 0 <= float(values["insertion"]) <= 1 and 0 <= float(values["deletion"]) <= 1

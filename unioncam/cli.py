@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from unioncam.methods import METHODS, explain
+from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import MODELS, WeightsError, load
 from unioncam.ops import PRECISIONS
 from unioncam.registry import UnknownNameError
@@ -69,13 +70,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
               flush=True)
         for method in methods:
             start = time.perf_counter()
-            opts = dict(options) if method in ("scorecam", "unioncam") else {}
-            result = explain(loaded, x, method, targets=[target], **opts)
+            result = explain(loaded, x, method, targets=[target], **options)
             seconds = time.perf_counter() - start
             dest = out / f"{path.stem}_{method}.png"
             overlay(image, result.maps[0]).save(dest)
-            print(f"  {method:<10} {seconds:7.2f}s  {dest}{_format_details(result.details, 0)}", flush=True)
+            print(f"  {method:<14} {seconds:7.2f}s  {dest}{_format_details(result.details, 0)}", flush=True)
+            if args.metrics:
+                print(f"  {'':<14} {_format_metrics(model, x, result.maps, result.targets, args)}", flush=True)
     return 0
+
+
+def _format_metrics(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+                    args: argparse.Namespace) -> str:
+    """Y, O, drop, increase and insertion/deletion AUCs of one image's map."""
+    batch = args.batch_size or None
+    y, o = confidence(model, x, maps, targets, batch, args.precision)
+    ins, dele = insertion_deletion(model, x, maps, targets, args.steps, batch, args.precision)
+    return (f"Y={float(y[0]):.4f}  O={float(o[0]):.4f}  drop={float(average_drop(y, o)[0]):.2f}%"
+            f"  increase={float(average_increase(y, o)[0]):.0f}%  insertion={float(ins[0]):.4f}"
+            f"  deletion={float(dele[0]):.4f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="masked inputs per forward")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--metrics", action="store_true",
+                   help="also print Y, O, drop, increase and insertion/deletion AUC per image and method")
+    p.add_argument("--steps", type=int, default=224, help="insertion/deletion steps (with --metrics)")
     p.set_defaults(func=cmd_explain)
     return parser
 

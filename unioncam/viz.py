@@ -69,3 +69,20 @@ def overlay(image: Tensor, cam: Tensor, alpha: float = 0.5) -> Image.Image:
     mixed = (1 - alpha) * image.float().cpu() + alpha * jet(cam.float().cpu())
     arr = (mixed.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(arr, mode="RGB")
+
+
+def grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
+    """Tile equal-sized images in rows and columns, with labels above columns and left of rows."""
+    from PIL import ImageDraw
+
+    h, w = cells[0][0].height, cells[0][0].width
+    left, top = 110, 18
+    canvas = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * w + 4, 3), label, fill="black")
+    for i, (label, row) in enumerate(zip(row_labels, cells, strict=True)):
+        draw.text((4, top + i * h + h // 2), label, fill="black")
+        for j, cell in enumerate(row):
+            canvas.paste(cell.resize((w, h)), (left + j * w, top + i * h))
+    return canvas
