@@ -91,6 +91,34 @@ def _format_metrics(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor,
             f"  deletion={float(dele[0]):.4f}")
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    """Convert a dataset (or build the offline sample) into WebDataset shards."""
+    from unioncam.data.imagenet import imagenet_samples
+    from unioncam.data.sample import write_sample_shards
+    from unioncam.data.shards import write_shards
+    from unioncam.data.voc import voc_samples
+
+    try:
+        if args.dataset == "sample":
+            for kind, manifest in write_sample_shards(args.out, args.shard_size or 4).items():
+                print(f"{kind}: {manifest['count']} samples in {len(manifest['shards'])} shards → {args.out}/{kind}")
+            return 0
+        if args.dataset == "imagenet":
+            samples, info = imagenet_samples(args.images, args.labels, args.boxes, args.meta)
+            prefix = "imagenet-val"
+        else:
+            samples, info = voc_samples(args.root, args.split)
+            prefix = f"voc2007-{args.split}"
+        manifest = write_shards(samples, args.out, prefix, args.shard_size or 1000, info)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise UsageError(str(exc).strip("'\"")) from exc
+    print(f"{manifest['count']} samples ({manifest['labelled']} labelled) in {len(manifest['shards'])} shards"
+          f" → {args.out}")
+    for key in info.get("unlabelled", [])[:10]:
+        print(f"  no label: {key}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unioncam", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print Y, O, drop, increase and insertion/deletion AUC per image and method")
     p.add_argument("--steps", type=int, default=224, help="insertion/deletion steps (with --metrics)")
     p.set_defaults(func=cmd_explain)
+
+    sh = sub.add_parser("shards", help="convert a dataset into WebDataset shards")
+    kinds = sh.add_subparsers(dest="dataset", required=True)
+    im = kinds.add_parser("imagenet", help="ILSVRC2012 val (flat folder + labels, or wnid folders)")
+    im.add_argument("--images", required=True, help="folder of ILSVRC2012_val_*.JPEG, or of 1000 wnid folders")
+    im.add_argument("--labels", default=None,
+                    help="LOC_val_solution.csv or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    im.add_argument("--meta", default=None, help="devkit meta.mat (default: beside the ground-truth txt)")
+    im.add_argument("--boxes", default=None, help="folder of val XMLs, or LOC_val_solution.csv")
+    voc = kinds.add_parser("voc", help="PASCAL VOC2007")
+    voc.add_argument("--root", required=True, help="VOCdevkit/VOC2007")
+    voc.add_argument("--split", default="test")
+    smp = kinds.add_parser("sample", help="the offline real-photo sample (ImageNet- and VOC-style)")
+    for k in (im, voc, smp):
+        k.add_argument("--out", required=True)
+        k.add_argument("--shard-size", type=int, default=None, help="samples per shard (1000; sample: 4)")
+        k.set_defaults(func=cmd_shards)
     return parser
 
 

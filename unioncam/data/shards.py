@@ -82,7 +82,7 @@ def write_shards(samples: Iterable[Sample], out: str | os.PathLike[str], prefix:
                 close()
             final = out / f"{prefix}-{len(shards):06d}.tar"
             tmp = final.with_suffix(".tar.tmp")
-            tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+            tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
             shards.append({"name": final.name, "count": 0})
         members = {sample.ext: sample.image, "json": json.dumps(sample.meta, sort_keys=True).encode()}
         if sample.label is not None:
@@ -129,7 +129,7 @@ def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     return found
 
 
-class DamagedShard(Exception):
+class DamagedShardError(Exception):
     """A tar that ends or breaks mid-way; ``key`` is the sample being read (None if none)."""
 
     def __init__(self, key: str | None, reason: str) -> None:
@@ -141,7 +141,7 @@ def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Consecutive members with the same key, as ``(key, {ext: bytes})``.
 
     Raises:
-        DamagedShard: the archive is truncated or corrupt; complete samples before it were yielded.
+        DamagedShardError: the archive is truncated or corrupt; complete samples before it were yielded.
     """
     key: str | None = None
     parts: dict[str, bytes] = {}
@@ -163,7 +163,7 @@ def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
             if len(data) != member.size:
                 raise tarfile.ReadError(f"member {member.name} is truncated")
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise DamagedShard(key, f"{type(exc).__name__}: {exc}") from exc
+            raise DamagedShardError(key, f"{type(exc).__name__}: {exc}") from exc
         parts[ext.lower()] = data
     if key is not None:
         yield key, parts
@@ -214,7 +214,7 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
                         yield {"shard": name, **decode_sample(key, parts, size)}
                     except ValueError as exc:
                         yield {"key": key, "shard": name, "error": str(exc)}
-        except DamagedShard as exc:
+        except DamagedShardError as exc:
             yield {"key": exc.key or f"{name}:damaged", "shard": name, "error": f"truncated or corrupt tar: {exc}"}
         except (tarfile.TarError, EOFError, OSError) as exc:
             yield {"key": f"{name}:damaged", "shard": name, "error": f"unreadable tar: {exc}"}
