@@ -6,6 +6,9 @@ channel weights ``w`` of shape ``B×K``; a map is ``ReLU(Σ_k w_k A_k)`` unless 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -44,37 +47,36 @@ def xgradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
                        torch.zeros_like(total[..., 0, 0]))
 
 
-class GradCAM(CAM):
+class _ChannelWeightCAM(CAM):
+    """``ReLU(Σ_k w_k A_k)`` with ``w = weights(A, g)``; subclasses set ``weights``."""
+
+    weights: ClassVar[Callable[[Tensor, Tensor], Tensor]]
+
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        assert grads is not None
+        return weighted_sum(type(self).weights(acts, grads), acts), {}
+
+
+class GradCAM(_ChannelWeightCAM):
     """Grad-CAM: ``ReLU(Σ_k mean_ij(g_k) A_k)``."""
 
     name = "gradcam"
-
-    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
-                logits: Tensor) -> tuple[Tensor, Details]:
-        assert grads is not None
-        return weighted_sum(gradcam_weights(acts, grads), acts), {}
+    weights = staticmethod(gradcam_weights)
 
 
-class GradCAMPP(CAM):
+class GradCAMPP(_ChannelWeightCAM):
     """Grad-CAM++: ``ReLU(Σ_k w_k A_k)`` with ``w_k = Σ_ij α_kij ReLU(g_kij)``."""
 
     name = "gradcampp"
-
-    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
-                logits: Tensor) -> tuple[Tensor, Details]:
-        assert grads is not None
-        return weighted_sum(gradcampp_weights(acts, grads), acts), {}
+    weights = staticmethod(gradcampp_weights)
 
 
-class XGradCAM(CAM):
+class XGradCAM(_ChannelWeightCAM):
     """XGrad-CAM: ``ReLU(Σ_k w_k A_k)`` with ``w_k = Σ_ij (A_kij / Σ_ab A_kab) g_kij``."""
 
     name = "xgradcam"
-
-    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
-                logits: Tensor) -> tuple[Tensor, Details]:
-        assert grads is not None
-        return weighted_sum(xgradcam_weights(acts, grads), acts), {}
+    weights = staticmethod(xgradcam_weights)
 
 
 class LayerCAM(CAM):
