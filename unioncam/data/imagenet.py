@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from functools import cache
@@ -29,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from unioncam.data.shards import Sample, clean_key
-
-VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.(jpe?g)$", re.IGNORECASE)
 
 
 @cache

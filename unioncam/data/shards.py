@@ -12,7 +12,6 @@ while everything before it is kept.
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from unioncam.models import sha256_file
 from unioncam.viz import pil_to_tensor
 
 MANIFEST = "manifest.json"
@@ -70,7 +70,7 @@ def write_shards(samples: Iterable[Sample], out: str | os.PathLike[str], prefix:
         assert tar is not None
         tar.close()
         os.replace(tmp, final)
-        shards[-1]["sha256"] = _sha256(final)
+        shards[-1]["sha256"] = sha256_file(final)
         shards[-1]["bytes"] = final.stat().st_size
 
     for sample in samples:
@@ -100,14 +100,6 @@ def write_shards(samples: Iterable[Sample], out: str | os.PathLike[str], prefix:
                 "shard_size": shard_size, "shards": shards, **(info or {})}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:

@@ -188,8 +188,7 @@ class IntegrativeCAM(CAM):
         d2, d3 = phi_derivatives(self.phi, logits, targets)
         maps = []
         for entry, a, g in zip(self.entries, acts, grads, strict=True):
-            bias = effective_bias(entry.conv, entry.bn) if self.use_bias and entry.conv is not None else None
-            maps.append(normalize(upsample(layer_map(a, g, d2, d3, bias), size)))
+            maps.append(normalize(upsample(layer_map(a, g, d2, d3, self._bias(entry)), size)))
         lam = layer_weights(acts, grads)
         fused = torch.einsum("bl,blhw->bhw", lam, torch.stack(maps, dim=1))
         return fused, {"layer_weights": lam, "layers": [e.name for e in self.entries]}
@@ -200,6 +199,8 @@ class IntegrativeCAM(CAM):
         assert grads is not None
         assert self.entries is not None
         d2, d3 = phi_derivatives(self.phi, logits, targets)
-        entry = self.entries[0]
-        bias = effective_bias(entry.conv, entry.bn) if self.use_bias and entry.conv is not None else None
-        return layer_map(acts, grads, d2, d3, bias), {}
+        return layer_map(acts, grads, d2, d3, self._bias(self.entries[0])), {}
+
+    def _bias(self, entry: ConvReLU) -> Tensor | None:
+        """The layer's per-channel bias when the bias term is on and a conv produced the layer."""
+        return effective_bias(entry.conv, entry.bn) if self.use_bias and entry.conv is not None else None
