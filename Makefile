@@ -1,4 +1,4 @@
-# make demo: the main job on the bundled real photos.  make test: the test suite.
+# make demo: the Ray evaluation job on the bundled real photos (runs/sample-imagenet/report/).  make test: the test suite.
 # Both create .venv and install everything first (torch from the files pip finds on this machine).
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python jobs/explain_sample.py --out out
+	$(BIN)/python jobs/eval_imagenet.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

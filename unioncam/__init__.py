@@ -2,7 +2,8 @@
 
 from unioncam.methods import METHODS, Explanation, explain, get_method
 from unioncam.models import LoadedModel, load
+from unioncam.service.results import read_saliency
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "Explanation", "LoadedModel", "__version__", "explain", "get_method", "load"]
+__all__ = ["METHODS", "Explanation", "LoadedModel", "__version__", "explain", "get_method", "load", "read_saliency"]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from unioncam.methods import METHODS, explain
+from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import MODELS, WeightsError, load
 from unioncam.ops import PRECISIONS
@@ -28,13 +29,13 @@ class UsageError(Exception):
 
 
 def parse_methods(spec: str) -> list[str]:
-    """``"all"`` or a comma-separated list of method names (validated)."""
-    if spec.strip().lower() == "all":
-        return METHODS.names()
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise UsageError("no method given")
-    return [METHODS.canonical(n) for n in names]
+    """:func:`unioncam.methods.parse_methods` with an empty list reported as a usage error."""
+    try:
+        return methods_from_spec(spec)
+    except UnknownNameError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _format_details(details: dict[str, Any], i: int) -> str:
@@ -119,6 +120,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from unioncam.service.report import write_report
+
+    if not Path(args.run_dir, "metrics").is_dir():
+        raise UsageError(f"{args.run_dir} has no metrics/ folder: not a run directory (or the job wrote nothing yet)")
+    for kind, path in write_report(args.run_dir, overlays=args.overlays).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unioncam", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--out", required=True)
         k.add_argument("--shard-size", type=int, default=None, help="samples per shard (1000; sample: 4)")
         k.set_defaults(func=cmd_shards)
+
+    rp = sub.add_parser("report", help="aggregate a run directory's Parquet rows into report/ (csv, md, html, plots)")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("--overlays", type=int, default=4, help="images in the overlay grid")
+    rp.set_defaults(func=cmd_report)
     return parser
 
 

@@ -24,6 +24,21 @@ def get_method(name: str) -> type[CAM]:
     return METHODS.get(name)
 
 
+def parse_methods(spec: str) -> list[str]:
+    """``"all"`` or a comma-separated list of method names, validated and in canonical spelling.
+
+    Raises:
+        UnknownNameError: a name is not registered (the message suggests the closest).
+        ValueError: the list is empty.
+    """
+    if spec.strip().lower() == "all":
+        return METHODS.names()
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError("no method given")
+    return list(dict.fromkeys(METHODS.canonical(n) for n in names))
+
+
 def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "unioncam",
             target_layer: str | nn.Module | None = None, targets: Tensor | list[int] | None = None,
             **options: Any) -> Explanation:
@@ -41,4 +56,4 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
         return cam(images, targets)
 
 
-__all__ = ["CAM", "METHODS", "Explanation", "explain", "find_layer", "get_method"]
+__all__ = ["CAM", "METHODS", "Explanation", "explain", "find_layer", "get_method", "parse_methods"]

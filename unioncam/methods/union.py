@@ -85,7 +85,10 @@ class UnionCAM(CAM):
     stop, for ablations), ``skip_constant`` (Score-CAM channel skipping, exact).
 
     Details: ``beta_den``, ``beta_reg``, ``beta_dereg`` (NaN for stages not run), ``selected``
-    ("dereg" or "region"; "" before AMS), ``forwards`` (masked forwards per image).
+    ("dereg" or "region"; "" before AMS), ``forwards`` (masked forwards per image), and
+    ``region_map`` (``L_Region``, ``B×H×W``, absent for ``stage="amd"``): Score-CAM's map before
+    the final normalization, so ``normalize(region_map)`` *is* Score-CAM's output and a caller
+    wanting both methods need not run the channel forwards twice.
     """
 
     name = "unioncam"
@@ -116,7 +119,7 @@ class UnionCAM(CAM):
         l_dereg, beta_den, beta_reg = amu(self.model, images, targets, l_den, l_reg, self.batch_size,
                                           self.precision)
         details: Details = {"beta_den": beta_den, "beta_reg": beta_reg, "beta_dereg": nan,
-                            "selected": [""] * b, "forwards": forwards + 2}
+                            "selected": [""] * b, "forwards": forwards + 2, "region_map": l_reg}
         if self.stage == "amu":
             return l_dereg, details
         l_union, beta_dereg, chose = ams(self.model, images, targets, l_dereg, l_reg, beta_reg,

@@ -1,0 +1,13 @@
+"""Evaluate saliency methods on ILSVRC2012 val WebDataset shards with Ray (see ``--help``).
+
+``ray job submit --address http://127.0.0.1:8265 --working-dir . --
+    python jobs/eval_imagenet.py --shards ... --out /shared/run``
+or directly ``python jobs/eval_imagenet.py`` (no arguments: the bundled sample on a local Ray cluster).
+"""
+
+import sys
+
+from unioncam.service.runner import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], "imagenet"))

@@ -1,0 +1,213 @@
+"""The service without Ray: config, one shard's rows and maps, error rows, report arithmetic."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from service_data import make_shards, softmax_prob
+
+from unioncam import explain, load, read_saliency
+from unioncam.service import ConfigError, EvalConfig, read_metrics
+from unioncam.service.report import write_report
+from unioncam.service.results import METRICS_SCHEMA, provenance_of
+from unioncam.service.worker import ShardEvaluator
+
+METHODS = ["gradcam", "scorecam", "unioncam"]
+
+
+def config(tmp_path, **kw) -> EvalConfig:
+    base = {"shards": str(tmp_path / "shards" / "*.tar"), "out": str(tmp_path / "run"), "model": "tiny_cnn",
+            "methods": METHODS, "insdel_steps": 8}
+    return EvalConfig(**{**base, **kw}).resolved()
+
+
+# -- config ------------------------------------------------------------------------------------
+def test_yaml_config_with_flag_overrides(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("shards: /data/val-{000000..000009}.tar\nout: /runs/a\nmodel: tiny-cnn\n"
+                        "methods: unioncam,gradcam\nmetrics: [ad, ai]\nbatch-size: 16\nprecision: bf16\n")
+    cfg = EvalConfig.from_argv(["--config", str(cfg_file), "--batch-size", "32", "--methods", "gradcam"], "imagenet")
+    assert (cfg.model, cfg.methods, cfg.metrics, cfg.batch_size, cfg.precision) == (
+        "tiny_cnn", ["gradcam"], ["ad", "ai"], 32, "bf16")
+    assert cfg.insdel_steps == 224 and cfg.target == "predicted" and not cfg.is_sample
+
+
+def test_no_arguments_means_the_sample_with_lite0():
+    cfg = EvalConfig.from_argv([], "voc")
+    assert cfg.is_sample and cfg.model == "efficientnet_lite0" and cfg.out == "runs/sample-voc"
+    assert cfg.shards == "datasets/sample/voc/sample-voc-*.tar" and cfg.insdel_steps == 32
+    assert cfg.methods == ["gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "unioncam", "integrativecam"]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"methods": ["unioncm"]}, "did you mean 'unioncam'"),
+    ({"metrics": ["ad", "auc"]}, "unknown metric(s) auc"),
+    ({"shards": "x/*.tar", "out": None}, "--out RUN_DIR is required"),
+    ({"workers": 0}, "workers must be >= 1"),
+    ({"weights": "/no/such.pth"}, "weights file not found"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+])
+def test_bad_options_say_what_is_wrong(values, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvalConfig(**{"shards": "x/*.tar", "out": "o", **values}).resolved()
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    (tmp_path / "c.yaml").write_text("shard: a.tar\n")
+    with pytest.raises(ConfigError, match=r"unknown config key.*shard.*valid:.*shards"):
+        EvalConfig.from_yaml(tmp_path / "c.yaml")
+
+
+# -- one shard -----------------------------------------------------------------------------------
+@pytest.fixture
+def shard_dir(tmp_path):
+    return make_shards(tmp_path / "shards", n_images=5, shard_size=8, boxes=True, bad=True)
+
+
+def test_shard_rows_maps_and_metrics_match_an_independent_recomputation(tmp_path, shard_dir):
+    cfg = config(tmp_path, images_per_batch=2)
+    ev = ShardEvaluator(cfg, "cpu", run_id="r1")
+    counts = ev.evaluate(str(shard_dir[0]), cfg.out)
+    rows = read_metrics(cfg.out).to_pandas()
+    keys = [k for k in rows["key"].unique()]
+    assert counts == {"images": 8, "rows": 8 * 3, "errors": 3 * 3, "seconds": counts["seconds"]}
+    assert len(keys) == 8 and len(rows) == 24 and not rows.duplicated(["key", "method"]).any()
+
+    good = rows[rows["error"].isna()]
+    assert set(good["key"]) == {k for k in keys if k not in ("corrupt", "unlabelled", "badlabel")}
+    errors = rows[rows["error"].notna()].groupby("key")["error"].first()
+    assert "cannot decode corrupt.jpg" in errors["corrupt"]
+    assert "missing label" in errors["unlabelled"] and "bad label" in errors["badlabel"]
+
+    # Recompute every good row from scratch: images decoded here, maps from explain(), f_c by hand.
+    loaded = load("tiny_cnn")
+    from unioncam.data.shards import iter_samples
+
+    samples = {s["key"]: s for s in iter_samples(str(shard_dir[0]), (64, 64)) if "image" in s}
+    x = torch.stack([samples[k]["image"] for k in sorted(samples)])
+    keys_sorted = sorted(samples)
+    got_keys, got_methods, got_maps = read_saliency(cfg.out)
+    assert got_keys == sorted(keys_sorted * 3) and got_methods == METHODS * 5 and got_maps.shape == (15, 64, 64)
+    for method in METHODS:
+        exp = explain(loaded, x, method, batch_size=8)
+        k, _, maps = read_saliency(cfg.out, method=method, keys=keys_sorted)
+        assert k == keys_sorted
+        np.testing.assert_allclose(maps, exp.maps.numpy(), atol=1e-3)  # float16 storage
+        for i, key in enumerate(keys_sorted):
+            row = good[(good["key"] == key) & (good["method"] == method)].iloc[0]
+            target = int(exp.targets[i])
+            assert row["target"] == target and row["target_name"] == f"class_{target}"
+            assert row["label"] == samples[key]["label"] and row["label_name"] == f"class_{int(row['label'])}"
+            assert row["y"] == pytest.approx(softmax_prob(loaded.model, x[i], target), rel=1e-5)
+            masked = exp.maps[i][None] * x[i]
+            assert row["o"] == pytest.approx(softmax_prob(loaded.model, masked, target), rel=1e-4)
+            m = exp.maps[i].double()
+            sy, sx = 64 / 80, 64 / 96  # boxes were drawn on the 96×80 photo
+            ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+            box = (xs >= 20 * sx) & (xs < 76 * sx) & (ys >= 16 * sy) & (ys < 64 * sy)
+            if samples[key]["orig_size"] == (80, 96):
+                energy = float(m[box].sum() / m.sum()) if m.sum() > 0 else 0.0  # documented: no energy → 0
+                assert row["epg"] == pytest.approx(energy, rel=1e-5)
+            if method == "unioncam":
+                assert row["selected"] in ("dereg", "region") and np.isfinite(row["beta_reg"])
+            else:
+                assert pd.isna(row["selected"]) and np.isnan(row["beta_reg"])
+            assert 0 <= row["insertion_auc"] <= 1 and 0 <= row["deletion_auc"] <= 1 and row["seconds"] >= 0
+
+
+def test_scorecam_taken_from_unioncam_equals_scorecam_alone(tmp_path, shard_dir):
+    both = config(tmp_path, out=str(tmp_path / "both"), methods=["scorecam", "unioncam"], metrics=["ad"])
+    alone = config(tmp_path, out=str(tmp_path / "alone"), methods=["scorecam"], metrics=["ad"])
+    ev_both = ShardEvaluator(both)
+    assert ev_both.share_region and "scorecam" not in ev_both.cams
+    ev_both.evaluate(str(shard_dir[0]), both.out)
+    ShardEvaluator(alone).evaluate(str(shard_dir[0]), alone.out)
+    k1, _, m1 = read_saliency(both.out, method="scorecam")
+    k2, _, m2 = read_saliency(alone.out, method="scorecam")
+    assert k1 == k2 and len(k1) == 5
+    np.testing.assert_array_equal(m1, m2)
+    o1 = read_metrics(both.out).to_pandas().query("method == 'scorecam'")["o"].to_numpy()
+    o2 = read_metrics(alone.out).to_pandas()["o"].to_numpy()
+    np.testing.assert_allclose(o1, o2, rtol=1e-6)
+
+
+def test_a_method_failing_on_one_image_costs_only_that_image(tmp_path, shard_dir):
+    cfg = config(tmp_path, methods=["gradcam", "layercam"], metrics=["ad"], images_per_batch=5)
+    ev = ShardEvaluator(cfg)
+    real = ev.cams["gradcam"]
+
+    class Flaky:
+        def __call__(self, x, targets):
+            if bool((x.flatten(1).mean(1) > 0.45).any()):
+                raise RuntimeError("simulated failure on a bright image")
+            return real(x, targets)
+
+    ev.cams["gradcam"] = Flaky()
+    ev.evaluate(str(shard_dir[0]), cfg.out)
+    rows = read_metrics(cfg.out).to_pandas()
+    samples = [s for s in __import__("unioncam.data.shards", fromlist=["x"]).iter_samples(str(shard_dir[0]), (64, 64))
+               if "image" in s]
+    bright = {s["key"] for s in samples if float(s["image"].mean()) > 0.45}
+    assert 0 < len(bright) < 5  # the test needs both kinds
+    grad = rows[(rows["method"] == "gradcam") & ~rows["key"].isin(["corrupt", "unlabelled", "badlabel"])]
+    assert set(grad.loc[grad["error"].notna(), "key"]) == bright
+    assert grad.loc[grad["error"].notna(), "error"].str.contains("simulated failure").all()
+    assert grad.loc[grad["error"].isna(), "y"].notna().all()
+    assert rows[rows["method"] == "layercam"]["error"].notna().sum() == 3  # only the broken samples
+
+
+def test_label_targets_and_out_of_range_labels(tmp_path):
+    make_shards(tmp_path / "shards", n_images=3, shard_size=3)
+    cfg = config(tmp_path, methods=["gradcam"], metrics=["ad"], target="label", dataset="voc")
+    ev = ShardEvaluator(cfg)
+    ev.evaluate(str(tmp_path / "shards" / "t-000000.tar"), cfg.out)
+    rows = read_metrics(cfg.out).to_pandas().set_index("key")
+    assert (rows["target"] == rows["label"]).all() and rows["label_name"].iloc[0] == "aeroplane"
+
+
+def test_provenance_in_schema_metadata(tmp_path, shard_dir):
+    cfg = config(tmp_path, methods=["gradcam"], metrics=["ad"])
+    ShardEvaluator(cfg, run_id="run42").evaluate(str(shard_dir[0]), cfg.out)
+    meta = provenance_of(tmp_path / "run" / "metrics" / "t-000000.parquet")
+    assert meta["schema_version"] == 1 and meta["run_id"] == "run42" and meta["model"] == "tiny_cnn"
+    assert meta["target_layer"] == "features.4" and meta["input_size"] == [64, 64] and meta["precision"] == "fp32"
+    assert meta["torch_version"] == torch.__version__ and meta["weights_sha256"] is None
+    maps_meta = provenance_of(tmp_path / "run" / "maps" / "t-000000.parquet")
+    assert maps_meta["map_shape"] == [64, 64] and maps_meta["map_dtype"] == "float16"
+    assert pq.read_schema(tmp_path / "run" / "metrics" / "t-000000.parquet").names == METRICS_SCHEMA.names
+    with pytest.raises(KeyError, match="1 key"):
+        read_saliency(cfg.out, keys=["nope"])
+
+
+# -- report --------------------------------------------------------------------------------------
+def test_report_numbers_are_the_rows_own_averages(tmp_path, shard_dir):
+    cfg = config(tmp_path, metrics=["ad", "ai", "insdel", "epg"])
+    ShardEvaluator(cfg).evaluate(str(shard_dir[0]), cfg.out)
+    paths = write_report(cfg.out, overlays=2)
+    summary = pd.read_csv(paths["summary"]).set_index("method")
+    rows = pq.read_table(tmp_path / "run" / "metrics" / "t-000000.parquet").to_pandas()
+    for method in METHODS:
+        r = rows[(rows["method"] == method) & rows["error"].isna()]
+        y, o = r["y"].to_numpy(), r["o"].to_numpy()
+        drops = [100 * max(0.0, a - b) / a for a, b in zip(y, o, strict=True)]
+        assert summary.loc[method, "average_drop"] == pytest.approx(sum(drops) / len(drops), abs=1e-9)
+        assert summary.loc[method, "average_increase"] == pytest.approx(100 * np.mean(y < o), abs=1e-9)
+        ad = summary.loc[method, ["ad_ci_low", "average_drop", "ad_ci_high"]].to_numpy()
+        assert ad[0] <= ad[1] <= ad[2]
+        assert summary.loc[method, "insertion_auc"] == pytest.approx(r["insertion_auc"].mean())
+        assert summary.loc[method, "epg"] == pytest.approx(r["epg"].mean())
+        assert (summary.loc[method, "n"], summary.loc[method, "errors"]) == (5, 3)
+    per_class = pd.read_csv(paths["per_class"])
+    assert set(per_class["class"]) == {f"class_{i}" for i in range(5)} and (per_class["n"] == 1).all()
+    html = paths["html"].read_text()
+    assert "Average Drop" in html and "unioncam" in html and "overlays.png" in html
+    for png in ("ad_ai.png", "distributions.png", "overlays.png"):
+        assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
+    assert "cannot decode corrupt.jpg" in paths["markdown"].read_text()
+    assert json.loads(json.dumps(list(summary.index))) == METHODS

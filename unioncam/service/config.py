@@ -1,0 +1,205 @@
+"""The evaluation job's configuration: one typed object, from CLI flags and/or a YAML file.
+
+``EvalConfig.from_argv(argv, dataset)`` reads ``--config FILE`` (YAML whose keys are the field
+names, ``-`` or ``_``) and lets flags given on the command line override it. With no ``--shards``
+the job evaluates the bundled sample (built under ``datasets/sample/`` when missing) with
+``efficientnet_lite0`` and coarse insertion/deletion (32 steps), so it runs in minutes on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from unioncam.methods import METHODS, parse_methods
+from unioncam.models import MODELS
+from unioncam.ops import PRECISIONS, Precision
+
+Dataset = Literal["imagenet", "voc"]
+METRIC_NAMES: tuple[str, ...] = ("ad", "ai", "insdel", "epg")
+SAMPLE_DIR = Path("datasets/sample")
+
+
+class ConfigError(ValueError):
+    """An invalid option or option combination; the message says which and why."""
+
+
+@dataclass
+class EvalConfig:
+    """Everything one evaluation run needs.
+
+    Attributes:
+        dataset: "imagenet" or "voc" (which label names and box semantics apply).
+        shards: shard list, glob or brace pattern; None: the bundled sample.
+        out: the run directory (``metrics/``, ``maps/``, ``report/``, ``manifest.json``).
+        model / weights: a registered model name and an optional state-dict file.
+        methods: method names; metrics: any of ``ad, ai, insdel, epg`` (ad and ai share Y and O).
+        workers / gpus_per_worker / cpus_per_worker: None picks from the cluster's resources.
+        batch_size: masked inputs per forward (None: 8 on CPU, 64 on GPU).
+        images_per_batch: images explained together, their masked inputs sharing batches (None: 1 on
+            CPU, where one image fills a batch and progress is per image; 8 on GPU).
+        precision: precision of the methods' masked forwards; metrics always run in fp32.
+        limit: evaluate at most this many images (in shard order); None: all.
+        insdel_steps: insertion/deletion steps (REFERENCE.md: 224 at 224²).
+        target: "predicted" (REFERENCE.md default) or "label".
+        save_maps: write ``maps/<shard>.parquet``.
+        address: Ray address; None: ``RAY_ADDRESS`` or a new local cluster on 127.0.0.1.
+        max_restarts / max_task_retries: Ray actor fault tolerance (a dead worker is restarted
+            and its shard redone).
+        overlays: images shown in the report's overlay grid.
+    """
+
+    dataset: Dataset = "imagenet"
+    shards: str | None = None
+    out: str | None = None
+    model: str | None = None
+    weights: str | None = None
+    methods: list[str] = field(default_factory=lambda: METHODS.names())
+    metrics: list[str] = field(default_factory=lambda: list(METRIC_NAMES))
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    batch_size: int | None = None
+    images_per_batch: int | None = None
+    precision: Precision = "fp32"
+    limit: int | None = None
+    insdel_steps: int | None = None
+    target: Literal["predicted", "label"] = "predicted"
+    save_maps: bool = True
+    address: str | None = None
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    progress_interval: float = 10.0
+    overlays: int = 4
+    report: bool = True
+    sample: bool = False  # set by resolved() when no shards were given
+
+    @property
+    def is_sample(self) -> bool:
+        return self.sample or self.shards is None
+
+    def resolved(self) -> EvalConfig:
+        """A validated copy with the sample defaults filled in. Raises :class:`ConfigError`."""
+        c = dataclasses.replace(self, methods=list(self.methods), metrics=list(self.metrics))
+        if c.dataset not in ("imagenet", "voc"):
+            raise ConfigError(f"unknown dataset {c.dataset!r}; valid: imagenet, voc")
+        if c.is_sample:
+            c.sample = True
+            c.shards = str(SAMPLE_DIR / c.dataset / f"sample-{c.dataset}-*.tar")
+            c.out = c.out or f"runs/sample-{c.dataset}"
+            c.model = c.model or "efficientnet_lite0"
+            c.insdel_steps = c.insdel_steps or 32
+        elif not c.out:
+            raise ConfigError("--out RUN_DIR is required with --shards")
+        c.model = MODELS.canonical(c.model or "vgg16")
+        c.insdel_steps = c.insdel_steps or 224
+        try:
+            c.methods = parse_methods(",".join(c.methods))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        c.metrics = [m.strip().lower() for m in c.metrics if m.strip()]
+        bad = [m for m in c.metrics if m not in METRIC_NAMES]
+        if bad:
+            raise ConfigError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRIC_NAMES)}")
+        if c.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {c.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if c.target not in ("predicted", "label"):
+            raise ConfigError(f"target must be 'predicted' or 'label', got {c.target!r}")
+        for name in ("workers", "batch_size", "limit"):
+            value = getattr(c, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        for name in ("gpus_per_worker", "cpus_per_worker"):
+            value = getattr(c, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        if (c.images_per_batch is not None and c.images_per_batch < 1) or c.insdel_steps < 1 or c.overlays < 0:
+            raise ConfigError("images_per_batch and insdel_steps must be >= 1, overlays >= 0")
+        if c.weights is not None and not os.path.isfile(c.weights):
+            raise ConfigError(f"weights file not found: {c.weights}")
+        return c
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide the rows' values; a rerun into the same ``out`` must match."""
+        return {k: getattr(self, k) for k in ("dataset", "model", "methods", "metrics", "precision", "limit",
+                                               "insdel_steps", "target", "save_maps")}
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
+        """Build from a mapping (YAML); unknown keys raise with the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(clean) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        for key in ("methods", "metrics"):
+            if isinstance(clean.get(key), str):
+                clean[key] = _split(clean[key]) if clean[key].lower() != "all" else _default(key)
+        return cls(**clean)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> EvalConfig:
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} must be a mapping of option: value")
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None, dataset: Dataset) -> EvalConfig:
+        """Parse the job's command line (see :func:`build_parser`); flags override ``--config``."""
+        args = build_parser(dataset).parse_args(argv)
+        base = cls.from_yaml(args.config) if args.config else cls(dataset=dataset)
+        given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+        for key in ("methods", "metrics"):
+            if key in given:
+                given[key] = _default(key) if given[key].lower() == "all" else _split(given[key])
+        return dataclasses.replace(base, **given).resolved()
+
+
+def _split(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def _default(key: str) -> list[str]:
+    return METHODS.names() if key == "methods" else list(METRIC_NAMES)
+
+
+def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
+    """Flags of ``jobs/eval_<dataset>.py``; every default is None so a YAML value is kept."""
+    p = argparse.ArgumentParser(prog=f"eval_{dataset}.py",
+                                description=f"Evaluate saliency methods on {dataset} WebDataset shards with Ray.")
+    p.add_argument("--config", help="YAML file of options (flags given here override it)")
+    p.add_argument("--shards", help="shard list/glob/brace pattern (default: the bundled sample)")
+    p.add_argument("--out", help="run directory (default for the sample: runs/sample-<dataset>)")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS.names())} (default vgg16; sample: efficientnet_lite0)")
+    p.add_argument("--weights", help="state-dict file for the model")
+    p.add_argument("--methods", help=f"'all' (default) or comma-separated: {', '.join(METHODS.names())}")
+    p.add_argument("--metrics", help=f"'all' (default) or comma-separated: {', '.join(METRIC_NAMES)}")
+    p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, or one on CPU)")
+    p.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-worker", type=float, help="default: 4 with a GPU, else the cluster's CPUs / workers")
+    p.add_argument("--batch-size", type=int, help="masked inputs per forward (default: 8 CPU, 64 GPU)")
+    p.add_argument("--images-per-batch", type=int, help="images explained together (default: 1 CPU, 8 GPU)")
+    p.add_argument("--precision", choices=PRECISIONS, help="masked forwards' precision (default fp32)")
+    p.add_argument("--limit", type=int, help="evaluate at most N images")
+    p.add_argument("--insdel-steps", type=int, help="insertion/deletion steps (default 224; sample: 32)")
+    p.add_argument("--target", choices=("predicted", "label"), help="class to explain (default: predicted)")
+    p.add_argument("--no-maps", dest="save_maps", action="store_const", const=False, help="skip maps/*.parquet")
+    p.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the report")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster on 127.0.0.1)")
+    p.add_argument("--max-restarts", type=int, help="restarts of a dead worker (default 3)")
+    p.add_argument("--max-task-retries", type=int, help="retries of a shard whose worker died (default 3)")
+    p.add_argument("--progress-interval", type=float, help="seconds between progress lines (default 10)")
+    p.add_argument("--overlays", type=int, help="images in the report's overlay grid (default 4)")
+    return p

@@ -1,0 +1,292 @@
+"""Evaluating one shard: decode, explain with every method, score, write Parquet.
+
+:class:`ShardEvaluator` is plain Python (tested without Ray); :class:`ShardWorker` is the Ray actor
+around it: one model replica per actor, on the GPU Ray assigned (``ray.get_gpu_ids()``), else on
+CPU with ``torch.set_num_threads`` matching its CPU slots.
+
+Per image and method a row records ``Y = f_c(I0)`` and ``O = f_c(L ⊙ I0)`` (Average Drop /
+Increase are recomputed from them), insertion/deletion AUC, the energy pointing game where the
+sample has boxes, UnionCAM's β's and AMS branch, and seconds. A sample that cannot be decoded, or a
+method that fails on an image, gives rows with ``error`` set; the rest of the shard goes on.
+
+Decisions (see README, "Reference notes"):
+- When both ``unioncam`` and ``scorecam`` are requested, Score-CAM's map is taken from UnionCAM's
+  ``L_Region`` (REFERENCE.md: ``L_Region`` *is* Score-CAM's map), so its channel forwards run once;
+  the scorecam row's ``seconds`` then counts only its own extra work.
+- Metrics always run in fp32 whatever ``precision`` the methods use, so a precision's effect on
+  Average Drop is the method's alone.
+- EPG uses the sample's boxes: for VOC those of its labelled object class (an ImageNet model's
+  target class has no VOC boxes of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import unioncam
+from unioncam.data.shards import iter_samples
+from unioncam.data.voc import VOC_CLASSES
+from unioncam.methods import CAM, get_method
+from unioncam.methods.base import default_batch_size
+from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
+from unioncam.models import load
+from unioncam.ops import normalize
+from unioncam.service.config import EvalConfig
+from unioncam.service.results import MAP_DTYPE, MAPS_SCHEMA, METRICS_SCHEMA, encode_map, with_provenance, write_atomic
+
+Row = dict[str, Any]
+
+
+def shard_name(path: str | os.PathLike[str]) -> str:
+    """Output stem of a shard: its file name without ``.tar``."""
+    return os.path.basename(os.fspath(path)).removesuffix(".tar")
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()[:2000]
+
+
+class ShardEvaluator:
+    """One model replica and the requested methods; :meth:`evaluate` does one shard."""
+
+    def __init__(self, cfg: EvalConfig, device: torch.device | str = "cpu", run_id: str = "") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.loaded = load(cfg.model or "vgg16", cfg.weights)
+        self.model = self.loaded.model.to(self.device)
+        self.size = self.loaded.input_size
+        self.label_names = VOC_CLASSES if cfg.dataset == "voc" else self.loaded.class_names
+        self.batch_size = cfg.batch_size or default_batch_size(self.device)
+        self.images_per_batch = cfg.images_per_batch or (8 if self.device.type == "cuda" else 1)
+        self.share_region = "unioncam" in cfg.methods and "scorecam" in cfg.methods
+        self.cams: dict[str, CAM] = {
+            m: get_method(m)(self.model, batch_size=self.batch_size, precision=cfg.precision)
+            for m in cfg.methods if not (self.share_region and m == "scorecam")}
+        self.provenance = {
+            "run_id": run_id, "dataset": cfg.dataset, "model": self.loaded.name,
+            "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
+            "input_size": list(self.size), "precision": cfg.precision, "target": cfg.target,
+            "insdel_steps": cfg.insdel_steps, "unioncam_version": unioncam.__version__,
+            "torch_version": torch.__version__, "ray_version": _ray_version(), "device": str(self.device)}
+
+    def close(self) -> None:
+        for cam in self.cams.values():
+            cam.remove_hooks()
+
+    # -- one shard -------------------------------------------------------------------------------
+    def evaluate(self, shard: str, out: str | os.PathLike[str], limit: int | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Evaluate the first ``limit`` samples of ``shard``; write ``out/metrics/<name>.parquet``
+        (and ``out/maps/<name>.parquet``). Returns counts: images, errors (rows), rows, seconds."""
+        start = time.perf_counter()
+        name = shard_name(shard)
+        rows: list[Row] = []
+        maps: list[Row] = []
+        batch: list[dict[str, Any]] = []
+        seen = 0
+        for record in iter_samples(shard, self.size):
+            if limit is not None and seen >= limit:
+                break
+            seen += 1
+            if "error" in record:
+                rows += [self._row(record, m, error=record["error"]) for m in self.cfg.methods]
+            else:
+                batch.append(record)
+            if len(batch) >= self.images_per_batch:
+                self._evaluate_batch(batch, name, rows, maps)
+                batch = []
+            if on_progress is not None and not batch:
+                on_progress(seen)
+        if batch:
+            self._evaluate_batch(batch, name, rows, maps)
+        if on_progress is not None:
+            on_progress(seen)
+        for row in rows:
+            row["shard"] = name
+        out = Path(out)
+        prov = {**self.provenance, "shard_path": os.path.abspath(shard)}
+        if self.cfg.save_maps:
+            meta = {**prov, "map_shape": list(self.size), "map_dtype": MAP_DTYPE}
+            write_atomic(maps, with_provenance(MAPS_SCHEMA, meta), out / "maps" / f"{name}.parquet")
+        write_atomic(rows, with_provenance(METRICS_SCHEMA, prov), out / "metrics" / f"{name}.parquet")
+        return {"images": seen, "rows": len(rows), "errors": sum(r["error"] is not None for r in rows),
+                "seconds": time.perf_counter() - start}
+
+    def _row(self, sample: dict[str, Any], method: str, **values: Any) -> Row:
+        label = sample.get("label")
+        row: Row = {c: None for c in METRICS_SCHEMA.names}
+        row.update(key=sample["key"], shard=sample.get("shard", ""), method=method, label=label,
+                   label_name=self.label_names[label] if label is not None and 0 <= label < len(self.label_names)
+                   else None)
+        row.update(values)
+        return row
+
+    def _evaluate_batch(self, batch: list[dict[str, Any]], shard: str, rows: list[Row], maps: list[Row]) -> None:
+        x = torch.stack([s["image"] for s in batch]).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(x)
+        n_classes = logits.shape[1]
+        if self.cfg.target == "label":
+            labels = [s["label"] for s in batch]
+            bad = [s["key"] for s in batch if not 0 <= s["label"] < n_classes]
+            if bad:  # explain the rest; these get error rows
+                keep = [i for i, s in enumerate(batch) if s["key"] not in bad]
+                for s in batch:
+                    if s["key"] in bad:
+                        rows += [self._row(s, m, error=f"label {s['label']} outside the model's {n_classes} classes")
+                                 for m in self.cfg.methods]
+                if keep:
+                    self._evaluate_batch([batch[i] for i in keep], shard, rows, maps)
+                return
+            targets = torch.tensor(labels, device=self.device)
+        else:
+            targets = logits.argmax(dim=1)
+        for method, outcome in self._explain_all(x, targets).items():
+            self._score(method, batch, x, targets, outcome, rows, maps)
+
+    def _explain_all(self, x: Tensor, targets: Tensor) -> dict[str, list[tuple[Tensor, Row, float] | str]]:
+        """Per method, per image: ``(map, details, seconds)`` or an error message."""
+        results: dict[str, list[tuple[Tensor, Row, float] | str]] = {}
+        for method, cam in self.cams.items():
+            results[method] = self._explain(cam, x, targets)
+            if method == "unioncam" and self.share_region:
+                shared: list[tuple[Tensor, Row, float] | str] = []
+                for outcome in results[method]:
+                    if isinstance(outcome, str):
+                        shared.append(outcome)
+                        continue
+                    t0 = time.perf_counter()
+                    score_map = normalize(outcome[1]["region_map"][None])[0]
+                    shared.append((score_map, {}, time.perf_counter() - t0))
+                results["scorecam"] = shared
+        return {m: results[m] for m in self.cfg.methods}
+
+    def _explain(self, cam: CAM, x: Tensor, targets: Tensor) -> list[tuple[Tensor, Row, float] | str]:
+        """The batch at once; if that fails, image by image so one bad image costs only itself."""
+        try:
+            t0 = time.perf_counter()
+            result = cam(x, targets)
+            seconds = (time.perf_counter() - t0) / x.shape[0]
+            return [(result.maps[i], _details_at(result.details, i), seconds) for i in range(x.shape[0])]
+        except Exception as exc:  # any failure: isolate it per image below
+            if x.shape[0] == 1:
+                return [_error_text(exc)]
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return [o for i in range(x.shape[0]) for o in self._explain(cam, x[i:i + 1], targets[i:i + 1])]
+
+    def _score(self, method: str, batch: list[dict[str, Any]], x: Tensor, targets: Tensor,
+               outcomes: list[tuple[Tensor, Row, float] | str], rows: list[Row], maps: list[Row]) -> None:
+        ok = [i for i, o in enumerate(outcomes) if not isinstance(o, str)]
+        values: dict[int, Row] = {i: {} for i in ok}
+        if ok:
+            m = torch.stack([outcomes[i][0] for i in ok]).float()  # type: ignore[index]
+            xi, ti = x[ok], targets[ok]
+            try:
+                if {"ad", "ai"} & set(self.cfg.metrics):
+                    y, o = confidence(self.model, xi, m, ti, self.batch_size)
+                    for j, i in enumerate(ok):
+                        values[i].update(y=float(y[j]), o=float(o[j]))
+                if "insdel" in self.cfg.metrics:
+                    ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps or 224,
+                                                   self.batch_size)
+                    for j, i in enumerate(ok):
+                        values[i].update(insertion_auc=float(ins[j]), deletion_auc=float(dele[j]))
+                if "epg" in self.cfg.metrics:
+                    for j, i in enumerate(ok):
+                        if batch[i]["boxes"]:
+                            values[i]["epg"] = float(energy_pointing_game(m[j:j + 1], [batch[i]["boxes"]])[0])
+            except Exception as exc:  # a metric failing must not lose the shard
+                outcomes = [_error_text(exc) if i in values else o for i, o in enumerate(outcomes)]
+        for i, (sample, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            target = int(targets[i])
+            common = {"target": target, "target_name": self.loaded.class_names[target]}
+            if isinstance(outcome, str):
+                rows.append(self._row(sample, method, error=outcome, **common))
+                continue
+            saliency, details, seconds = outcome
+            kept = {k: v for k, v in details.items() if k in METRICS_SCHEMA.names}
+            rows.append(self._row(sample, method, seconds=seconds, **common, **values[i], **kept))
+            if self.cfg.save_maps:
+                maps.append({"key": sample["key"], "method": method,
+                             "map": encode_map(saliency.detach().float().cpu().numpy())})
+
+
+def _details_at(details: dict[str, Any], i: int) -> Row:
+    """UnionCAM's per-image β's and AMS branch as row values (NaN and "" become null)."""
+    out: Row = {}
+    for key in ("beta_den", "beta_reg", "beta_dereg"):
+        if key in details:
+            v = float(details[key][i])
+            out[key] = None if np.isnan(v) else v
+    selected = details.get("selected")
+    if selected and selected[i]:
+        out["selected"] = selected[i]
+    if "region_map" in details:
+        out["region_map"] = details["region_map"][i]
+    return out
+
+
+def _ray_version() -> str | None:
+    try:
+        import ray
+
+        return str(ray.__version__)
+    except ImportError:
+        return None
+
+
+class ShardWorker:
+    """The Ray actor (made remote by the runner): one :class:`ShardEvaluator` on its own device."""
+
+    def __init__(self, cfg: EvalConfig, run_id: str, progress: str | None = None) -> None:
+        import ray
+
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        if self.gpu_ids and torch.cuda.is_available():
+            device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
+        else:
+            device = torch.device("cpu")
+            if self.gpu_ids:
+                print(f"[unioncam] worker {os.getpid()}: GPU {self.gpu_ids} assigned but CUDA is unavailable; "
+                      "running on CPU", flush=True)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.evaluator = ShardEvaluator(cfg, device, run_id)
+        self.progress = ray.get_actor(progress) if progress else None  # a name: handles in args break restarts
+        self.out = Path(cfg.out or ".")
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs: pid, host, Ray node, GPU ids, torch device, threads."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": self.node_id,
+                "gpu_ids": self.gpu_ids, "device": str(self.evaluator.device), "threads": torch.get_num_threads()}
+
+    def run(self, shard: str, limit: int | None) -> dict[str, Any]:
+        """Evaluate one shard; a marker in ``out/running/`` says who works on it until it is done."""
+        name = shard_name(shard)
+        marker = self.out / "running" / f"{name}.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        info = self.info()
+
+        def progress(done: int) -> None:
+            tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**info, "shard": name, "done": done}))
+            os.replace(tmp, marker)
+            if self.progress is not None:
+                self.progress.update.remote(name, done)
+
+        progress(0)
+        result = self.evaluator.evaluate(shard, self.out, limit, progress)
+        marker.unlink(missing_ok=True)
+        return {**result, "worker": info}
