@@ -1,7 +1,8 @@
 """The Ray service end to end, on a real cluster bound to 127.0.0.1 (one per test session).
 
-The session fixture runs ``ray start --head`` with two fake GPUs and a second node (another raylet
-on loopback), connects this process as a driver, and stops exactly the processes it started.
+The session fixture starts a head with two fake GPUs and a second node (another raylet on
+loopback) with ``cluster/start-local.sh``, connects this process as a driver, and stops exactly the
+processes it started with ``cluster/stop-local.sh`` (and checks that none is left).
 """
 
 from __future__ import annotations
@@ -9,12 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,64 +33,39 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ours(marks: list[str]) -> set[int]:
-    """Pids of processes whose command line names one of ``marks`` (our temp dir, our GCS port),
-    and all their descendants (Ray renames some, e.g. ``ray::DashboardAgent``)."""
-    found: set[int] = set()
-    parents: dict[int, int] = {}
+    """Pids whose command line names one of ``marks`` (an independent check on stop-local.sh)."""
+    found = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if any(m.encode() in cmdline for m in marks):
-            found.add(int(entry.name))
-    grew = True
-    while grew:
-        children = {pid for pid, parent in parents.items() if parent in found} - found
-        found |= children
-        grew = bool(children)
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if cmdline and any(m.encode() in cmdline for m in marks):
+                    found.add(int(entry.name))
     return found
 
 
-def node_ports() -> list[str]:
-    """Free ports for one node's agents, so two nodes (or another Ray on this machine) never collide."""
-    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-             "metrics-export-port", "node-manager-port", "object-manager-port")
-    return [f"--{name}={free_port()}" for name in names]
-
-
 @pytest.fixture(scope="session")
-def cluster():
-    temp = tempfile.mkdtemp(prefix="ucray", dir="/tmp")
-    gcs, dash = free_port(), free_port()
-    # Token auth on every command (the head turns it on; a joining node, a driver and `ray job` need it too).
-    os.environ["RAY_AUTH_MODE"] = "token"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    head = [str(BIN / "ray"), "start", "--head", *common, f"--port={gcs}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--num-gpus=2",
-            f"--temp-dir={temp}", "--include-dashboard=true", *node_ports()]
-    node = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", *common, "--num-cpus=2", "--num-gpus=0",
-            "--resources={\"second_node\": 1}", *node_ports()]
+def cluster(tmp_path_factory):
+    """A head with 2 CPUs and 2 fake GPUs plus a second node with 2 CPUs, via cluster/*.sh."""
+    state = tmp_path_factory.mktemp("ray-state")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "UNIONCAM_RAY_STATE": str(state),
+           "RAY": str(BIN / "ray"), "PYTHON": sys.executable}
+
+    def script(*args: str) -> None:
+        done = subprocess.run([str(REPO / "cluster" / args[0]), *args[1:]], env=env, capture_output=True,
+                              text=True, timeout=180, cwd=REPO)
+        assert done.returncode == 0, f"{args} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+
     try:
-        for cmd in (head, node):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-            assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-        ray.init(address=f"127.0.0.1:{gcs}", _node_ip_address="127.0.0.1", log_to_driver=False)
+        script("start-local.sh", "--num-cpus=2", "--num-gpus=2")
+        script("start-local.sh", "--join", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}')
+        address = (state / "address").read_text().strip()
+        ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False)
         deadline = time.time() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
             time.sleep(1)
-        info = {"gcs": gcs, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "temp": temp}
+        info = {"dashboard": (state / "dashboard").read_text().strip(), "env": env}
         deadline = time.time() + 120  # the job agent comes up some seconds after `ray start` returns
         while (probe := submit(info, ["python", "-c", "pass"], REPO)).returncode != 0 and time.time() < deadline:
             time.sleep(2)
@@ -100,12 +73,11 @@ def cluster():
         yield info
     finally:
         ray.shutdown()
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 1)):
-            for pid in _ours([temp, f":{gcs}\0"]):  # \0 ends an argument: "--address=<ip>:<gcs>"
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
-            time.sleep(wait)
-        shutil.rmtree(temp, ignore_errors=True)
+        if (state / "temp_dir").exists():
+            temp = (state / "temp_dir").read_text().strip()
+            script("stop-local.sh")
+            assert not _ours([temp]), "stop-local.sh left Ray processes behind"
+            assert not Path(temp).exists()
 
 
 def rows_of(out: Path) -> pd.DataFrame:

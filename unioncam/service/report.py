@@ -80,6 +80,16 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
                                        "average_increase", "ai_ci_low", "ai_ci_high"])
 
 
+def _class_pivot(per_class: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """Classes × methods table of Average Drop, with each class's image count."""
+    if per_class.empty:
+        return pd.DataFrame(columns=["class", "n", *methods])
+    table = per_class.pivot(index="class", columns="method", values="average_drop").rename_axis(columns=None)
+    present = [m for m in methods if m in table.columns]
+    table = table[present].assign(n=per_class.groupby("class")["n"].max()).reset_index()
+    return table[["class", "n", *present]]
+
+
 def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[str]:
     import matplotlib
 
@@ -130,7 +140,10 @@ def _overlay_grid(run_dir: Path, df: pd.DataFrame, methods: list[str], count: in
     ok = df[df["error"].isna()]
     complete = ok.groupby("key")["method"].nunique()
     keys = sorted(complete[complete == len(methods)].index)[:count]
-    shards = {f.stem: provenance_of(f).get("shard_path") for f in (run_dir / "metrics").glob("*.parquet")}
+    listed = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    shards = {name: entry.get("path") for name, entry in listed.get("shards", {}).items()}
+    for f in (run_dir / "metrics").glob("*.parquet"):
+        shards[f.stem] = provenance_of(f).get("shard_path") or shards.get(f.stem)
     wanted = {k: shards.get(df.loc[df["key"] == k, "shard"].iloc[0]) for k in keys}
     paths = sorted({p for p in wanted.values() if p and os.path.isfile(p)})
     if not keys or not paths:
@@ -151,7 +164,7 @@ def _overlay_grid(run_dir: Path, df: pd.DataFrame, methods: list[str], count: in
 
 def _fmt(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
-        return "–" if np.isnan(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+        return "–" if np.isnan(v) else f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
     return str(v)
 
 
@@ -207,15 +220,19 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
              "versions": f"unioncam {prov.get('unioncam_version')}, torch {prov.get('torch_version')}, "
                          f"ray {prov.get('ray_version')}"}
     table = _table1(summary)
-    shown = per_class.head(max_class_rows)
-    more = f"\n\n(first {max_class_rows} of {len(per_class)} rows; all in per_class.csv)" \
-        if len(per_class) > max_class_rows else ""
+    shared = ("scorecam's maps are UnionCAM's L_Region (computed once); its s/image counts only its own extra work."
+              if {"scorecam", "unioncam"} <= set(methods) else "")
+    shown = _class_pivot(per_class, methods).head(max_class_rows)
+    n_classes = per_class["class"].nunique()
+    more = (f"\n\n(first {max_class_rows} of {n_classes} classes; all, with CIs and AI, in per_class.csv)"
+            if n_classes > max_class_rows else "\n\n(with CIs and Average Increase in per_class.csv)")
     errors = df[df["error"].notna()][["key", "shard", "method", "error"]].drop_duplicates(["key", "error"])
 
     md = ["# unioncam evaluation report", "", *[f"- **{k}**: {v}" for k, v in facts.items()], "",
           "## Results (Table 1 layout)", "", _markdown(table), "",
-          "Average Drop = 100/N Σ max(0, Y−O)/Y; Average Increase = 100/N Σ 1[Y<O] (REFERENCE.md).", "",
-          *[f"![{n}]({n})" for n in images], "", "## Per class", "", _markdown(shown) + more, ""]
+          "Average Drop = 100/N Σ max(0, Y−O)/Y; Average Increase = 100/N Σ 1[Y<O] (REFERENCE.md).", shared, "",
+          *[f"![{n}]({n})" for n in images], "", "## Per class: Average Drop (%)", "",
+          _markdown(shown) + more, ""]
     if len(errors):
         md += ["## Errors", "", _markdown(errors.head(50)), ""]
     (out / "report.md").write_text("\n".join(md))
@@ -231,8 +248,8 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
             f"<body><h1>unioncam evaluation report</h1><ul>{facts_html}</ul>"
             f"<h2>Results (Table 1 layout)</h2>{h(table)}"
             "<p>Average Drop = 100/N &Sigma; max(0, Y&minus;O)/Y; Average Increase = 100/N &Sigma; 1[Y&lt;O]; "
-            "95% percentile bootstrap CIs.</p>"
-            f"{figures}<h2>Per class</h2>{h(shown)}{html.escape(more)}{error_part}</body></html>")
+            f"95% percentile bootstrap CIs. {html.escape(shared)}</p>"
+            f"{figures}<h2>Per class: Average Drop (%)</h2>{h(shown)}{html.escape(more)}{error_part}</body></html>")
     (out / "report.html").write_text(page)
     return {"summary": out / "summary.csv", "per_class": out / "per_class.csv", "markdown": out / "report.md",
             "html": out / "report.html"}
