@@ -14,6 +14,7 @@ from service_data import make_shards, softmax_prob
 
 from unioncam import explain, load, read_saliency
 from unioncam.service import ConfigError, EvalConfig, read_metrics
+from unioncam.service.config import build_parser
 from unioncam.service.report import write_report
 from unioncam.service.results import METRICS_SCHEMA, provenance_of
 from unioncam.service.worker import ShardEvaluator
@@ -211,3 +212,25 @@ def test_report_numbers_are_the_rows_own_averages(tmp_path, shard_dir):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
     assert "cannot decode corrupt.jpg" in paths["markdown"].read_text()
     assert json.loads(json.dumps(list(summary.index))) == METHODS
+
+
+# -- cluster/ -------------------------------------------------------------------------------------
+def test_cluster_manifests_run_a_valid_job_command():
+    """The commands in cluster/rayjob.yaml and cluster.yaml parse as the job's own flags."""
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "cluster"
+    rayjob = yaml.safe_load((root / "rayjob.yaml").read_text())
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/eval_imagenet.py"] and (root.parent / argv[1]).is_file()
+    parsed = build_parser("imagenet").parse_args(argv[2:])  # weights are on the cluster: parse, don't resolve
+    assert (parsed.model, parsed.gpus_per_worker, parsed.methods) == ("vgg16", 1.0, "all")
+    assert parsed.out.startswith("/data/") and parsed.shards.startswith("/data/")
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    launcher = yaml.safe_load((root / "cluster.yaml").read_text())
+    assert "--dashboard-host=127.0.0.1" in launcher["head_start_ray_commands"][1]
+    assert launcher["available_node_types"]["head"]["resources"] == {"CPU": 0}
