@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Benchmarks (not part of the test run): each prints its table; README "Performance" has the latest.
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	cd benchmarks && TQDM_DISABLE=1 ../$(BIN)/python bench_unioncam.py
+	cd benchmarks && ../$(BIN)/python bench_precision.py
+	cd benchmarks && ../$(BIN)/python bench_memory.py
+	cd benchmarks && ../$(BIN)/python bench_service.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check unioncam tests jobs
+	$(BIN)/ruff check unioncam tests jobs benchmarks
 
 clean:
 	rm -rf $(VENV) out

@@ -53,7 +53,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"no such image: {', '.join(missing)}")
-    loaded = load(args.model, args.weights)
+    loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=args.compile)
     device = torch.device(args.device)
     model = loaded.model.to(device)
     images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="masked inputs per forward")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--channels-last", action="store_true", help="NHWC conv weights (faster on CPU and cuDNN)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward-only passes")
     p.add_argument("--metrics", action="store_true",
                    help="also print Y, O, drop, increase and insertion/deletion AUC per image and method")
     p.add_argument("--steps", type=int, default=224, help="insertion/deletion steps (with --metrics)")

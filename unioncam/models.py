@@ -33,6 +33,12 @@ class PixelModel(nn.Module):
 
     Layer names (``"features.29"``) are those of ``net``; :func:`unioncam.methods.base.find_layer`
     resolves them here or inside ``net``. ``target_layer`` is the default layer to explain.
+
+    Speed options (:func:`load` sets them; both keep the results equal up to float rounding):
+    :meth:`channels_last` stores conv weights NHWC, which PyTorch's CPU and cuDNN kernels run
+    faster, and :meth:`compile_inference` runs the forward-only passes (no grad: the methods'
+    masked forwards, the metrics) through ``torch.compile``; the explaining forward with its hooks
+    and backward always runs eagerly.
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
@@ -42,11 +48,26 @@ class PixelModel(nn.Module):
         self.target_layer = target_layer
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self._compiled: Callable[[Tensor], Tensor] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def channels_last(self) -> PixelModel:
+        """Store 4-D weights in ``torch.channels_last``; convs then produce NHWC activations."""
+        return self.to(memory_format=torch.channels_last)
+
+    def compile_inference(self, **options: object) -> PixelModel:
+        """Run grad-free forwards through ``torch.compile(**options)`` (compiled on first use)."""
+        self._compiled = torch.compile(self._forward, **options)  # type: ignore[arg-type]
+        return self
+
+    def _forward(self, x: Tensor) -> Tensor:
         mean = self.mean.to(x.dtype)
         std = self.std.to(x.dtype)
         return self.net((x - mean) / std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._compiled is not None and not torch.is_grad_enabled():
+            return self._compiled(x)
+        return self._forward(x)
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,15 @@ MODELS.add("efficientnet_lite0", _efficientnet_lite0)
 MODELS.add("tiny_cnn", _tiny_cnn)
 
 
-def load(name: str, weights: str | os.PathLike[str] | None = None) -> LoadedModel:
-    """Build model ``name`` and load its weights (see the module docstring); never downloads."""
-    return MODELS.get(name)(None if weights is None else os.fspath(weights))
+def load(name: str, weights: str | os.PathLike[str] | None = None, channels_last: bool = False,
+         compile: bool = False) -> LoadedModel:
+    """Build model ``name`` and load its weights (see the module docstring); never downloads.
+
+    ``channels_last`` and ``compile`` turn on :class:`PixelModel`'s speed options.
+    """
+    loaded = MODELS.get(name)(None if weights is None else os.fspath(weights))
+    if channels_last:
+        loaded.model.channels_last()
+    if compile:
+        loaded.model.compile_inference()
+    return loaded

@@ -69,9 +69,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Masked inputs per forward when not given: 8 on CPU (measured best for small CNNs on
-    two cores), 64 on accelerators."""
-    return 8 if device.type == "cpu" else 64
+    """Masked inputs per forward when not given: 4 on CPU (benchmarks/bench_unioncam.py: fastest
+    per image for EfficientNet-Lite0 on two cores; 8 was 1.2-1.3× slower), 32 on accelerators
+    (VGG16's peak memory ≈ 0.55 GB of weights + 25.7 MB per masked input, so 32 keeps a worker
+    near 1.4 GB, under the paper's 2.22 GB; see benchmarks/bench_memory.py)."""
+    return 4 if device.type == "cpu" else 32
 
 
 def batched_probs(model: nn.Module, targets: Tensor, inputs: Callable[[slice], Tensor], n: int,

@@ -40,10 +40,13 @@ class EvalConfig:
         model / weights: a registered model name and an optional state-dict file.
         methods: method names; metrics: any of ``ad, ai, insdel, epg`` (ad and ai share Y and O).
         workers / gpus_per_worker / cpus_per_worker: None picks from the cluster's resources.
-        batch_size: masked inputs per forward (None: 8 on CPU, 64 on GPU).
+        batch_size: masked inputs per forward (None: 4 on CPU, 32 on GPU).
         images_per_batch: images explained together, their masked inputs sharing batches (None: 1 on
             CPU, where one image fills a batch and progress is per image; 8 on GPU).
         precision: precision of the methods' masked forwards; metrics always run in fp32.
+        channels_last / compile: the model's speed options (:func:`unioncam.models.load`);
+            channels_last is on by default (benchmarks/bench_unioncam.py: 1.2-1.4× on CPU), compile
+            is off (a one-time compile per worker that pays off only on long runs).
         limit: evaluate at most this many images (in shard order); None: all.
         insdel_steps: insertion/deletion steps (REFERENCE.md: 224 at 224²).
         target: "predicted" (REFERENCE.md default) or "label".
@@ -67,6 +70,8 @@ class EvalConfig:
     batch_size: int | None = None
     images_per_batch: int | None = None
     precision: Precision = "fp32"
+    channels_last: bool = True
+    compile: bool = False
     limit: int | None = None
     insdel_steps: int | None = None
     target: Literal["predicted", "label"] = "predicted"
@@ -189,9 +194,12 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, or one on CPU)")
     p.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-worker", type=float, help="default: 4 with a GPU, else the cluster's CPUs / workers")
-    p.add_argument("--batch-size", type=int, help="masked inputs per forward (default: 8 CPU, 64 GPU)")
+    p.add_argument("--batch-size", type=int, help="masked inputs per forward (default: 4 CPU, 32 GPU)")
     p.add_argument("--images-per-batch", type=int, help="images explained together (default: 1 CPU, 8 GPU)")
     p.add_argument("--precision", choices=PRECISIONS, help="masked forwards' precision (default fp32)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                   help="keep conv weights NCHW (channels_last is on by default)")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward-only passes")
     p.add_argument("--limit", type=int, help="evaluate at most N images")
     p.add_argument("--insdel-steps", type=int, help="insertion/deletion steps (default 224; sample: 32)")
     p.add_argument("--target", choices=("predicted", "label"), help="class to explain (default: predicted)")

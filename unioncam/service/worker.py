@@ -62,7 +62,7 @@ class ShardEvaluator:
     def __init__(self, cfg: EvalConfig, device: torch.device | str = "cpu", run_id: str = "") -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.loaded = load(cfg.model or "vgg16", cfg.weights)
+        self.loaded = load(cfg.model or "vgg16", cfg.weights, channels_last=cfg.channels_last, compile=cfg.compile)
         self.model = self.loaded.model.to(self.device)
         self.size = self.loaded.input_size
         self.label_names = VOC_CLASSES if cfg.dataset == "voc" else self.loaded.class_names
@@ -76,6 +76,7 @@ class ShardEvaluator:
             "run_id": run_id, "dataset": cfg.dataset, "model": self.loaded.name,
             "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
             "input_size": list(self.size), "precision": cfg.precision, "target": cfg.target,
+            "channels_last": cfg.channels_last, "compile": cfg.compile,
             "insdel_steps": cfg.insdel_steps, "unioncam_version": unioncam.__version__,
             "torch_version": torch.__version__, "ray_version": _ray_version(), "device": str(self.device)}
 
