@@ -8,22 +8,30 @@ temp="$(cat "$STATE/temp_dir")"
 port="$(cut -d: -f2 "$STATE/address")"
 
 ours() {
-  local roots=() pid
-  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+  # pid → parent pid for every process (from /proc/<pid>/stat: the field after "<comm>) <state>")
+  declare -A parent=()
+  local roots=() pid stat rest
+  for dir in /proc/[0-9]*; do
+    pid="${dir#/proc/}"
     [[ "$pid" == "$$" || "$pid" == "$BASHPID" ]] && continue
-    if tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -e "$temp" -e ":$port\$"; then
+    stat="$(cat "$dir/stat" 2>/dev/null)" || continue
+    rest="${stat##*) }"
+    read -r _ ppid _ <<< "$rest"
+    parent[$pid]="$ppid"
+    if tr '\0' '\n' < "$dir/cmdline" 2>/dev/null | grep -q -e "$temp" -e ":$port\$"; then
       roots+=("$pid")
     fi
   done
-  local all=("${roots[@]}") frontier=("${roots[@]}") next child
-  while ((${#frontier[@]})); do
-    next=()
-    for pid in "${frontier[@]}"; do
-      for child in $(pgrep -P "$pid" 2>/dev/null || true); do all+=("$child"); next+=("$child"); done
+  declare -A found=()
+  for pid in "${roots[@]}"; do found[$pid]=1; done
+  local grew=1
+  while ((grew)); do
+    grew=0
+    for pid in "${!parent[@]}"; do
+      if [[ -z "${found[$pid]:-}" && -n "${found[${parent[$pid]}]:-}" ]]; then found[$pid]=1; grew=1; fi
     done
-    frontier=("${next[@]}")
   done
-  printf '%s\n' "${all[@]}" | sort -u
+  printf '%s\n' "${!found[@]}"
 }
 
 for signal in TERM KILL; do

@@ -70,6 +70,21 @@ class PixelModel(nn.Module):
         return self._forward(x)
 
 
+class FP32Linear(nn.Linear):
+    """A ``Linear`` that computes in fp32 even under autocast.
+
+    :func:`load` gives each model's last ``Linear`` (the logits) this class, so reduced-precision
+    forwards (``precision="bf16"``/``"fp16"``) keep full-precision logits: bf16 spaces values near a
+    logit of 16 by 0.125, which would move softmax probabilities by ~10%. In fp32 it is a plain
+    ``Linear``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype) if low else x)
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A ready model and what explaining it needs."""
@@ -129,6 +144,9 @@ def _finish(name: str, net: nn.Module, mean: Sequence[float], std: Sequence[floa
             size: tuple[int, int], classes: tuple[str, ...], sha: str | None) -> LoadedModel:
     model = PixelModel(net, mean, std, layer).eval()
     model.requires_grad_(False)
+    linears = [m for m in net.modules() if type(m) is nn.Linear]
+    if linears:
+        linears[-1].__class__ = FP32Linear  # same parameters and names; fp32 logits under autocast
     return LoadedModel(name, model, layer, size, classes, sha)
 
 
