@@ -68,3 +68,18 @@ def test_logits_stay_fp32_under_autocast():
         body = lm.model.net.features(x)
     assert out.dtype == torch.float32 and body.dtype == torch.bfloat16
     assert [f"net.{k}" for k in TinyCNN().state_dict()] == [k for k in lm.model.state_dict() if k.startswith("net.")]
+
+
+def test_unioncam_betas_run_in_fp32_under_bf16():
+    """Under bf16 only L_Region's channel forwards are reduced: β_Den (whose map, L_Den, comes from
+    gradients and does not depend on the precision) is the fp32 value exactly."""
+    from unioncam.data.sample import sample_photo_paths
+    from unioncam.viz import load_image
+
+    lm = load("tiny_cnn")
+    x = torch.stack([load_image(p, (64, 64)) for p in sample_photo_paths(["chelsea", "coffee", "astronaut"]).values()])
+    a = explain(lm, x, "unioncam")
+    b = explain(lm, x, "unioncam", precision="bf16")
+    assert (a.details["beta_den"].abs() > 1e-6).any()
+    torch.testing.assert_close(b.details["beta_den"], a.details["beta_den"], rtol=0, atol=1e-7)
+    assert not torch.equal(b.details["beta_reg"], a.details["beta_reg"])  # L_Region did change in bf16

@@ -82,7 +82,8 @@ class UnionCAM(CAM):
     """UnionCAM: AMD → (Score-CAM region map) → AMU → AMS.
 
     Options: ``theta`` (AMD percentile, default 10), ``stage`` ("amd", "amu" or "ams": where to
-    stop, for ablations), ``skip_constant`` (Score-CAM channel skipping, exact).
+    stop, for ablations), ``skip_constant`` (Score-CAM channel skipping, exact). ``precision``
+    applies to the channel forwards of ``L_Region``; the three β forwards always run in fp32.
 
     Details: ``beta_den``, ``beta_reg``, ``beta_dereg`` (NaN for stages not run), ``selected``
     ("dereg" or "region"; "" before AMS), ``forwards`` (masked forwards per image), and
@@ -116,14 +117,14 @@ class UnionCAM(CAM):
                            "forwards": torch.zeros(b, dtype=torch.long, device=acts.device)}
         l_reg, forwards = region_map(self.model, images, targets, acts, self.batch_size, self.precision,
                                      self.skip_constant)
-        l_dereg, beta_den, beta_reg = amu(self.model, images, targets, l_den, l_reg, self.batch_size,
-                                          self.precision)
+        # The 3 β forwards per image decide the AMS branch: they run in fp32 whatever the precision
+        # of the channel forwards (the bulk of the work), so a near tie is not decided by rounding.
+        l_dereg, beta_den, beta_reg = amu(self.model, images, targets, l_den, l_reg, self.batch_size)
         details: Details = {"beta_den": beta_den, "beta_reg": beta_reg, "beta_dereg": nan,
                             "selected": [""] * b, "forwards": forwards + 2, "region_map": l_reg}
         if self.stage == "amu":
             return l_dereg, details
-        l_union, beta_dereg, chose = ams(self.model, images, targets, l_dereg, l_reg, beta_reg,
-                                         self.batch_size, self.precision)
+        l_union, beta_dereg, chose = ams(self.model, images, targets, l_dereg, l_reg, beta_reg, self.batch_size)
         details.update(beta_dereg=beta_dereg, forwards=forwards + 3,
                        selected=["dereg" if c else "region" for c in chose.tolist()])
         return l_union, details
