@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from unioncam.data.sample import sample_photo_paths
@@ -68,4 +67,4 @@ def softmax_prob(model, x, target: int) -> float:
     return float(torch.softmax(logits, dim=1)[0, target])
 
 
-__all__ = ["make_shards", "np", "photo_bytes", "softmax_prob"]
+__all__ = ["make_shards", "photo_bytes", "softmax_prob"]
