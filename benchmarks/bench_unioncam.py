@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import machine, median, photos, table, timed
+from common import machine, median, photos, random_vgg16_weights, table, timed
 
 import unioncam
 from unioncam.methods.base import find_layer
@@ -131,21 +131,10 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     torch.manual_seed(0)
 
+    weights = random_vgg16_weights() if args.model == "vgg16" else None  # VGG16: structure only
+
     def model(channels_last: bool = False, compile: bool = False) -> unioncam.LoadedModel:
-        if args.model == "vgg16":  # random weights: a structure benchmark (no weights are downloaded)
-            from torchvision.models import vgg16
-
-            from unioncam.models import IMAGENET_MEAN, IMAGENET_STD, _finish, imagenet_classes
-
-            torch.manual_seed(0)
-            lm = _finish("vgg16", vgg16(), IMAGENET_MEAN, IMAGENET_STD, "features.29", (224, 224),
-                         imagenet_classes(), None)
-            if channels_last:
-                lm.model.channels_last()
-            if compile:
-                lm.model.compile_inference()
-            return lm
-        return unioncam.load(args.model, channels_last=channels_last, compile=compile)
+        return unioncam.load(args.model, weights, channels_last=channels_last, compile=compile)
 
     plain_lm, fast_lm = model(), model(channels_last=True)
     x = photos(args.images, plain_lm.input_size)

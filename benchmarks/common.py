@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,20 @@ def photos(n: int, size: tuple[int, int]) -> torch.Tensor:
     """The first ``n`` of :data:`PHOTOS` (real photos shipped with scikit-image / matplotlib)."""
     paths = sample_photo_paths(list(PHOTOS[:n]))
     return torch.stack([load_image(p, size) for p in paths.values()])
+
+
+def random_vgg16_weights() -> Path:
+    """A seeded random VGG16 state dict in the temp dir (written once): VGG16's structure without a
+    download, loaded through the real ``unioncam.load("vgg16", weights=...)`` path."""
+    path = Path(tempfile.gettempdir()) / "unioncam-bench-vgg16-seed0.pth"
+    if not path.is_file():
+        from torchvision.models import vgg16
+
+        torch.manual_seed(0)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(vgg16().state_dict(), tmp)
+        os.replace(tmp, path)
+    return path
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -130,8 +130,10 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[str]:
     return names
 
 
-def _overlay_grid(run_dir: Path, df: pd.DataFrame, methods: list[str], count: int, out: Path) -> str | None:
-    """A grid of the first ``count`` error-free images × all methods, if maps and shards are present."""
+def _overlay_grid(run_dir: Path, df: pd.DataFrame, methods: list[str], shards: dict[str, str | None], count: int,
+                  out: Path) -> str | None:
+    """A grid of the first ``count`` error-free images × all methods, if maps and shards
+    (``shards``: shard name → tar path) are present."""
     from unioncam.data.shards import iter_samples
     from unioncam.viz import grid, overlay
 
@@ -140,10 +142,6 @@ def _overlay_grid(run_dir: Path, df: pd.DataFrame, methods: list[str], count: in
     ok = df[df["error"].isna()]
     complete = ok.groupby("key")["method"].nunique()
     keys = sorted(complete[complete == len(methods)].index)[:count]
-    listed = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
-    shards = {name: entry.get("path") for name, entry in listed.get("shards", {}).items()}
-    for f in (run_dir / "metrics").glob("*.parquet"):
-        shards[f.stem] = provenance_of(f).get("shard_path") or shards.get(f.stem)
     wanted = {k: shards.get(df.loc[df["key"] == k, "shard"].iloc[0]) for k in keys}
     paths = sorted({p for p in wanted.values() if p and os.path.isfile(p)})
     if not keys or not paths:
@@ -203,12 +201,14 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     per_class = per_class_table(df)
     summary.to_csv(out / "summary.csv", index=False)
     per_class.to_csv(out / "per_class.csv", index=False)
+    provs = {f.stem: provenance_of(f) for f in sorted((run_dir / "metrics").glob("*.parquet"))}
+    listed = {name: entry.get("path") for name, entry in manifest.get("shards", {}).items()}
+    shards = {name: p.get("shard_path") or listed.get(name) for name, p in provs.items()}  # older runs: manifest
     images = _plots(df, summary, out)
-    grid_name = _overlay_grid(run_dir, df, methods, overlays, out)
+    grid_name = _overlay_grid(run_dir, df, methods, shards, overlays, out)
     if grid_name:
         images.append(grid_name)
-    first = sorted((run_dir / "metrics").glob("*.parquet"))[0]
-    prov = provenance_of(first)
+    prov = next(iter(provs.values()))
     counts = manifest.get("counts", {})
     facts = {"run id": prov.get("run_id"), "dataset": prov.get("dataset"), "model": prov.get("model"),
              "weights sha256": prov.get("weights_sha256") or "(seeded/random)",

@@ -10,9 +10,10 @@ and renamed into place, so a reader never sees half a file and a rerun replaces,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +73,31 @@ def provenance_of(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
-def write_atomic(rows: Sequence[dict[str, Any]], schema: pa.Schema, path: str | os.PathLike[str]) -> None:
-    """Write ``rows`` as ``path`` via ``path.tmp`` + rename (same directory, so the rename is atomic)."""
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, rename it onto ``path``
+    (same directory, so readers see the old file or the new one, never half of one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(list(rows), schema=schema)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """``path.write_text(text)`` through :func:`replaced_atomically`."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_atomic(rows: Sequence[dict[str, Any]], schema: pa.Schema, path: str | os.PathLike[str]) -> None:
+    """Write ``rows`` as the Parquet file ``path`` through :func:`replaced_atomically`."""
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    with replaced_atomically(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def encode_map(saliency: np.ndarray) -> bytes:

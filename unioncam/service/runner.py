@@ -30,6 +30,7 @@ from unioncam.data.sample import write_sample_shards
 from unioncam.data.shards import IMAGE_EXTS, MANIFEST, expand_shards
 from unioncam.models import sha256_file
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig
+from unioncam.service.results import write_text_atomic
 from unioncam.service.worker import ShardWorker, shard_name
 
 RUN_FORMAT = "unioncam-run/1"
@@ -88,19 +89,18 @@ class ProgressLine:
 
 def shard_counts(paths: list[str]) -> dict[str, int]:
     """Images per shard, from the shard set's ``manifest.json`` when present, else the tar headers."""
-    counts: dict[str, int] = {}
-    for path in paths:
-        listing = Path(path).parent / MANIFEST
-        if listing.is_file():
+    listed: dict[str, int] = {}
+    for folder in {Path(p).parent for p in paths}:
+        if (folder / MANIFEST).is_file():
             try:
-                for s in json.loads(listing.read_text()).get("shards", []):
-                    counts.setdefault(str(Path(path).parent / s["name"]), int(s["count"]))
+                for s in json.loads((folder / MANIFEST).read_text()).get("shards", []):
+                    listed[str(folder / s["name"])] = int(s["count"])
             except (ValueError, KeyError, TypeError):
                 pass
     out = {}
     for path in paths:
-        if path in counts:
-            out[path] = counts[path]
+        if path in listed:
+            out[path] = listed[path]
             continue
         try:
             with tarfile.open(path, "r:") as tar:
@@ -150,10 +150,7 @@ class RunManifest:
             "images": sum(s.get("images", 0) for s in shards if s["status"] == "done"),
             "error_rows": sum(s.get("errors", 0) for s in shards if s["status"] == "done")}
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
 
 def connect(address: str | None) -> None:

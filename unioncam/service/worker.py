@@ -42,7 +42,15 @@ from unioncam.metrics import confidence, energy_pointing_game, insertion_deletio
 from unioncam.models import load
 from unioncam.ops import normalize
 from unioncam.service.config import EvalConfig
-from unioncam.service.results import MAP_DTYPE, MAPS_SCHEMA, METRICS_SCHEMA, encode_map, with_provenance, write_atomic
+from unioncam.service.results import (
+    MAP_DTYPE,
+    MAPS_SCHEMA,
+    METRICS_SCHEMA,
+    encode_map,
+    with_provenance,
+    write_atomic,
+    write_text_atomic,
+)
 
 Row = dict[str, Any]
 
@@ -277,13 +285,10 @@ class ShardWorker:
         """Evaluate one shard; a marker in ``out/running/`` says who works on it until it is done."""
         name = shard_name(shard)
         marker = self.out / "running" / f"{name}.json"
-        marker.parent.mkdir(parents=True, exist_ok=True)
         info = self.info()
 
         def progress(done: int) -> None:
-            tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**info, "shard": name, "done": done}))
-            os.replace(tmp, marker)
+            write_text_atomic(marker, json.dumps({**info, "shard": name, "done": done}))
             if self.progress is not None:
                 self.progress.update.remote(name, done)
 
