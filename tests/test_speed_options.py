@@ -1,4 +1,5 @@
-"""The speed options give the plain path's maps: channels_last weights, torch.compile, bf16."""
+"""The speed options give the plain path's maps: channels_last weights, torch.compile, bf16/fp16; and
+"fp32" is IEEE fp32 (TF32 off) in every pass."""
 
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ def test_compiled_forward_passes_give_the_plain_maps(images):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_bf16_masked_forwards_stay_close_on_cpu(images):
-    """bf16 runs the masked forwards (Score-CAM weights move a little) and stays within bf16's error."""
+def _score_weights(images, precision):
     from unioncam.methods.base import find_layer
     from unioncam.methods.score import score_weights
 
@@ -47,11 +47,53 @@ def test_bf16_masked_forwards_stay_close_on_cpu(images):
     with torch.no_grad():
         targets = lm.model(images).argmax(1)
     handle.remove()
-    w32, n32 = score_weights(lm.model, images, targets, acts["a"], batch_size=4)
-    w16, n16 = score_weights(lm.model, images, targets, acts["a"], batch_size=4, precision="bf16")
+    return score_weights(lm.model, images, targets, acts["a"], batch_size=4, precision=precision)
+
+
+def test_bf16_masked_forwards_stay_close_on_cpu(images):
+    """bf16 runs the masked forwards (Score-CAM weights move a little) and stays within bf16's error."""
+    w32, n32 = _score_weights(images, "fp32")
+    w16, n16 = _score_weights(images, "bf16")
     assert torch.equal(n32, n16) and n32.sum() > 0
     assert not torch.equal(w32, w16)  # it did run in bf16
-    torch.testing.assert_close(w16, w32, atol=2e-3, rtol=0)  # probabilities near 0.1, bf16 ε = 2⁻⁸
+    # weights up to 1.5e-3 here (differences of probabilities near 0.1, bf16 ε = 2⁻⁸): measured 2.0e-4 off
+    torch.testing.assert_close(w16, w32, atol=5e-4, rtol=0)
+
+
+def test_fp16_on_cpu_warns_and_rounds_finer_than_bf16(images):
+    """fp16 on a CPU is allowed (to preview a GPU's fp16), warns that it is slow, and moves the
+    Score-CAM weights less than bf16 does (10 mantissa bits against 7)."""
+    import unioncam.ops
+
+    unioncam.ops._warned_cpu_fp16 = False
+    with pytest.warns(RuntimeWarning, match="slow"):
+        w16, _ = _score_weights(images, "fp16")
+    w32, _ = _score_weights(images, "fp32")
+    wb, _ = _score_weights(images, "bf16")
+    assert not torch.equal(w16, w32)  # it did run in fp16
+    assert (w16 - w32).abs().max() < (wb - w32).abs().max() / 2
+    torch.testing.assert_close(w16, w32, atol=1e-4, rtol=0)  # fp16 ε = 2⁻¹¹: measured 3.0e-5 off
+
+
+def test_fp32_means_ieee_fp32_in_every_pass(images):
+    """TF32 (PyTorch's CUDA default for fp32 convs) is off in the explaining forward and backward,
+    in the masked forwards and in the metrics' forwards, and the caller's flags come back after."""
+    from unioncam.metrics import confidence
+
+    lm = load("tiny_cnn")
+    seen: list[tuple[bool, bool]] = []
+    lm.model.net.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    try:
+        for precision in ("fp32", "bf16"):
+            res = explain(lm, images, "unioncam", precision=precision)
+        confidence(lm.model, images, res.maps, res.targets)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert len(seen) > 10 and set(seen) == {(False, False)}
 
 
 def test_logits_stay_fp32_under_autocast():

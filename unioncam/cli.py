@@ -19,7 +19,7 @@ from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import MODELS, WeightsError, load
-from unioncam.ops import PRECISIONS
+from unioncam.ops import PRECISIONS, ieee_fp32
 from unioncam.registry import UnknownNameError
 from unioncam.viz import ImageError, load_image, overlay
 
@@ -64,7 +64,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         options["batch_size"] = args.batch_size
     for path, image in zip(paths, images, strict=True):
         x = image[None].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32():
             probs = model(x).softmax(-1)[0]
         target = int(probs.argmax()) if args.target is None else args.target
         print(f"{path.name}: {loaded.class_names[target]} (class {target}, p={float(probs[target]):.3f})",
@@ -83,10 +83,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _format_metrics(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                     args: argparse.Namespace) -> str:
-    """Y, O, drop, increase and insertion/deletion AUCs of one image's map."""
+    """Y, O, drop, increase and insertion/deletion AUCs of one image's map, scored in fp32 (as the
+    service does), so ``--precision`` changes the maps only."""
     batch = args.batch_size or None
-    y, o = confidence(model, x, maps, targets, batch, args.precision)
-    ins, dele = insertion_deletion(model, x, maps, targets, args.steps, batch, args.precision)
+    y, o = confidence(model, x, maps, targets, batch)
+    ins, dele = insertion_deletion(model, x, maps, targets, args.steps, batch)
     return (f"Y={float(y[0]):.4f}  O={float(o[0]):.4f}  drop={float(average_drop(y, o)[0]):.2f}%"
             f"  increase={float(average_increase(y, o)[0]):.0f}%  insertion={float(ins[0]):.4f}"
             f"  deletion={float(dele[0]):.4f}")
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: predicted)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="masked inputs per forward")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="the methods' masked forwards (fp16: CUDA; slow on CPU); metrics always fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC conv weights (faster on CPU and cuDNN)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward-only passes")
     p.add_argument("--metrics", action="store_true",

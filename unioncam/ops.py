@@ -7,6 +7,7 @@ Conventions follow ``REFERENCE.md`` ("Conventions (all methods)").
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Literal
@@ -52,19 +53,58 @@ def is_constant(maps: Tensor) -> Tensor:
     return maps.amax(dim=(-2, -1)) <= maps.amin(dim=(-2, -1))
 
 
-def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[None]:
-    """Autocast context for forward-only passes at ``precision`` ("fp32" disables it).
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Run fp32 convolutions and matmuls in IEEE fp32 inside the block, restoring the flags after.
 
-    fp16 is only offered on CUDA: on CPU it is slow and inaccurate, so it raises.
+    PyTorch runs fp32 cuDNN convolutions as TF32 by default (10 mantissa bits, like fp16), so an
+    "fp32" VGG16 on an Ampere-or-later GPU would not be fp32. Every explaining pass, masked
+    forward and metric forward runs inside this block; reduced precision is asked for with
+    ``precision`` instead. On CPU the flags have no effect.
     """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+_warned_cpu_fp16 = False
+
+
+def check_precision(device: torch.device, precision: str) -> Precision:
+    """Validate a precision name for ``device``; fp16 on a CPU warns once.
+
+    fp16 is meant for CUDA. On a CPU it computes with fp16 rounding, so it previews a GPU's fp16
+    results (on the sample photos it moved UnionCAM's Average Drop by 0.05 points, bf16 by 2.1:
+    benchmarks/bench_precision.py), but without native fp16 kernels it is much slower than fp32
+    (13× on AVX-512 without FP16 instructions).
+    """
+    global _warned_cpu_fp16
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    if precision == "fp16" and device.type == "cpu" and not _warned_cpu_fp16:
+        _warned_cpu_fp16 = True
+        warnings.warn("precision 'fp16' on CPU rounds like a GPU's fp16 but is slow without native fp16 "
+                      "kernels (13x slower than fp32 on AVX-512 without FP16); use 'fp32' for speed on CPU",
+                      RuntimeWarning, stacklevel=3)
+    return precision  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
+    """Forward-only passes at ``precision``: IEEE fp32 (:func:`ieee_fp32`) for "fp32", else autocast
+    to bf16 / fp16 (the ops autocast keeps in fp32 then run in IEEE fp32)."""
+    check_precision(device, precision)
+    with ieee_fp32():
+        if precision == "fp32":
+            yield
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                yield
 
 
 _BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], Tensor]] = weakref.WeakKeyDictionary()

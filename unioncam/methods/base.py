@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unioncam.ops import Precision, autocast, chunks, normalize, upsample
+from unioncam.ops import Precision, autocast, check_precision, chunks, ieee_fp32, normalize, upsample
 
 Details = dict[str, Any]
 
@@ -131,7 +131,8 @@ class CAM(abc.ABC):
         model: a classifier taking pixel-space images (e.g. a :class:`unioncam.models.PixelModel`).
         target_layer: dotted module name or module; None uses ``model.target_layer``.
         batch_size: masked inputs per forward for score-based methods (None: by device).
-        precision: "fp32", "bf16" or "fp16" (CUDA) for the masked forward-only passes.
+        precision: "fp32", "bf16" or "fp16" (CUDA; slow on CPU) for the masked forward-only passes.
+            Everything else (the explaining forward and backward) runs in IEEE fp32, TF32 off.
     """
 
     name: ClassVar[str]
@@ -146,8 +147,7 @@ class CAM(abc.ABC):
         self.batch_size = batch_size or default_batch_size(self.device)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        autocast(self.device, precision)  # validates the precision name early
-        self.precision: Precision = precision
+        self.precision: Precision = check_precision(self.device, precision)
         self._capturing = False
         self._closed = False
         self._install_hooks()
@@ -231,27 +231,28 @@ class CAM(abc.ABC):
         images = self._check_images(images)
         was_training = self.model.training
         self.model.eval()
-        try:
-            self._capturing = True
-            with torch.set_grad_enabled(self.uses_gradients):
-                logits = self.model(images)
-            self._capturing = False
-            acts = [a for a in self._acts if a is not None]
-            if len(acts) != len(self.layers):
-                raise RuntimeError("a target layer did not run in the forward pass")
-            t = self._check_targets(targets, logits)
-            grads = None
-            if self.uses_gradients:
-                score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
-                grads = list(torch.autograd.grad(score, acts, allow_unused=True))
-                grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads, strict=True)]
-            with torch.no_grad():
-                raw, details = self.compute_layers(images, t, [a.detach() for a in acts], grads, logits.detach())
-                maps = normalize(upsample(raw, (images.shape[-2], images.shape[-1])))
-        finally:
-            self._capturing = False
-            self._acts = [None] * len(self.layers)
-            self.model.train(was_training)
+        with ieee_fp32():  # TF32 off: the explaining pass is fp32 whatever `precision` is
+            try:
+                self._capturing = True
+                with torch.set_grad_enabled(self.uses_gradients):
+                    logits = self.model(images)
+                self._capturing = False
+                acts = [a for a in self._acts if a is not None]
+                if len(acts) != len(self.layers):
+                    raise RuntimeError("a target layer did not run in the forward pass")
+                t = self._check_targets(targets, logits)
+                grads = None
+                if self.uses_gradients:
+                    score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
+                    grads = list(torch.autograd.grad(score, acts, allow_unused=True))
+                    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads, strict=True)]
+                with torch.no_grad():
+                    raw, details = self.compute_layers(images, t, [a.detach() for a in acts], grads, logits.detach())
+                    maps = normalize(upsample(raw, (images.shape[-2], images.shape[-1])))
+            finally:
+                self._capturing = False
+                self._acts = [None] * len(self.layers)
+                self.model.train(was_training)
         return Explanation(maps=maps, targets=t, details=details)
 
     def compute_layers(self, images: Tensor, targets: Tensor, acts: list[Tensor], grads: list[Tensor] | None,

@@ -196,7 +196,8 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, help="default: 4 with a GPU, else the cluster's CPUs / workers")
     p.add_argument("--batch-size", type=int, help="masked inputs per forward (default: 4 CPU, 32 GPU)")
     p.add_argument("--images-per-batch", type=int, help="images explained together (default: 1 CPU, 8 GPU)")
-    p.add_argument("--precision", choices=PRECISIONS, help="masked forwards' precision (default fp32)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the methods' masked forwards (default fp32; fp16 is for CUDA, slow on CPU)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                    help="keep conv weights NCHW (channels_last is on by default)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward-only passes")

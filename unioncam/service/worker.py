@@ -40,7 +40,7 @@ from unioncam.methods import CAM, get_method
 from unioncam.methods.base import default_batch_size
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import load
-from unioncam.ops import normalize
+from unioncam.ops import ieee_fp32, normalize
 from unioncam.service.config import EvalConfig
 from unioncam.service.results import (
     MAP_DTYPE,
@@ -142,7 +142,7 @@ class ShardEvaluator:
 
     def _evaluate_batch(self, batch: list[dict[str, Any]], shard: str, rows: list[Row], maps: list[Row]) -> None:
         x = torch.stack([s["image"] for s in batch]).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_fp32():
             logits = self.model(x)
         n_classes = logits.shape[1]
         if self.cfg.target == "label":
