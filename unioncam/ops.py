@@ -71,33 +71,33 @@ def ieee_fp32() -> Iterator[None]:
         cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
-_warned_cpu_fp16 = False
-
-
-def check_precision(device: torch.device, precision: str) -> Precision:
-    """Validate a precision name for ``device``; fp16 on a CPU warns once.
-
-    fp16 is meant for CUDA. On a CPU it computes with fp16 rounding, so it previews a GPU's fp16
-    results (on the sample photos it moved UnionCAM's Average Drop by 0.05 points, bf16 by 2.1:
-    benchmarks/bench_precision.py), but without native fp16 kernels it is much slower than fp32
-    (13× on AVX-512 without FP16 instructions).
-    """
-    global _warned_cpu_fp16
+def check_precision(precision: str) -> Precision:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError`` naming them."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type == "cpu" and not _warned_cpu_fp16:
-        _warned_cpu_fp16 = True
-        warnings.warn("precision 'fp16' on CPU rounds like a GPU's fp16 but is slow without native fp16 "
-                      "kernels (13x slower than fp32 on AVX-512 without FP16); use 'fp32' for speed on CPU",
-                      RuntimeWarning, stacklevel=3)
     return precision  # type: ignore[return-value]
+
+
+_warned_cpu_fp16 = False
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
     """Forward-only passes at ``precision``: IEEE fp32 (:func:`ieee_fp32`) for "fp32", else autocast
-    to bf16 / fp16 (the ops autocast keeps in fp32 then run in IEEE fp32)."""
-    check_precision(device, precision)
+    to bf16 / fp16 (the ops autocast keeps in fp32 then run in IEEE fp32).
+
+    fp16 is meant for CUDA. On a CPU it computes with fp16 rounding, so it previews a GPU's fp16
+    results (on the sample photos it moved UnionCAM's Average Drop by 0.05 points, bf16 by 2.1:
+    benchmarks/bench_precision.py), but without native fp16 kernels it is much slower than fp32
+    (13× on AVX-512 without FP16 instructions): the first such pass warns.
+    """
+    global _warned_cpu_fp16
+    check_precision(precision)
+    if precision == "fp16" and device.type == "cpu" and not _warned_cpu_fp16:
+        _warned_cpu_fp16 = True
+        warnings.warn("precision 'fp16' on CPU rounds like a GPU's fp16 but is slow without native fp16 "
+                      "kernels (13x slower than fp32 on AVX-512 without FP16); use 'fp32' for speed on CPU",
+                      RuntimeWarning, stacklevel=3)
     with ieee_fp32():
         if precision == "fp32":
             yield

@@ -147,7 +147,7 @@ class CAM(abc.ABC):
         self.batch_size = batch_size or default_batch_size(self.device)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.precision: Precision = check_precision(self.device, precision)
+        self.precision: Precision = check_precision(precision)
         self._capturing = False
         self._closed = False
         self._install_hooks()
