@@ -9,6 +9,8 @@ Everything runs on the same real photos and model (efficientnet_lite0 with its r
 ``--model vgg16`` builds VGG16 with random weights, for its structure). Printed: seconds per image of
 each variant, the ratios, the largest difference between our maps and the plain implementation's,
 and the floor. Needs ``pip install -e .[bench]`` for pytorch-grad-cam (benchmark-only dependency).
+Every variant runs in IEEE fp32 (TF32 off, as ours always does), so on a GPU none of them gains
+from TF32 rounding.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from common import machine, median, photos, random_vgg16_weights, table, timed
 
 import unioncam
 from unioncam.methods.base import find_layer
-from unioncam.ops import clear_black_image_cache, is_constant
+from unioncam.ops import clear_black_image_cache, ieee_fp32, is_constant
 
 
 # -- the plain per-channel UnionCAM (independent of unioncam.methods) ---------------------------------
@@ -213,4 +215,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(__file__))
-    sys.exit(main())
+    with ieee_fp32():
+        code = main()
+    sys.exit(code)

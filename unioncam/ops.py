@@ -60,7 +60,9 @@ def ieee_fp32() -> Iterator[None]:
     PyTorch runs fp32 cuDNN convolutions as TF32 by default (10 mantissa bits, like fp16), so an
     "fp32" VGG16 on an Ampere-or-later GPU would not be fp32. Every explaining pass, masked
     forward and metric forward runs inside this block; reduced precision is asked for with
-    ``precision`` instead. On CPU the flags have no effect.
+    ``precision`` instead. On CPU the flags have no effect. (It sets the legacy ``allow_tf32``
+    flags: torch 2.14 refuses to read them once the newer ``fp32_precision`` API has given cuDNN's
+    conv and RNN different settings, so a caller mixing the two gets that RuntimeError here.)
     """
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = cudnn.allow_tf32, matmul.allow_tf32
