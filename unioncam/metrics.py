@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unioncam.methods.base import batched_probs, default_batch_size, model_device
-from unioncam.ops import Precision
 
 F_ = TypeVar("F_", bound=Callable[..., Any])
 
@@ -61,9 +60,10 @@ def _check_maps(images: Tensor, maps: Tensor) -> None:
         raise ValueError("maps contain NaN or infinite values")
 
 
-def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, batch_size: int | None = None,
-               precision: Precision = "fp32") -> tuple[Tensor, Tensor]:
-    """``(Y, O)`` with ``Y_i = f_c(I0_i)`` and ``O_i = f_c(L_i ⊙ I0_i)``, batched.
+def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
+               batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(Y, O)`` with ``Y_i = f_c(I0_i)`` and ``O_i = f_c(L_i ⊙ I0_i)``, batched, in IEEE fp32 (every
+    metric scores in fp32, so a method's ``precision`` changes its maps only).
 
     Args:
         images: ``B×3×H×W`` in ``[0, 1]``. maps: ``B×H×W`` in ``[0, 1]``. targets: ``B`` classes.
@@ -78,7 +78,7 @@ def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, 
         i = j % b
         return torch.where((j < b)[:, None, None, None], images[i], maps[i][:, None] * images[i])
 
-    probs = batched_probs(model, targets.to(images.device).repeat(2), inputs, 2 * b, size, precision)
+    probs = batched_probs(model, targets.to(images.device).repeat(2), inputs, 2 * b, size)
     return probs[:b], probs[b:]
 
 
@@ -126,20 +126,20 @@ def _auc(curve: Tensor) -> Tensor:
 
 @_metric(MetricInfo("insertion_auc", "Insertion AUC", higher_is_better=True))
 def insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
-                  batch_size: int | None = None, precision: Precision = "fp32") -> Tensor:
+                  batch_size: int | None = None) -> Tensor:
     """Insertion AUC per image; see :func:`insertion_deletion`."""
-    return insertion_deletion(model, images, maps, targets, steps, batch_size, precision)[0]
+    return insertion_deletion(model, images, maps, targets, steps, batch_size)[0]
 
 
 @_metric(MetricInfo("deletion_auc", "Deletion AUC", higher_is_better=False))
 def deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
-                 batch_size: int | None = None, precision: Precision = "fp32") -> Tensor:
+                 batch_size: int | None = None) -> Tensor:
     """Deletion AUC per image; see :func:`insertion_deletion`."""
-    return insertion_deletion(model, images, maps, targets, steps, batch_size, precision)[1]
+    return insertion_deletion(model, images, maps, targets, steps, batch_size)[1]
 
 
 def insertion_deletion(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
-                       batch_size: int | None = None, precision: Precision = "fp32") -> tuple[Tensor, Tensor]:
+                       batch_size: int | None = None) -> tuple[Tensor, Tensor]:
     """RISE insertion and deletion AUCs (Petsiuk et al., 2018), per image.
 
     Pixels are ranked by the map (descending; ties by raster order). At step ``s = 0 … steps`` the
@@ -169,7 +169,7 @@ def insertion_deletion(model: nn.Module, images: Tensor, maps: Tensor, targets: 
         return torch.where(deleting[:, None, None, None], images[i] * (1 - shown), start + shown * (images[i] - start))
 
     t = targets.to(images.device).repeat_interleave(per_image).repeat(2)
-    probs = batched_probs(model, t, inputs, 2 * b * per_image, size, precision).view(2, b, per_image)
+    probs = batched_probs(model, t, inputs, 2 * b * per_image, size).view(2, b, per_image)
     return _auc(probs[0]), _auc(probs[1])
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from unioncam.methods.base import CAM, Details, masked_scores
 from unioncam.methods.score import region_map
-from unioncam.ops import Precision, black_image_probs, normalize, upsample
+from unioncam.ops import black_image_probs, normalize, upsample
 
 Stage = Literal["amd", "amu", "ams"]
 STAGES: tuple[str, ...] = ("amd", "amu", "ams")
@@ -46,34 +46,34 @@ def amd(acts: Tensor, grads: Tensor, size: tuple[int, int], theta: float = 10.0)
 
 
 def amu(model: nn.Module, images: Tensor, targets: Tensor, l_den: Tensor, l_reg: Tensor,
-        batch_size: int, precision: Precision = "fp32") -> tuple[Tensor, Tensor, Tensor]:
+        batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """AMU: ``β_Den``, ``β_Reg`` (eqs. 4, 5) and ``L_DeReg = norm(β_Den·L_Den + β_Reg·L_Reg)`` (eq. 6).
 
-    ``β_X = f_c(L_X ⊙ I0) − f_c(Ib)``; the ``2B`` masked inputs share forward batches.
+    ``β_X = f_c(L_X ⊙ I0) − f_c(Ib)``; the ``2B`` masked inputs share forward batches, in fp32.
 
     Returns:
         ``(l_dereg, beta_den, beta_reg)``.
     """
     b = images.shape[0]
     index = torch.arange(b, device=images.device).repeat(2)
-    probs = masked_scores(model, images, targets, index, torch.cat([l_den, l_reg]), batch_size, precision)
-    betas = probs - black_image_probs(model, images, precision)[targets].repeat(2)
+    probs = masked_scores(model, images, targets, index, torch.cat([l_den, l_reg]), batch_size)
+    betas = probs - black_image_probs(model, images)[targets].repeat(2)
     beta_den, beta_reg = betas[:b].to(l_den.dtype), betas[b:].to(l_den.dtype)
     l_dereg = normalize(beta_den[:, None, None] * l_den + beta_reg[:, None, None] * l_reg)
     return l_dereg, beta_den, beta_reg
 
 
 def ams(model: nn.Module, images: Tensor, targets: Tensor, l_dereg: Tensor, l_reg: Tensor,
-        beta_reg: Tensor, batch_size: int, precision: Precision = "fp32") -> tuple[Tensor, Tensor, Tensor]:
-    """AMS: ``β_DeReg = f_c(L_DeReg ⊙ I0) − f_c(Ib)`` (eq. 7); ``L_DeReg`` if ``β_DeReg > β_Reg``
+        beta_reg: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """AMS: ``β_DeReg = f_c(L_DeReg ⊙ I0) − f_c(Ib)`` (eq. 7, in fp32); ``L_DeReg`` if ``β_DeReg > β_Reg``
     else ``L_Reg`` (eq. 8).
 
     Returns:
         ``(l_union, beta_dereg, chose_dereg)`` with ``chose_dereg`` a boolean tensor.
     """
     index = torch.arange(images.shape[0], device=images.device)
-    probs = masked_scores(model, images, targets, index, l_dereg, batch_size, precision)
-    beta_dereg = (probs - black_image_probs(model, images, precision)[targets]).to(l_dereg.dtype)
+    probs = masked_scores(model, images, targets, index, l_dereg, batch_size)
+    beta_dereg = (probs - black_image_probs(model, images)[targets]).to(l_dereg.dtype)
     chose = beta_dereg > beta_reg
     return torch.where(chose[:, None, None], l_dereg, l_reg), beta_dereg, chose
 

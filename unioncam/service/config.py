@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from unioncam.methods import METHODS, parse_methods
 from unioncam.models import MODELS
-from unioncam.ops import PRECISIONS, Precision
+from unioncam.ops import PRECISIONS, Precision, check_precision
 
 Dataset = Literal["imagenet", "voc"]
 METRIC_NAMES: tuple[str, ...] = ("ad", "ai", "insdel", "epg")
@@ -111,8 +111,10 @@ class EvalConfig:
         bad = [m for m in c.metrics if m not in METRIC_NAMES]
         if bad:
             raise ConfigError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRIC_NAMES)}")
-        if c.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {c.precision!r}; valid: {', '.join(PRECISIONS)}")
+        try:
+            check_precision(c.precision)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if c.target not in ("predicted", "label"):
             raise ConfigError(f"target must be 'predicted' or 'label', got {c.target!r}")
         for name in ("workers", "batch_size", "limit"):
@@ -145,7 +147,7 @@ class EvalConfig:
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
         for key in ("methods", "metrics"):
             if isinstance(clean.get(key), str):
-                clean[key] = _split(clean[key]) if clean[key].lower() != "all" else _default(key)
+                clean[key] = _names(key, clean[key])
         return cls(**clean)
 
     @classmethod
@@ -168,16 +170,15 @@ class EvalConfig:
         given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
         for key in ("methods", "metrics"):
             if key in given:
-                given[key] = _default(key) if given[key].lower() == "all" else _split(given[key])
+                given[key] = _names(key, given[key])
         return dataclasses.replace(base, **given).resolved()
 
 
-def _split(spec: str) -> list[str]:
+def _names(key: str, spec: str) -> list[str]:
+    """``"all"`` (every method / metric) or a comma-separated list of ``key``'s names."""
+    if spec.strip().lower() == "all":
+        return METHODS.names() if key == "methods" else list(METRIC_NAMES)
     return [s.strip() for s in spec.split(",") if s.strip()]
-
-
-def _default(key: str) -> list[str]:
-    return METHODS.names() if key == "methods" else list(METRIC_NAMES)
 
 
 def build_parser(dataset: Dataset) -> argparse.ArgumentParser:

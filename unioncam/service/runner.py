@@ -253,8 +253,8 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
     workers, gpus, cpus = plan_resources(cfg, len(todo))
     log(f"{workers} worker(s), each {gpus:g} GPU and {cpus:g} CPU")
     if gpus > 0 and cfg.precision == "fp32":
-        log("fp32 on GPUs is IEEE fp32 (TF32 off); --precision fp16 is faster and moved Average Drop by "
-            "0.05 points on the sample (README, Performance)")
+        log("fp32 on GPUs is IEEE fp32 (TF32 off); --precision fp16 is faster (its effect on Average Drop: "
+            "README, Performance)")
     actor_cls = ray.remote(ShardWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=cfg.max_restarts,
                                                  max_task_retries=cfg.max_task_retries)
     progress_name = f"unioncam-progress-{manifest.run_id}-{os.getpid()}"

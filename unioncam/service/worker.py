@@ -112,12 +112,12 @@ class ShardEvaluator:
             else:
                 batch.append(record)
             if len(batch) >= self.images_per_batch:
-                self._evaluate_batch(batch, name, rows, maps)
+                self._evaluate_batch(batch, rows, maps)
                 batch = []
             if on_progress is not None and not batch:
                 on_progress(seen)
         if batch:
-            self._evaluate_batch(batch, name, rows, maps)
+            self._evaluate_batch(batch, rows, maps)
         if on_progress is not None:
             on_progress(seen)
         for row in rows:
@@ -140,26 +140,23 @@ class ShardEvaluator:
         row.update(values)
         return row
 
-    def _evaluate_batch(self, batch: list[dict[str, Any]], shard: str, rows: list[Row], maps: list[Row]) -> None:
-        x = torch.stack([s["image"] for s in batch]).to(self.device)
-        with torch.inference_mode(), ieee_fp32():
-            logits = self.model(x)
-        n_classes = logits.shape[1]
-        if self.cfg.target == "label":
-            labels = [s["label"] for s in batch]
-            bad = [s["key"] for s in batch if not 0 <= s["label"] < n_classes]
-            if bad:  # explain the rest; these get error rows
-                keep = [i for i, s in enumerate(batch) if s["key"] not in bad]
-                for s in batch:
-                    if s["key"] in bad:
-                        rows += [self._row(s, m, error=f"label {s['label']} outside the model's {n_classes} classes")
-                                 for m in self.cfg.methods]
-                if keep:
-                    self._evaluate_batch([batch[i] for i in keep], shard, rows, maps)
+    def _evaluate_batch(self, batch: list[dict[str, Any]], rows: list[Row], maps: list[Row]) -> None:
+        if self.cfg.target == "label":  # explain the labels in range; the others get error rows
+            n_classes = len(self.loaded.class_names)
+            for s in batch:
+                if not 0 <= s["label"] < n_classes:
+                    rows += [self._row(s, m, error=f"label {s['label']} outside the model's {n_classes} classes")
+                             for m in self.cfg.methods]
+            batch = [s for s in batch if 0 <= s["label"] < n_classes]
+            if not batch:
                 return
-            targets = torch.tensor(labels, device=self.device)
+        x = torch.stack([s["image"] for s in batch]).to(self.device)
+        if self.cfg.target == "label":
+            targets = torch.tensor([s["label"] for s in batch], device=self.device)
         else:
-            targets = logits.argmax(dim=1)
+            with torch.inference_mode(), ieee_fp32():
+                logits = self.model(x)
+            targets = logits.argmax(dim=1)  # outside inference mode: the methods' backward uses it
         for method, outcome in self._explain_all(x, targets).items():
             self._score(method, batch, x, targets, outcome, rows, maps)
 
