@@ -59,6 +59,16 @@ def test_bad_options_say_what_is_wrong(values, message):
         EvalConfig(**{"shards": "x/*.tar", "out": "o", **values}).resolved()
 
 
+def test_bad_yaml_values_get_config_errors(tmp_path):
+    """A YAML file bypasses argparse's choices: the config itself names the bad value and the valid ones."""
+    with pytest.raises(ConfigError, match=r"unknown precision 'fp8'; valid: fp32, bf16, fp16"):
+        EvalConfig.from_dict({"precision": "fp8"}).resolved()
+    with pytest.raises(ConfigError, match=r"unknown metric\(s\) auc; valid: ad, ai, insdel, epg"):
+        EvalConfig.from_dict({"metrics": "ad, auc"}).resolved()
+    cfg = EvalConfig.from_dict({"methods": " ALL ", "metrics": "all"}).resolved()
+    assert cfg.metrics == ["ad", "ai", "insdel", "epg"] and len(cfg.methods) == 7 and "unioncam" in cfg.methods
+
+
 def test_unknown_yaml_key_is_rejected(tmp_path):
     (tmp_path / "c.yaml").write_text("shard: a.tar\n")
     with pytest.raises(ConfigError, match=r"unknown config key.*shard.*valid:.*shards"):
