@@ -11,7 +11,8 @@ import torch
 from torchvision.models import vgg16
 
 import unioncam
-from unioncam.models import VGG16_FILE, WeightsError, load, sha256_file
+from unioncam.models import VGG16_FILE, WeightsError, load
+from unioncam.storage import sha256 as sha256_file
 from unioncam.viz import load_image
 
 

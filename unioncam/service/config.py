@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from unioncam import storage
 from unioncam.methods import METHODS, parse_methods
 from unioncam.models import MODELS
 from unioncam.ops import PRECISIONS, Precision, check_precision
@@ -35,9 +36,10 @@ class EvalConfig:
 
     Attributes:
         dataset: "imagenet" or "voc" (which label names and box semantics apply).
-        shards: shard list, glob or brace pattern; None: the bundled sample.
-        out: the run directory (``metrics/``, ``maps/``, ``report/``, ``manifest.json``).
-        model / weights: a registered model name and an optional state-dict file.
+        shards: shard list, glob or brace pattern, local or a URI (``s3://bucket/val-*.tar``);
+            None: the bundled sample.
+        out: the run directory, local or a URI (``metrics/``, ``maps/``, ``report/``, ``manifest.json``).
+        model / weights: a registered model name and an optional state-dict file (path or URI).
         methods: method names; metrics: any of ``ad, ai, insdel, epg`` (ad and ai share Y and O).
         workers / gpus_per_worker / cpus_per_worker: None picks from the cluster's resources.
         batch_size: masked inputs per forward (None: 4 on CPU, 32 on GPU).
@@ -127,8 +129,13 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
         if (c.images_per_batch is not None and c.images_per_batch < 1) or c.insdel_steps < 1 or c.overlays < 0:
             raise ConfigError("images_per_batch and insdel_steps must be >= 1, overlays >= 0")
-        if c.weights is not None and not os.path.isfile(c.weights):
-            raise ConfigError(f"weights file not found: {c.weights}")
+        if c.weights is not None:
+            try:
+                found = storage.is_file(c.weights)
+            except OSError as exc:
+                raise ConfigError(f"cannot check the weights file: {exc}") from None
+            if not found:
+                raise ConfigError(f"weights file not found: {storage.redact(c.weights)}")
         return c
 
     def identity(self) -> dict[str, Any]:

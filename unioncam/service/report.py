@@ -9,16 +9,16 @@ Error rows are counted, never averaged.
 from __future__ import annotations
 
 import html
-import json
+import io
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from unioncam import storage
 from unioncam.metrics import summarize
-from unioncam.service.results import provenance_of, read_metrics, read_saliency
+from unioncam.service.results import load_manifest, provenance_of, read_metrics, read_saliency
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table.t{border-collapse:collapse;margin:1em 0;font-size:14px}
@@ -90,7 +90,13 @@ def _class_pivot(per_class: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return table[["class", "n", *present]]
 
 
-def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[str]:
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +115,7 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[str]:
             ax.set_title(f"{title}, 95% bootstrap CI")
             ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
-        fig.savefig(out / "ad_ai.png", dpi=110)
+        storage.write_bytes(storage.join(out, "ad_ai.png"), _png(fig))
         plt.close(fig)
         names.append("ad_ai.png")
     ok = df[df["error"].isna()]
@@ -124,26 +130,26 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[str]:
             ax.set_title(title)
             ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
-        fig.savefig(out / "distributions.png", dpi=110)
+        storage.write_bytes(storage.join(out, "distributions.png"), _png(fig))
         plt.close(fig)
         names.append("distributions.png")
     return names
 
 
-def _overlay_grid(run_dir: Path, df: pd.DataFrame, methods: list[str], shards: dict[str, str | None], count: int,
-                  out: Path) -> str | None:
+def _overlay_grid(run_dir: str, df: pd.DataFrame, methods: list[str], shards: dict[str, str | None], count: int,
+                  out: str) -> str | None:
     """A grid of the first ``count`` error-free images × all methods, if maps and shards
     (``shards``: shard name → tar path) are present."""
     from unioncam.data.shards import iter_samples
     from unioncam.viz import grid, overlay
 
-    if count == 0 or not (run_dir / "maps").is_dir():
+    if count == 0 or not storage.list_files(storage.join(run_dir, "maps"), ".parquet", limit=1):
         return None
     ok = df[df["error"].isna()]
     complete = ok.groupby("key")["method"].nunique()
     keys = sorted(complete[complete == len(methods)].index)[:count]
     wanted = {k: shards.get(df.loc[df["key"] == k, "shard"].iloc[0]) for k in keys}
-    paths = sorted({p for p in wanted.values() if p and os.path.isfile(p)})
+    paths = sorted({p for p in wanted.values() if p and storage.is_file(p)})
     if not keys or not paths:
         return None
     got, meths, maps = read_saliency(run_dir, keys=keys)
@@ -156,7 +162,9 @@ def _overlay_grid(run_dir: Path, df: pd.DataFrame, methods: list[str], shards: d
     if not keys:
         return None
     cells = [[overlay(images[k], lookup[(k, m)]) for m in methods] for k in keys]
-    grid(cells, keys, methods).save(out / "overlays.png")
+    buf = io.BytesIO()
+    grid(cells, keys, methods).save(buf, format="PNG")
+    storage.write_bytes(storage.join(out, "overlays.png"), buf.getvalue())
     return "overlays.png"
 
 
@@ -188,20 +196,22 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_rows: int = 60) -> dict[str, Path]:
-    """Aggregate a run's rows into ``RUN_DIR/report/``; returns the written paths by kind."""
-    run_dir = Path(run_dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_rows: int = 60) -> dict[str, str]:
+    """Aggregate a run's rows into ``RUN_DIR/report/`` (``run_dir`` a folder or a URI, the report is
+    written beside the rows); returns the written locations by kind. Each file is written whole
+    (:func:`unioncam.storage.write_bytes`)."""
+    run_dir = storage.absolute(run_dir)
+    out = storage.join(run_dir, "report")
     df = load_rows(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    manifest = load_manifest(run_dir) if storage.is_file(storage.join(run_dir, "manifest.json")) else {}
     methods = manifest.get("config", {}).get("methods") or list(dict.fromkeys(df["method"]))
     methods = [m for m in methods if m in set(df["method"])]
     summary = summary_table(df, methods)
     per_class = per_class_table(df)
-    summary.to_csv(out / "summary.csv", index=False)
-    per_class.to_csv(out / "per_class.csv", index=False)
-    provs = {f.stem: provenance_of(f) for f in sorted((run_dir / "metrics").glob("*.parquet"))}
+    storage.write_text(storage.join(out, "summary.csv"), summary.to_csv(index=False))
+    storage.write_text(storage.join(out, "per_class.csv"), per_class.to_csv(index=False))
+    provs = {storage.basename(f).removesuffix(".parquet"): provenance_of(f)
+             for f in storage.list_files(storage.join(run_dir, "metrics"), ".parquet")}
     listed = {name: entry.get("path") for name, entry in manifest.get("shards", {}).items()}
     shards = {name: p.get("shard_path") or listed.get(name) for name, p in provs.items()}  # older runs: manifest
     images = _plots(df, summary, out)
@@ -235,7 +245,7 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
           _markdown(shown) + more, ""]
     if len(errors):
         md += ["## Errors", "", _markdown(errors.head(50)), ""]
-    (out / "report.md").write_text("\n".join(md))
+    storage.write_text(storage.join(out, "report.md"), "\n".join(md))
 
     def h(frame: pd.DataFrame) -> str:
         return frame.to_html(index=False, float_format=lambda v: _fmt(v), na_rep="–", border=0, classes="t")
@@ -250,6 +260,6 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
             "<p>Average Drop = 100/N &Sigma; max(0, Y&minus;O)/Y; Average Increase = 100/N &Sigma; 1[Y&lt;O]; "
             f"95% percentile bootstrap CIs. {html.escape(shared)}</p>"
             f"{figures}<h2>Per class: Average Drop (%)</h2>{h(shown)}{html.escape(more)}{error_part}</body></html>")
-    (out / "report.html").write_text(page)
-    return {"summary": out / "summary.csv", "per_class": out / "per_class.csv", "markdown": out / "report.md",
-            "html": out / "report.html"}
+    storage.write_text(storage.join(out, "report.html"), page)
+    return {kind: storage.join(out, name) for kind, name in (
+        ("summary", "summary.csv"), ("per_class", "per_class.csv"), ("markdown", "report.md"), ("html", "report.html"))}

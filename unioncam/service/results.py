@@ -4,22 +4,23 @@
 ``RUN_DIR/maps/<shard>.parquet`` one saliency map per image × method as float16 bytes
 (:data:`MAPS_SCHEMA`; the map's shape and dtype are in the schema metadata). Both carry provenance
 in their schema metadata (``unioncam.*`` keys: schema version, run id, model, weights sha256,
-target layer, input size, precision, library versions). Files are written under a temporary name
-and renamed into place, so a reader never sees half a file and a rerun replaces, never appends.
+target layer, input size, precision, library versions). Each file is written once, whole, under its
+final name (:func:`unioncam.storage.write_bytes`: rename locally, one PUT on object stores), so a
+reader never sees half a file and a rerun replaces, never appends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from unioncam import storage
 
 SCHEMA_VERSION = "1"
 MAP_DTYPE = "float16"
@@ -58,9 +59,9 @@ def with_provenance(schema: pa.Schema, provenance: dict[str, Any]) -> pa.Schema:
     return schema.with_metadata({"unioncam.schema_version": SCHEMA_VERSION, **meta})
 
 
-def provenance_of(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``unioncam.*`` schema metadata of a Parquet file, decoded."""
-    meta = pq.read_schema(path).metadata or {}
+def provenance_of(location: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``unioncam.*`` schema metadata of a Parquet file (local or a URI), decoded."""
+    meta = _parquet_schema(os.fspath(location)).metadata or {}
     out: dict[str, Any] = {}
     for k, v in meta.items():
         key = k.decode()
@@ -73,31 +74,89 @@ def provenance_of(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def replaced_atomically(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block succeeds, rename it onto ``path``
-    (same directory, so readers see the old file or the new one, never half of one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _parquet_schema(location: str) -> pa.Schema:
+    with storage.open_random(location) as handle:
+        return pq.ParquetFile(handle).schema_arrow
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """``path.write_text(text)`` through :func:`replaced_atomically`."""
-    with replaced_atomically(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_atomic(rows: Sequence[dict[str, Any]], schema: pa.Schema, path: str | os.PathLike[str]) -> None:
-    """Write ``rows`` as the Parquet file ``path`` through :func:`replaced_atomically`."""
+def parquet_bytes(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> bytes:
+    """``rows`` as a Parquet file's bytes (validated against ``schema`` by Arrow)."""
     table = pa.Table.from_pylist(list(rows), schema=schema)
-    with replaced_atomically(path) as tmp:
-        pq.write_table(table, tmp)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return bytes(sink.getvalue())
+
+
+def write_parquet(rows: Sequence[dict[str, Any]], schema: pa.Schema, location: str | os.PathLike[str]) -> None:
+    """Write ``rows`` as the Parquet file ``location``, all or nothing (:func:`unioncam.storage.write_bytes`)."""
+    storage.write_bytes(os.fspath(location), parquet_bytes(rows, schema))
+
+
+def read_parquet(location: str, schema: pa.Schema | None = None) -> pa.Table:
+    """One Parquet file, local or on an object store."""
+    with storage.open_random(location) as handle:
+        return pq.read_table(handle, schema=schema)
+
+
+def load_manifest(run_dir: str) -> dict[str, Any]:
+    """``RUN_DIR/manifest.json``, checked for the fields every reader relies on.
+
+    Raises:
+        ValueError: the file is not JSON or lacks/garbles ``run_id``, ``config`` or ``shards``
+            (the message names the file and the field).
+    """
+    location = storage.join(run_dir, "manifest.json")
+    shown = storage.redact(location)
+    try:
+        data = json.loads(storage.read_text(location))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{shown} is not valid JSON ({exc}); restore it or use a new --out") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{shown} is not a run manifest (a JSON {type(data).__name__})")
+    for key, kind in (("run_id", str), ("config", dict), ("shards", dict)):
+        if not isinstance(data.get(key), kind):
+            raise ValueError(f"{shown}: '{key}' is missing or not a {kind.__name__}; restore it or use a new --out")
+    for name, entry in data["shards"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str) or not all(
+                isinstance(entry.get(k, 0), int) and not isinstance(entry.get(k, 0), bool)
+                for k in ("images", "rows", "maps", "errors", "attempts")):
+            raise ValueError(f"{shown}: the entry of shard {name!r} is malformed; restore it or use a new --out")
+    return data
+
+
+def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], save_maps: bool) -> str | None:
+    """None when shard ``name``'s files are complete and this run's, else what is wrong (one line).
+
+    A shard is finished when ``metrics/<name>.parquet`` opens, carries ``run_id`` and
+    :data:`SCHEMA_VERSION`, has every column of :data:`METRICS_SCHEMA` and the row count the manifest
+    recorded (``entry["rows"]``), and, when maps are saved, ``maps/<name>.parquet`` passes the same
+    checks against :data:`MAPS_SCHEMA` (``entry["maps"]`` rows). Resume and ``unioncam verify`` use this.
+    """
+    checks = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
+    if save_maps:
+        checks.append(("maps", MAPS_SCHEMA, entry.get("maps")))
+    for folder, schema, rows in checks:
+        location = storage.join(run_dir, folder, f"{name}.parquet")
+        try:
+            with storage.open_random(location) as handle:
+                meta = pq.ParquetFile(handle).metadata
+                kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+                arrow = pq.ParquetFile(handle).schema_arrow
+        except FileNotFoundError:
+            return f"{folder}/{name}.parquet is missing"
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            return f"{folder}/{name}.parquet is damaged ({type(exc).__name__}: {str(exc)[:200]})"
+        owner = kv.get("unioncam.run_id")
+        if owner != run_id:
+            return f"{folder}/{name}.parquet belongs to run {owner!r}, not {run_id!r}"
+        if kv.get("unioncam.schema_version") != SCHEMA_VERSION:
+            return f"{folder}/{name}.parquet has schema version {kv.get('unioncam.schema_version')!r}"
+        missing = [f.name for f in schema if f.name not in arrow.names]
+        if missing:
+            return f"{folder}/{name}.parquet lacks columns {missing[:5]}"
+        if rows is not None and meta.num_rows != rows:
+            return f"{folder}/{name}.parquet has {meta.num_rows} rows, the manifest recorded {rows}"
+    return None
 
 
 def encode_map(saliency: np.ndarray) -> bytes:
@@ -106,11 +165,12 @@ def encode_map(saliency: np.ndarray) -> bytes:
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> pa.Table:
-    """Every metrics row of a run (all shards), as one Arrow table."""
-    files = sorted(Path(run_dir, "metrics").glob("*.parquet"))
+    """Every metrics row of a run (all shards; ``run_dir`` a folder or a URI), as one Arrow table."""
+    run_dir = os.fspath(run_dir)
+    files = storage.list_files(storage.join(run_dir, "metrics"), ".parquet")
     if not files:
-        raise FileNotFoundError(f"no metrics/*.parquet under {run_dir}: has the job run there?")
-    return pa.concat_tables([pq.read_table(f, schema=METRICS_SCHEMA) for f in files])
+        raise FileNotFoundError(f"no metrics/*.parquet under {storage.redact(run_dir)}: has the job run there?")
+    return pa.concat_tables([read_parquet(f, METRICS_SCHEMA) for f in files])
 
 
 def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
@@ -118,7 +178,7 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
     """Saliency maps of a run, for downstream studies.
 
     Args:
-        run_dir: the job's ``--out``.
+        run_dir: the job's ``--out`` (a folder or a URI such as ``s3://bucket/run``).
         method: keep only this method (None: all).
         keys: keep only these image keys (None: all).
     Returns:
@@ -128,15 +188,16 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
         FileNotFoundError: the run has no maps (or was run with ``--no-maps``).
         KeyError: some requested keys have no map (the message lists a few).
     """
-    files = sorted(Path(run_dir, "maps").glob("*.parquet"))
+    run_dir = os.fspath(run_dir)
+    files = storage.list_files(storage.join(run_dir, "maps"), ".parquet")
     if not files:
-        raise FileNotFoundError(f"no maps/*.parquet under {run_dir} (run without --no-maps)")
+        raise FileNotFoundError(f"no maps/*.parquet under {storage.redact(run_dir)} (run without --no-maps)")
     wanted = None if keys is None else set(keys)
     found: list[tuple[str, str, np.ndarray]] = []
     for f in files:
         meta = provenance_of(f)
         shape = tuple(meta["map_shape"])
-        table = pq.read_table(f, schema=MAPS_SCHEMA)
+        table = read_parquet(f, MAPS_SCHEMA)
         for key, meth, blob in zip(*(table.column(c).to_pylist() for c in ("key", "method", "map")), strict=True):
             if (method is None or meth == method) and (wanted is None or key in wanted):
                 found.append((key, meth, np.frombuffer(blob, dtype=meta.get("map_dtype", MAP_DTYPE)).reshape(shape)))

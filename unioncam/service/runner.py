@@ -14,27 +14,29 @@ import contextlib
 import json
 import os
 import re
+import socket
 import sys
 import tarfile
 import time
 import uuid
 from collections import deque
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import ray
 
+from unioncam import storage
 from unioncam.data.sample import write_sample_shards
-from unioncam.data.shards import IMAGE_EXTS, MANIFEST, expand_shards
-from unioncam.models import sha256_file
+from unioncam.data.shards import IMAGE_EXTS, MANIFEST, expand_shards, member_key, shard_name
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig
-from unioncam.service.results import write_text_atomic
-from unioncam.service.worker import ShardWorker, shard_name
+from unioncam.service.results import load_manifest, verify_shard
+from unioncam.service.worker import ShardWorker
 
 RUN_FORMAT = "unioncam-run/1"
 LOOPBACK = ("127.0.0.1", "localhost")
+LOCK_HEARTBEAT = 30.0
+LOCK_STALE = 300.0
 
 
 class WorkerStartError(RuntimeError):
@@ -88,42 +90,53 @@ class ProgressLine:
 
 
 def shard_counts(paths: list[str]) -> dict[str, int]:
-    """Images per shard, from the shard set's ``manifest.json`` when present, else the tar headers."""
+    """Images per shard, from the shard set's ``manifest.json`` when present, else the tar headers
+    (streamed: for object stores without a manifest this reads every shard once more)."""
     listed: dict[str, int] = {}
-    for folder in {Path(p).parent for p in paths}:
-        if (folder / MANIFEST).is_file():
-            try:
-                for s in json.loads((folder / MANIFEST).read_text()).get("shards", []):
-                    listed[str(folder / s["name"])] = int(s["count"])
-            except (ValueError, KeyError, TypeError):
-                pass
+    for folder in {storage.parent(p) for p in paths}:
+        location = storage.join(folder, MANIFEST)
+        try:
+            if storage.is_file(location):
+                for s in json.loads(storage.read_text(location)).get("shards", []):
+                    listed[storage.join(folder, s["name"])] = int(s["count"])
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            pass
     out = {}
     for path in paths:
         if path in listed:
             out[path] = listed[path]
             continue
         try:
-            with tarfile.open(path, "r:") as tar:
-                keys = {m.name.split("/")[-1].partition(".")[0] for m in tar
-                        if m.name.rpartition(".")[2].lower() in IMAGE_EXTS}
+            with storage.open_input(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                keys = {member_key(m.name)[0] for m in tar if member_key(m.name)[1] in IMAGE_EXTS}
             out[path] = len(keys)
-        except (tarfile.TarError, OSError):
-            out[path] = 0  # damaged; the worker reports what it can read
+        except (tarfile.TarError, OSError, EOFError):
+            out[path] = 0  # damaged or unreadable; the worker reports what it can read
     return out
 
 
 class RunManifest:
-    """``RUN_DIR/manifest.json``: config identity, provenance, and each shard's status."""
+    """``RUN_DIR/manifest.json``: config identity, provenance, and each shard's status.
 
-    def __init__(self, out: Path, identity: dict[str, Any]) -> None:
-        self.path = out / "manifest.json"
+    Only the driver writes it. A finished shard is one the manifest lists as done *and* whose files
+    pass :func:`unioncam.service.results.verify_shard` (they open, carry this run's id and schema
+    version, have the expected columns and row count, and the maps file exists when maps are saved).
+    """
+
+    def __init__(self, out: str, identity: dict[str, Any]) -> None:
+        self.out = out
+        self.path = storage.join(out, "manifest.json")
         self.data: dict[str, Any]
-        if self.path.is_file():
-            self.data = json.loads(self.path.read_text())
+        if storage.is_file(self.path):
+            self.data = load_manifest(out)
             if self.data.get("config") != identity:
                 old, new = self.data.get("config", {}), identity
                 diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-                raise ConfigError(f"{out} holds a run with other settings ({diff}); use a new --out")
+                if any(s.get("status") == "done" for s in self.data["shards"].values()):
+                    raise ConfigError(f"{storage.redact(out)} holds a run with other settings ({diff}); "
+                                      "use a new --out")
+                log(f"no shard of {storage.redact(out)} is done yet: taking the new settings ({diff})")
+                self.data["config"] = identity
         else:
             self.data = {"format": RUN_FORMAT, "run_id": uuid.uuid4().hex[:12],
                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": identity, "shards": {}}
@@ -132,9 +145,14 @@ class RunManifest:
     def run_id(self) -> str:
         return str(self.data["run_id"])
 
-    def is_done(self, name: str, out: Path) -> bool:
-        entry = self.data["shards"].get(name, {})
-        return entry.get("status") == "done" and (out / "metrics" / f"{name}.parquet").is_file()
+    def check_done(self, name: str, save_maps: bool) -> str | None:
+        """None when shard ``name`` is finished, else why it must be (re)done."""
+        entry = self.data["shards"].get(name)
+        if not entry:
+            return "not started"
+        if entry.get("status") != "done":
+            return f"{entry.get('status', 'unknown')} before"
+        return verify_shard(self.out, name, self.run_id, entry, save_maps)
 
     def record(self, name: str, **entry: Any) -> None:
         previous = self.data["shards"].get(name, {})
@@ -150,7 +168,65 @@ class RunManifest:
             "images": sum(s.get("images", 0) for s in shards if s["status"] == "done"),
             "error_rows": sum(s.get("errors", 0) for s in shards if s["status"] == "done")}
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        storage.write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+
+class RunLock:
+    """``RUN_DIR/lock.json``: at most one driver per run directory (a second one is refused).
+
+    Created exclusively (``O_EXCL`` locally, a conditional PUT on S3/GCS). The holder rewrites it
+    every :data:`LOCK_HEARTBEAT` seconds; a lock whose holder is a dead process on this host, or whose
+    heartbeat is older than :data:`LOCK_STALE` seconds (a driver killed on another machine), is taken
+    over. It is removed when the run ends, however it ends.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.path = storage.join(out, "lock.json")
+        self.out = out
+        self.beat = 0.0
+
+    def _content(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
+                           "heartbeat": time.time()}).encode()
+
+    def acquire(self) -> None:
+        self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if storage.create_exclusive(self.path, self._content()):
+            self.beat = time.monotonic()
+            return
+        try:
+            held = json.loads(storage.read_text(self.path))
+            host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
+        except (OSError, ValueError, KeyError, TypeError):
+            held, host, pid, beat = {}, "?", -1, 0.0
+        dead_here = host == socket.gethostname() and pid > 0 and not _alive(pid)
+        if held and not dead_here and time.time() - beat < LOCK_STALE:
+            raise ConfigError(
+                f"another driver is running on {storage.redact(self.out)} (host {host}, pid {pid}, since "
+                f"{held.get('since')}); wait for it to finish, or delete {storage.redact(self.path)} if it is gone")
+        log(f"taking over a stale lock on {storage.redact(self.out)} (host {host}, pid {pid})")
+        storage.delete(self.path)
+        if not storage.create_exclusive(self.path, self._content()):
+            raise ConfigError(f"another driver took {storage.redact(self.path)} just now; only one may run")
+        self.beat = time.monotonic()
+
+    def heartbeat(self) -> None:
+        if time.monotonic() - self.beat >= LOCK_HEARTBEAT:
+            storage.write_bytes(self.path, self._content())
+            self.beat = time.monotonic()
+
+    def release(self) -> None:
+        storage.delete(self.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def connect(address: str | None) -> None:
@@ -185,14 +261,16 @@ def plan_resources(cfg: EvalConfig, n_shards: int) -> tuple[int, float, float]:
 
 
 def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int]]:
-    """Shard paths (building the sample when it is the target and missing) and images per shard."""
+    """Shard locations (building the sample when it is the target and missing) and images per shard."""
     if cfg.is_sample and not list(SAMPLE_DIR.glob(f"{cfg.dataset}/*.tar")):
         log(f"building the bundled sample shards under {SAMPLE_DIR}/")
         write_sample_shards(SAMPLE_DIR)
     try:
-        paths = expand_shards(cfg.shards or "")
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
+        paths = [storage.absolute(p) for p in expand_shards(cfg.shards or "")]
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot list the shards: {exc}") from None
     names = [shard_name(p) for p in paths]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -208,31 +286,57 @@ def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int]]:
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every shard of ``cfg`` (resolved) on Ray; returns the run manifest.
 
+    ``cfg.out`` and the shards may be local paths or URIs (``s3://...``); relative local paths are
+    made absolute before anything is sent to workers (other cwd, other node).
+
     Raises:
-        ConfigError: bad options, no shards, or ``out`` holding a run with other settings.
+        ConfigError: bad options, no shards, ``out`` holding a run with other settings, or another
+            driver running on ``out``.
         WorkerStartError: workers cannot start (bad weights, unknown layer...).
     """
-    out = Path(cfg.out or ".").absolute()
-    cfg = replace(cfg, out=str(out))  # workers may run elsewhere (other cwd, other node)
+    out = storage.absolute(cfg.out or ".")
+    if not storage.is_uri(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file, not a run directory")
+    weights = storage.absolute(cfg.weights) if cfg.weights else None
+    cfg = replace(cfg, out=out, weights=weights)
     paths, counts = prepare(cfg)
-    paths = [os.path.abspath(p) for p in paths]
-    counts = {os.path.abspath(p): n for p, n in counts.items()}
-    sha = sha256_file(cfg.weights) if cfg.weights else None
+    sha = storage.sha256(weights) if weights else None
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        return _run_locked(cfg, out, paths, counts, sha, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, int], sha: str | None,
+                lock: RunLock) -> dict[str, Any]:
+    shown = storage.redact(out)
     manifest = RunManifest(out, {**cfg.identity(), "weights_sha256": sha})
     limits = {p: (counts[p] if cfg.limit is not None else None) for p in paths}
-    todo = [p for p in paths if not manifest.is_done(shard_name(p), out) and limits[p] != 0]
+    todo = []
+    for p in paths:
+        if limits[p] == 0:
+            continue
+        why = manifest.check_done(shard_name(p), cfg.save_maps)
+        if why is not None:
+            todo.append(p)
+            if manifest.data["shards"].get(shard_name(p), {}).get("status") == "done":
+                log(f"redoing {shard_name(p)}: {why}")
     skipped = len(paths) - len(todo)
     total = sum(counts.values())
     already = sum(counts[p] for p in paths if p not in todo)
     log(f"run {manifest.run_id}: {len(paths)} shards ({total} images), {skipped} already done; "
         f"model {cfg.model}, methods {', '.join(cfg.methods)}, metrics {', '.join(cfg.metrics)}, "
-        f"precision {cfg.precision}; out {out}")
+        f"precision {cfg.precision}; out {shown}")
     manifest.save()
     if todo:
         connect(cfg.address)
-        _schedule(cfg, manifest, todo, limits, ProgressLine(total, len(paths), already, cfg.progress_interval))
-    with contextlib.suppress(OSError):
-        (out / "running").rmdir()  # only when empty: a marker left means a worker was killed mid-shard
+        _schedule(cfg, manifest, todo, limits, counts, lock,
+                  ProgressLine(total, len(paths), already, cfg.progress_interval))
+    if not storage.is_uri(out):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(out, "running"))  # only when empty: a marker left means a worker was killed
     failed = sorted(n for n, s in manifest.data["shards"].items() if s["status"] == "failed")
     log(f"done: {manifest.data['counts']['shards_done']}/{len(paths)} shards, {manifest.data['counts']['images']} "
         f"images, {manifest.data['counts']['error_rows']} error rows"
@@ -242,14 +346,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
         try:
             paths_out = write_report(out, overlays=cfg.overlays)
-            log(f"report: {paths_out['html']}")
-        except Exception as exc:  # the rows are safe on disk; the report can be redone with `unioncam report`
-            log(f"report failed ({type(exc).__name__}: {exc}); rerun `unioncam report {out}`")
+            log(f"report: {storage.redact(paths_out['html'])}")
+        except Exception as exc:  # the rows are safe; the report can be redone with `unioncam report`
+            log(f"report failed ({type(exc).__name__}: {exc}); rerun `unioncam report {shown}`")
     return manifest.data
 
 
 def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: dict[str, int | None],
-              line: ProgressLine) -> None:
+              counts: dict[str, int], lock: RunLock, line: ProgressLine) -> None:
     workers, gpus, cpus = plan_resources(cfg, len(todo))
     log(f"{workers} worker(s), each {gpus:g} GPU and {cpus:g} CPU")
     if gpus > 0 and cfg.precision == "fp32":
@@ -266,11 +370,11 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
     def submit(i: int) -> None:
         if pending:
             path = pending.popleft()
-            inflight[actors[i].run.remote(path, limits[path])] = (i, path)
+            inflight[actors[i].run.remote(path, limits[path], counts.get(path))] = (i, path)
 
     for i in range(workers):
         submit(i)
-    counts = {"done": 0, "failed": 0}
+    tally = {"done": 0, "failed": 0}
     try:
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(cfg.progress_interval, 5.0))
@@ -279,20 +383,22 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                 name = shard_name(path)
                 try:
                     result = ray.get(ref)
-                    manifest.record(name, status="done", path=path, **result)
-                    counts["done"] += 1
+                    manifest.record(name, status="done", path=storage.redact(path), **result)
+                    tally["done"] += 1
                 except ray.exceptions.RayActorError as exc:
                     if "creation task" in str(exc):
                         raise WorkerStartError(f"a worker could not start: {_reason(exc)}") from None
-                    manifest.record(name, status="failed", path=path, error=f"worker died: {_reason(exc)}")
-                    counts["failed"] += 1
+                    manifest.record(name, status="failed", path=storage.redact(path),
+                                    error=f"worker died: {_reason(exc)}")
+                    tally["failed"] += 1
                     ray.kill(actors[i], no_restart=True)
                     actors[i] = actor_cls.remote(cfg, manifest.run_id, progress_name)
                 except ray.exceptions.RayTaskError as exc:
-                    manifest.record(name, status="failed", path=path, error=_reason(exc))
-                    counts["failed"] += 1
+                    manifest.record(name, status="failed", path=storage.redact(path), error=_reason(exc))
+                    tally["failed"] += 1
                 submit(i)
-            line.show(ray.get(progress.total.remote()), counts["done"], counts["failed"], force=bool(ready))
+            line.show(ray.get(progress.total.remote()), tally["done"], tally["failed"], force=bool(ready))
+            lock.heartbeat()
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
@@ -303,8 +409,7 @@ def _reason(exc: BaseException) -> str:
     """The root cause of a Ray error, on one line."""
     cause = getattr(exc, "cause", None)
     text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(exc)
-    text = re.sub(r"\s+", " ", text).strip()
-    return text[:500]
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def main(argv: list[str] | None, dataset: str) -> int:
@@ -312,9 +417,10 @@ def main(argv: list[str] | None, dataset: str) -> int:
     failed (rerun to retry), 2 on bad options."""
     try:
         cfg = EvalConfig.from_argv(argv, dataset)  # type: ignore[arg-type]
-        log(f"config: {json.dumps({k: v for k, v in asdict(cfg).items() if v is not None}, sort_keys=True)}")
+        shown = {k: storage.redact(v) if isinstance(v, str) else v for k, v in asdict(cfg).items() if v is not None}
+        log(f"config: {json.dumps(shown, sort_keys=True)}")
         manifest = run(cfg)
-    except (ConfigError, WorkerStartError, ValueError) as exc:
+    except (ConfigError, WorkerStartError, ValueError, OSError) as exc:
         print(f"unioncam: error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 1 if manifest["counts"]["shards_failed"] else 0

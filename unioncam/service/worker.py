@@ -26,7 +26,6 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,8 @@ import torch
 from torch import Tensor
 
 import unioncam
-from unioncam.data.shards import iter_samples
+from unioncam import storage
+from unioncam.data.shards import iter_samples, shard_name
 from unioncam.data.voc import VOC_CLASSES
 from unioncam.methods import CAM, get_method
 from unioncam.methods.base import default_batch_size
@@ -48,16 +48,11 @@ from unioncam.service.results import (
     METRICS_SCHEMA,
     encode_map,
     with_provenance,
-    write_atomic,
-    write_text_atomic,
+    write_parquet,
 )
 
 Row = dict[str, Any]
-
-
-def shard_name(path: str | os.PathLike[str]) -> str:
-    """Output stem of a shard: its file name without ``.tar``."""
-    return os.path.basename(os.fspath(path)).removesuffix(".tar")
+MARKER_INTERVAL = 5.0  # seconds between updates of running/<shard>.json
 
 
 def _error_text(exc: BaseException) -> str:
@@ -93,10 +88,17 @@ class ShardEvaluator:
             cam.remove_hooks()
 
     # -- one shard -------------------------------------------------------------------------------
-    def evaluate(self, shard: str, out: str | os.PathLike[str], limit: int | None = None,
-                 on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    def evaluate(self, shard: str, out: str, limit: int | None = None,
+                 on_progress: Callable[[int], None] | None = None, expected: int | None = None) -> dict[str, Any]:
         """Evaluate the first ``limit`` samples of ``shard``; write ``out/metrics/<name>.parquet``
-        (and ``out/maps/<name>.parquet``). Returns counts: images, errors (rows), rows, seconds."""
+        (and ``out/maps/<name>.parquet``; ``out`` a folder or a URI). ``expected``: the sample count
+        the shard set's manifest lists; a shard that holds fewer gets an error record saying so.
+        Returns counts: images, errors (rows), rows, seconds.
+
+        Raises:
+            storage.StorageError: the shard could not be read (I/O, after retries): nothing is
+                written, and the shard stays retryable.
+        """
         start = time.perf_counter()
         name = shard_name(shard)
         rows: list[Row] = []
@@ -118,18 +120,22 @@ class ShardEvaluator:
                 on_progress(seen)
         if batch:
             self._evaluate_batch(batch, rows, maps)
+        want = expected if limit is None else min(expected, limit) if expected is not None else None
+        if want is not None and seen < want:
+            record = {"key": f"{name}:missing", "shard": name,
+                      "error": f"the shard ends after {seen} samples; its manifest lists {want}"}
+            rows += [self._row(record, m, error=record["error"]) for m in self.cfg.methods]
         if on_progress is not None:
             on_progress(seen)
         for row in rows:
             row["shard"] = name
-        out = Path(out)
-        prov = {**self.provenance, "shard_path": os.path.abspath(shard)}
+        prov = {**self.provenance, "shard_path": storage.redact(storage.absolute(shard))}
         if self.cfg.save_maps:
             meta = {**prov, "map_shape": list(self.size), "map_dtype": MAP_DTYPE}
-            write_atomic(maps, with_provenance(MAPS_SCHEMA, meta), out / "maps" / f"{name}.parquet")
-        write_atomic(rows, with_provenance(METRICS_SCHEMA, prov), out / "metrics" / f"{name}.parquet")
-        return {"images": seen, "rows": len(rows), "errors": sum(r["error"] is not None for r in rows),
-                "seconds": time.perf_counter() - start}
+            write_parquet(maps, with_provenance(MAPS_SCHEMA, meta), storage.join(out, "maps", f"{name}.parquet"))
+        write_parquet(rows, with_provenance(METRICS_SCHEMA, prov), storage.join(out, "metrics", f"{name}.parquet"))
+        return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0,
+                "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start}
 
     def _row(self, sample: dict[str, Any], method: str, **values: Any) -> Row:
         label = sample.get("label")
@@ -271,25 +277,32 @@ class ShardWorker:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.evaluator = ShardEvaluator(cfg, device, run_id)
         self.progress = ray.get_actor(progress) if progress else None  # a name: handles in args break restarts
-        self.out = Path(cfg.out or ".")
+        self.out = cfg.out or "."
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: pid, host, Ray node, GPU ids, torch device, threads."""
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": self.node_id,
                 "gpu_ids": self.gpu_ids, "device": str(self.evaluator.device), "threads": torch.get_num_threads()}
 
-    def run(self, shard: str, limit: int | None) -> dict[str, Any]:
-        """Evaluate one shard; a marker in ``out/running/`` says who works on it until it is done."""
+    def run(self, shard: str, limit: int | None, expected: int | None = None) -> dict[str, Any]:
+        """Evaluate one shard; a marker in ``out/running/`` says who works on it until it ends
+        (removed however it ends; one left behind means the worker process was killed)."""
         name = shard_name(shard)
-        marker = self.out / "running" / f"{name}.json"
+        marker = storage.join(self.out, "running", f"{name}.json")
         info = self.info()
+        last = [0.0]
 
         def progress(done: int) -> None:
-            write_text_atomic(marker, json.dumps({**info, "shard": name, "done": done}))
             if self.progress is not None:
                 self.progress.update.remote(name, done)
+            now = time.monotonic()
+            if now - last[0] >= MARKER_INTERVAL or done == 0:  # one small PUT at most every few seconds
+                last[0] = now
+                storage.write_text(marker, json.dumps({**info, "shard": name, "done": done}))
 
-        progress(0)
-        result = self.evaluator.evaluate(shard, self.out, limit, progress)
-        marker.unlink(missing_ok=True)
+        try:
+            progress(0)
+            result = self.evaluator.evaluate(shard, self.out, limit, progress, expected)
+        finally:
+            storage.delete(marker)
         return {**result, "worker": info}

@@ -1,0 +1,218 @@
+"""unioncam.storage and everything built on it, against a real S3 endpoint (moto's server on 127.0.0.1).
+
+No Ray here (tests/test_s3.py runs the job end to end on the session cluster): shards are written to
+and streamed from s3://, a shard's rows and maps are written to s3:// by the evaluator, read back
+with read_metrics / read_saliency, reported, verified; faults come from a proxy that answers 500 or
+cuts a response short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+
+import numpy as np
+import pytest
+import torch
+from s3_server import SECRET, environment, s3_server
+from service_data import make_shards
+
+from unioncam import read_saliency, storage
+from unioncam.cli import main as cli
+from unioncam.data.shards import expand_shards, iter_samples, write_shards
+from unioncam.service import EvalConfig, read_metrics
+from unioncam.service.config import ConfigError
+from unioncam.service.report import write_report
+from unioncam.service.results import load_manifest, verify_shard
+from unioncam.service.runner import RunLock
+from unioncam.service.worker import ShardEvaluator
+
+BUCKET = "unioncam-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture
+def env(s3, monkeypatch):
+    """The AWS variables pointing at moto (directly), fast retries."""
+    monkeypatch.setattr(storage, "BACKOFF", 0.01)
+    s3.faults.match, s3.faults.fail, s3.faults.cut_after = "", 0, 0
+    with environment(s3.env()):
+        yield s3
+
+
+@pytest.fixture
+def proxied(s3, monkeypatch):
+    """Like ``env`` but through the fault proxy (2 retries of ours; pyarrow's client retries too)."""
+    monkeypatch.setattr(storage, "BACKOFF", 0.01)
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    s3.faults.match, s3.faults.fail, s3.faults.cut_after = "", 0, 0
+    s3.faults.seen.clear()
+    with environment(s3.env(through_proxy=True)):
+        yield s3
+
+
+def upload_tree(local_root, uri_root):
+    for dirpath, _, files in os.walk(local_root):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), local_root)
+            with open(os.path.join(dirpath, f), "rb") as handle:
+                storage.write_bytes(storage.join(uri_root, rel), handle.read())
+
+
+# -- the storage layer ---------------------------------------------------------------------------
+def test_local_write_is_atomic_and_exclusive_create(tmp_path):
+    target = str(tmp_path / "a" / "f.bin")
+    storage.write_bytes(target, b"one")
+    storage.write_bytes(target, b"two")
+    assert storage.read_bytes(target) == b"two" and os.listdir(tmp_path / "a") == ["f.bin"]  # no temporary left
+    lock = str(tmp_path / "lock")
+    assert storage.create_exclusive(lock, b"x") and not storage.create_exclusive(lock, b"y")
+    assert storage.read_bytes(lock) == b"x"
+
+
+def test_redact_masks_credentials_in_uris():
+    assert storage.redact("s3://AKIA:sekret@bucket/x") == "s3://***@bucket/x"
+    assert storage.redact("ray://admin:secret@host:10001") == "ray://***@host:10001"
+    assert storage.redact("https://h/x?X-Amz-Credential=abc&token=def&n=1") == \
+        "https://h/x?X-Amz-Credential=***&token=***&n=1"
+    assert storage.redact("/plain/path") == "/plain/path"
+
+
+def test_glob_and_braces_select_the_same_files_on_s3_as_locally(env, tmp_path):
+    names = ["val-000000.tar", "val-000001.tar", "val-000002.tar", "train-000000.tar", ".hidden.tar",
+             "sub/val-000003.tar", "sub/deep/val-000004.tar", "val-000001.tar.idx"]
+    for n in names:
+        (tmp_path / "d" / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / n).write_bytes(n.encode())
+    upload_tree(tmp_path / "d", f"s3://{BUCKET}/glob")
+    for pattern in ("*.tar", "val-*.tar", "val-00000[12].tar", "val-{000000..000002}.tar", "*/val-*.tar",
+                    "sub/*/*.tar", "?al-000000.tar", "val-{000001..000001}.tar", "*"):
+        local = [os.path.relpath(p, tmp_path / "d") for p in expand_shards(str(tmp_path / "d" / pattern))]
+        remote = [p.removeprefix(f"s3://{BUCKET}/glob/") for p in expand_shards(f"s3://{BUCKET}/glob/{pattern}")]
+        assert remote == local, pattern
+    with pytest.raises(FileNotFoundError, match=re.escape(f"s3://{BUCKET}/glob/nothing-*.tar")):
+        expand_shards(f"s3://{BUCKET}/glob/nothing-*.tar")
+    with pytest.raises(ValueError, match="reversed brace range"):
+        expand_shards(f"s3://{BUCKET}/glob/val-{{000002..000000}}.tar")
+
+
+def test_bad_locations_get_one_line_errors_without_the_secret(env):
+    with pytest.raises(storage.StorageError, match=re.escape("no filesystem for nosuch://")) as info:
+        storage.read_bytes("nosuch://bucket/x")
+    assert "\n" not in str(info.value)
+    with pytest.raises(OSError, match="no-such-bucket-uc") as info:
+        storage.list_files("s3://no-such-bucket-uc/x")
+    assert SECRET not in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="missing.tar"):
+        storage.read_bytes(f"s3://{BUCKET}/missing.tar")
+    assert main_error(["report", f"s3://{BUCKET}/no-run"]).startswith("unioncam: error: s3://")
+
+
+def main_error(argv):
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli(argv) == 2
+    return err.getvalue().strip()
+
+
+def test_transient_500s_are_retried_and_a_cut_stream_resumes(proxied, tmp_path):
+    s3 = proxied
+    shard = tmp_path / "s"
+    make_shards(shard, 6, 6)
+    write_shards_uri = f"s3://{BUCKET}/retry"
+    upload_tree(shard, write_shards_uri)
+    uri = f"{write_shards_uri}/t-000000.tar"
+    local = [(r["key"], r["label"]) for r in iter_samples(str(shard / "t-000000.tar"), (32, 32))]
+
+    s3.faults.match, s3.faults.fail = "retry/t-000000.tar", 2  # the first two requests answer 500
+    assert [(r["key"], r["label"]) for r in iter_samples(uri, (32, 32))] == local
+    assert s3.faults.seen.count("GET 500") + s3.faults.seen.count("HEAD 500") == 2
+
+    s3.faults.seen.clear()
+    s3.faults.match, s3.faults.fail, s3.faults.cut_after = "retry/t-000000.tar", 0, 5000  # drop mid-body once
+    assert [(r["key"], r["label"]) for r in iter_samples(uri, (32, 32))] == local
+    assert "GET cut" in s3.faults.seen and s3.faults.seen.count("GET ok") >= 1
+
+    s3.faults.match, s3.faults.fail = "retry/t-000000.tar", -1  # never recovers: raised, not recorded
+    with pytest.raises(storage.StorageError, match=re.escape(uri)) as info:
+        list(iter_samples(uri, (32, 32)))
+    assert SECRET not in str(info.value)
+    s3.faults.fail = 0
+
+
+def test_a_shard_on_s3_reads_like_the_same_shard_on_disk(env, tmp_path):
+    make_shards(tmp_path / "local", 5, 5, boxes=True)
+    write_shards_out = f"s3://{BUCKET}/written"
+    from service_data import photo_bytes
+
+    from unioncam.data.shards import Sample
+
+    samples = [Sample(k, d, "jpg", i % 10, {"boxes": [[20.0, 16.0, 76.0, 64.0]]}) for i, (k, d) in
+               enumerate(photo_bytes(5))]
+    manifest = write_shards(samples, write_shards_out, "t", 5)
+    assert storage.is_file(f"{write_shards_out}/manifest.json") and manifest["shards"][0]["count"] == 5
+    remote = list(iter_samples(f"{write_shards_out}/t-*.tar", (32, 32)))
+    here = list(iter_samples(str(tmp_path / "local" / "t-*.tar"), (32, 32)))
+    assert [r["key"] for r in remote] == [r["key"] for r in here]
+    for a, b in zip(remote, here, strict=True):
+        assert a["label"] == b["label"] and a["boxes"] == b["boxes"]
+        assert torch.equal(a["image"], b["image"])
+    assert manifest["shards"][0]["sha256"] == storage.sha256(f"{write_shards_out}/t-000000.tar")
+
+
+def test_evaluator_writes_rows_and_maps_to_s3_and_they_read_back(env, tmp_path):
+    s3 = env
+    make_shards(tmp_path / "shards", 4, 8, boxes=True, bad=True)
+    upload_tree(tmp_path / "shards", f"s3://{BUCKET}/data")
+    out = f"s3://{BUCKET}/run-eval"
+    cfg = EvalConfig(shards=f"s3://{BUCKET}/data/*.tar", out=out, model="tiny_cnn",
+                     methods=["gradcam", "scorecam", "unioncam"], insdel_steps=4).resolved()
+    evaluator = ShardEvaluator(cfg, "cpu", run_id="r1")
+    result = evaluator.evaluate(f"s3://{BUCKET}/data/t-000000.tar", out)
+    assert result["images"] == 7 and result["errors"] == 3 * 3  # 4 good images + corrupt, unlabelled, badlabel
+    rows = read_metrics(out).to_pandas()
+    assert len(rows) == result["rows"] == 21 and set(rows["shard"]) == {"t-000000"}
+    keys, _, maps = read_saliency(out, method="unioncam")
+    assert len(keys) == 4 and maps.shape == (4, 64, 64) and np.isfinite(maps).all()
+    entry = {"rows": result["rows"], "maps": result["maps"]}
+    assert verify_shard(out, "t-000000", "r1", entry, True) is None
+    assert "belongs to run 'r1'" in verify_shard(out, "t-000000", "other", entry, True)
+    storage.write_text(f"{out}/manifest.json", json.dumps(
+        {"run_id": "r1", "config": {"methods": cfg.methods}, "shards": {"t-000000": {"status": "done", **entry}}}))
+    written = write_report(out, overlays=2)
+    assert written["html"] == f"{out}/report/report.html" and storage.is_file(f"{out}/report/overlays.png")
+    summary = storage.read_text(f"{out}/report/summary.csv")
+    assert summary.startswith("method,n,errors") and "unioncam,4,3" in summary
+    for key, data in s3.all_bytes(BUCKET, "run-eval/").items():
+        assert SECRET.encode() not in data and b"AWS_SECRET" not in data, key
+    assert load_manifest(out)["run_id"] == "r1"
+
+
+def test_one_driver_per_run_directory_local_and_s3(env, tmp_path):
+    for out in (str(tmp_path / "run"), f"s3://{BUCKET}/run-lock"):
+        first = RunLock(out)
+        first.acquire()
+        with pytest.raises(ConfigError, match="another driver is running"):
+            RunLock(out).acquire()
+        first.release()
+        second = RunLock(out)
+        second.acquire()  # free again once released
+        second.release()
+        # a lock left by a driver that died on this host (kill -9) is taken over
+        storage.write_text(storage.join(out, "lock.json"), json.dumps(
+            {"host": socket.gethostname(), "pid": 2 ** 22 + 12345, "since": "x", "heartbeat": 9e18}))
+        third = RunLock(out)
+        third.acquire()
+        assert json.loads(storage.read_text(storage.join(out, "lock.json")))["pid"] == os.getpid()
+        third.release()

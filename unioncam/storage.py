@@ -1,0 +1,508 @@
+"""Paths and URIs: the one place that reads, lists and writes files, on local disk or object storage.
+
+Every location unioncam takes (shards, weights, the run directory, report files) is either a local
+path (``runs/x``, ``/data/x``, ``file:///data/x``) or a URI that :mod:`pyarrow.fs` opens natively
+(``s3://bucket/key``, ``gs://bucket/key``, and any other scheme ``pyarrow.fs.FileSystem.from_uri``
+knows). Credentials and endpoints come from each store's standard environment and config files
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``,
+``GOOGLE_APPLICATION_CREDENTIALS``, instance roles); nothing here reads or prints them, and
+:func:`redact` masks a ``user:password@`` part of any URI before it is logged or stored.
+
+Decisions:
+- **Write once, under the final name.** Object stores have no rename, and one PUT is atomic, so
+  :func:`write_bytes` sends each object's whole content in one write (a half-written object never
+  becomes visible). Locally it writes a temporary file beside the target, fsyncs it, renames it into
+  place and fsyncs the folder, so a crash leaves the old file or the new one, never part of one.
+- **Transient errors are retried**: an ``OSError`` that is not "not found", "access denied" or
+  another permanent answer (connection resets, 5xx, throttling) is retried up to :data:`RETRIES`
+  times with exponential backoff (:data:`BACKOFF` seconds, doubled each time); reading resumes at
+  the byte where it broke. What still fails is raised as :class:`StorageError` naming the URI.
+- **Exclusive creation** (:func:`create_exclusive`, the run lock) uses ``O_CREAT | O_EXCL``
+  locally and S3's conditional PUT (``If-None-Match: *``, through boto3) on ``s3://``; pyarrow
+  sends no conditional headers. GCS uses ``if_generation_match=0`` through google-cloud-storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import functools
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+RETRIES = 4
+BACKOFF = 0.5
+READ_BUFFER = 8 << 20  # bytes per ranged GET when streaming an object
+_PERMANENT = re.compile(r"ACCESS_DENIED|AccessDenied|NO_SUCH_BUCKET|NoSuchBucket|InvalidAccessKeyId|"
+                        r"SignatureDoesNotMatch|INVALID_ACCESS_KEY|Forbidden|\b403\b|\b404\b|NoSuchKey|"
+                        r"does not exist|InvalidBucketName", re.IGNORECASE)
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A location could not be read, listed or written (after retries); the message names it."""
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` other than ``file://`` (those go through :mod:`pyarrow.fs`)."""
+    text = os.fspath(location)
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text)) and not text.startswith("file://")
+
+
+def local_path(location: str | os.PathLike[str]) -> str:
+    """A local location as a plain path (``file:///x`` → ``/x``)."""
+    text = os.fspath(location)
+    return urlsplit(text).path if text.startswith("file://") else text
+
+
+def absolute(location: str | os.PathLike[str]) -> str:
+    """Local paths made absolute (so other processes and nodes find them); URIs unchanged."""
+    text = os.fspath(location)
+    return text if is_uri(text) else os.path.abspath(local_path(text))
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """``base/part/...`` for a path or a URI."""
+    text = os.fspath(base)
+    if not is_uri(text):
+        return os.path.join(local_path(text), *parts)
+    return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def parent(location: str) -> str:
+    """The folder holding ``location``."""
+    if not is_uri(location):
+        return os.path.dirname(local_path(location)) or "."
+    return location.rstrip("/").rpartition("/")[0]
+
+
+def basename(location: str) -> str:
+    return location.rstrip("/").rpartition("/")[2]
+
+
+def redact(location: str | os.PathLike[str]) -> str:
+    """``location`` with any ``user:password@`` and secret-looking query values masked."""
+    text = os.fspath(location)
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = re.sub(r"(?i)((?:secret|token|key|password|credential)[^=&]*=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str):  # type: ignore[no-untyped-def]
+    import pyarrow.fs as pafs
+
+    try:
+        fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")
+    except ValueError as exc:  # pyarrow: ArrowInvalid (a ValueError) for unknown schemes
+        raise StorageError(f"no filesystem for {scheme}:// URIs ({_one_line(exc)}); "
+                           "pyarrow.fs opens s3://, gs://, hdfs:// and local paths") from None
+    except OSError as exc:  # e.g. the bucket's region cannot be looked up
+        raise StorageError(f"cannot reach {scheme}://{netloc.rpartition('@')[2]}/: {_one_line(exc)}") from None
+    return fs
+
+
+@dataclass(frozen=True)
+class _Remote:
+    fs: object  # pyarrow.fs.FileSystem
+    path: str  # bucket/key
+    uri: str
+
+
+def _remote(uri: str) -> _Remote:
+    parts = urlsplit(uri)
+    fs = _filesystem(parts.scheme, parts.netloc)
+    host = parts.netloc.rpartition("@")[2]
+    return _Remote(fs, f"{host}{parts.path}".rstrip("/"), uri)
+
+
+def _one_line(exc: BaseException) -> str:
+    return re.sub(r"\s+", " ", str(exc)).strip()[:300]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An I/O error worth retrying: not "not found", "access denied" or another permanent answer."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError)):
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC,
+                                                   errno.EROFS, errno.EISDIR, errno.ENOTDIR):
+        return False
+    return isinstance(exc, OSError) and not _PERMANENT.search(str(exc))
+
+
+def retrying(what: str, call: Callable[[], T], retries: int | None = None) -> T:
+    """``call()``, retried with exponential backoff while it raises a transient ``OSError``.
+
+    Raises:
+        StorageError: the last error (transient or permanent), prefixed with ``what``.
+    """
+    attempts = RETRIES if retries is None else retries
+    for attempt in range(attempts + 1):
+        try:
+            return call()
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            if attempt < attempts and is_transient(exc):
+                time.sleep(BACKOFF * 2 ** attempt)
+                continue
+            kind = type(exc) if isinstance(exc, (FileNotFoundError, PermissionError)) else StorageError
+            tries = f" (after {attempt + 1} attempts)" if attempt else ""
+            raise _error(kind, f"{what}: {_one_line(exc)}{tries}") from None
+    raise AssertionError("unreachable")
+
+
+def _error(kind: type[OSError], message: str) -> OSError:
+    """A ``FileNotFoundError``/``PermissionError`` keeps its type (callers test for it), as a StorageError."""
+    if kind is StorageError:
+        return StorageError(message)
+    return type(f"Storage{kind.__name__}", (StorageError, kind), {})(message)
+
+
+# -- queries ----------------------------------------------------------------------------------------
+def file_info(location: str) -> tuple[str, int | None]:
+    """``("file" | "dir" | "missing", size)`` of a location."""
+    if not is_uri(location):
+        path = local_path(location)
+        if os.path.isfile(path):
+            return "file", os.path.getsize(path)
+        return ("dir", None) if os.path.isdir(path) else ("missing", None)
+    import pyarrow.fs as pafs
+
+    r = _remote(location)
+    info = retrying(f"cannot stat {redact(location)}", lambda: r.fs.get_file_info(r.path))  # type: ignore[attr-defined]
+    kind = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type, "missing")
+    return kind, info.size if kind == "file" else None
+
+
+def is_file(location: str) -> bool:
+    return file_info(location)[0] == "file"
+
+
+def is_dir(location: str) -> bool:
+    """A local folder, or a URI prefix under which objects exist (object stores have no folders)."""
+    if not is_uri(location):
+        return os.path.isdir(local_path(location))
+    return file_info(location)[0] == "dir" or bool(list_files(location, recursive=True, limit=1))
+
+
+def list_files(folder: str, suffix: str = "", recursive: bool = False, limit: int | None = None) -> list[str]:
+    """Files directly in ``folder`` (or below it) whose names end with ``suffix``, sorted; ``[]`` when
+    the folder does not exist."""
+    if not is_uri(folder):
+        root = local_path(folder)
+        if not os.path.isdir(root):
+            return []
+        if recursive:
+            found = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+        else:
+            found = [os.path.join(root, f) for f in os.listdir(root) if os.path.isfile(os.path.join(root, f))]
+        return sorted(f for f in found if f.endswith(suffix))[:limit]
+    import pyarrow.fs as pafs
+
+    r = _remote(folder)
+    selector = pafs.FileSelector(r.path, recursive=recursive, allow_not_found=True)
+    infos = retrying(f"cannot list {redact(folder)}", lambda: r.fs.get_file_info(selector))  # type: ignore[attr-defined]
+    scheme_host = folder[: len(folder) - len(urlsplit(folder).path)].rstrip("/")
+    host = urlsplit(folder).netloc.rpartition("@")[2]
+    out = sorted(f"{scheme_host}{i.path[len(host):]}" for i in infos
+                 if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    if not infos:  # an empty prefix is fine; a missing bucket is an error
+        bucket = r.path.partition("/")[0]
+        found = retrying(f"cannot list {redact(folder)}", lambda: r.fs.get_file_info(bucket))  # type: ignore[attr-defined]
+        if found.type == pafs.FileType.NotFound:
+            raise StorageError(f"cannot list {redact(folder)}: the bucket {bucket!r} does not exist")
+    return out[:limit]
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob pattern (``*``, ``?``, ``[...]``; ``*`` never crosses ``/``), sorted.
+
+    Locally this is :func:`glob.glob`; on object stores the longest literal prefix is listed and
+    each path component is matched with :func:`fnmatch.fnmatchcase`, so a pattern selects the same
+    files in both places (names starting with a dot match only a pattern part that does too).
+    """
+    import glob as _glob
+
+    if not is_uri(pattern):
+        path = local_path(pattern)
+        return sorted(f for f in _glob.glob(path) if os.path.isfile(f))
+    parts = pattern.split("/")
+    fixed = next((i for i, p in enumerate(parts) if _glob.has_magic(p)), len(parts))
+    if fixed == len(parts):
+        return [pattern] if is_file(pattern) else []
+    base = "/".join(parts[:fixed])
+    candidates = list_files(base, recursive=fixed < len(parts) - 1)
+    want = parts[fixed:]
+
+    def matches(path: str) -> bool:
+        have = path[len(base) + 1:].split("/")
+        return len(have) == len(want) and all(
+            fnmatch.fnmatchcase(h, w) and (w.startswith(".") or not h.startswith("."))
+            for h, w in zip(have, want, strict=True))
+
+    return [c for c in candidates if matches(c)]
+
+
+# -- reading ----------------------------------------------------------------------------------------
+class _ResumingReader(io.RawIOBase):
+    """A read-only stream over a file or object that reopens at the current offset on a transient
+    error (bounded retries with backoff), so one dropped connection does not cost the whole shard."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__()
+        self.location = location
+        self.pos = 0
+        self.handle: IO[bytes] | None = None
+        self._open()
+
+    def _open(self) -> None:
+        def open_at() -> IO[bytes]:
+            if not is_uri(self.location):
+                handle: IO[bytes] = open(local_path(self.location), "rb")  # noqa: SIM115 (closed in close())
+                handle.seek(self.pos)
+                return handle
+            import pyarrow as pa
+
+            r = _remote(self.location)
+            raw = r.fs.open_input_file(r.path)  # type: ignore[attr-defined]
+            raw.seek(self.pos)
+            return pa.BufferedInputStream(raw, READ_BUFFER)  # type: ignore[return-value]
+
+        self.handle = retrying(f"cannot open {redact(self.location)}", open_at)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        want = len(buffer)
+        for attempt in range(RETRIES + 1):
+            try:
+                assert self.handle is not None
+                data = self.handle.read(want)
+                buffer[: len(data)] = data
+                self.pos += len(data)
+                return len(data)
+            except OSError as exc:
+                if attempt == RETRIES or not is_transient(exc):
+                    raise StorageError(f"cannot read {redact(self.location)} at byte {self.pos}: "
+                                       f"{_one_line(exc)}") from None
+                time.sleep(BACKOFF * 2 ** attempt)
+                self._close_handle()
+                self._open()
+        raise AssertionError("unreachable")
+
+    def _close_handle(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+            self.handle = None
+
+    def close(self) -> None:
+        self._close_handle()
+        super().close()
+
+
+def open_input(location: str) -> IO[bytes]:
+    """A buffered binary stream over ``location`` that survives transient errors (see module doc).
+
+    Raises:
+        FileNotFoundError / PermissionError (as :class:`StorageError`): permanent answers.
+        StorageError: anything else after the retries.
+    """
+    return io.BufferedReader(_ResumingReader(location), buffer_size=1 << 20)
+
+
+def open_random(location: str) -> IO[bytes]:
+    """A seekable binary file over ``location`` (for formats read from the end, such as Parquet);
+    opening is retried like :func:`open_input`, each ranged read relies on the store client."""
+    if not is_uri(location):
+        return retrying(f"cannot open {location}", lambda: open(local_path(location), "rb"), retries=0)
+    r = _remote(location)
+    return retrying(f"cannot open {redact(location)}", lambda: r.fs.open_input_file(r.path))  # type: ignore[attr-defined,no-any-return]
+
+
+def read_bytes(location: str) -> bytes:
+    with open_input(location) as handle:
+        return handle.read()
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def iter_chunks(location: str, size: int = 1 << 20) -> Iterator[bytes]:
+    with open_input(location) as handle:
+        while block := handle.read(size):
+            yield block
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def write_bytes(location: str, data: bytes) -> None:
+    """Write ``data`` as ``location``, all or nothing (see the module docstring)."""
+    if not is_uri(location):
+        retrying(f"cannot write {location}", lambda: _write_local(local_path(location), data), retries=0)
+        return
+    r = _remote(location)
+
+    def put() -> None:
+        stream = r.fs.open_output_stream(r.path)  # type: ignore[attr-defined]
+        stream.write(data)  # one write of the whole object, then close: one PUT (or one completed upload)
+        stream.close()
+
+    retrying(f"cannot write {redact(location)}", put)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def _write_local(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def put_file(local: str, location: str) -> None:
+    """Move the finished local file ``local`` to ``location``: fsync and rename when ``location`` is
+    local (same file system: ``local`` should sit in the same folder), else one upload, after
+    which ``local`` is removed."""
+    if not is_uri(location):
+        with open(local, "rb") as handle:
+            os.fsync(handle.fileno())
+        dest = local_path(location)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        try:
+            os.replace(local, dest)
+        except OSError:  # another file system: copy under a temporary name, then rename
+            shutil.copyfile(local, f"{dest}.tmp-{os.getpid()}")
+            os.replace(f"{dest}.tmp-{os.getpid()}", dest)
+            os.unlink(local)
+        _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+        return
+    with open(local, "rb") as handle:
+        write_bytes(location, handle.read())
+    os.unlink(local)
+
+
+def delete(location: str) -> None:
+    """Remove a file or object; a missing one is fine."""
+    if not is_uri(location):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(local_path(location))
+        return
+    r = _remote(location)
+
+    def remove() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            r.fs.delete_file(r.path)  # type: ignore[attr-defined]
+
+    retrying(f"cannot delete {redact(location)}", remove)
+
+
+def create_exclusive(location: str, data: bytes) -> bool:
+    """Create ``location`` holding ``data`` only if it does not exist; True when this call created it.
+
+    Raises:
+        StorageError: the store cannot create objects exclusively (no client library installed for
+            the conditional request), or the request failed.
+    """
+    if not is_uri(location):
+        path = local_path(location)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+    parts = urlsplit(location)
+    bucket, key = parts.netloc.rpartition("@")[2], parts.path.lstrip("/")
+    if parts.scheme == "s3":
+        try:
+            import boto3
+            from botocore.exceptions import ClientError
+        except ImportError:
+            raise StorageError(f"creating {redact(location)} exclusively needs boto3 (pip install "
+                               "'unioncam[s3]'): pyarrow sends no conditional requests") from None
+        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+        def put() -> bool:
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise OSError(f"{code}: {exc.response.get('Error', {}).get('Message', '')}") from None
+
+        return retrying(f"cannot create {redact(location)}", put)
+    if parts.scheme in ("gs", "gcs"):
+        try:
+            from google.api_core.exceptions import PreconditionFailed
+            from google.cloud import storage as gcs
+        except ImportError:
+            raise StorageError(f"creating {redact(location)} exclusively needs google-cloud-storage "
+                               "(pip install google-cloud-storage)") from None
+
+        def upload() -> bool:
+            try:
+                gcs.Client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
+                return True
+            except PreconditionFailed:
+                return False
+
+        return retrying(f"cannot create {redact(location)}", upload)
+    raise StorageError(f"cannot create {redact(location)} exclusively: {parts.scheme}:// has no conditional write")
+
+
+def sha256(location: str) -> str:
+    """Hex SHA-256 of a file's or object's bytes (streamed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for block in iter_chunks(location):
+        digest.update(block)
+    return digest.hexdigest()
