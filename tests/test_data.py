@@ -214,3 +214,85 @@ def test_shards_cli(val_dir, tmp_path, capsys):
     assert "4 samples (1 labelled) in 2 shards" in capsys.readouterr().out
     assert main(["shards", "imagenet", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no image folder" in capsys.readouterr().err
+
+
+# -- the reader: damage in the data becomes records, I/O trouble is raised --------------------------
+def _tar(path, members, mode="w"):
+    """Write ``members`` ((name, bytes) pairs) as a tar, in that order."""
+    with tarfile.open(path, mode, format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_keys_keep_folders_as_webdataset_does(tmp_path):
+    _tar(tmp_path / "k.tar", [("train/x.jpg", jpeg(1)), ("train/x.cls", b"1"),
+                              ("val/x.jpg", jpeg(2)), ("val/x.cls", b"2"), ("val/y.seg.png", b"?")])
+    records = list(iter_samples(str(tmp_path / "k.tar"), (16, 16)))
+    assert [(r["key"], r.get("label")) for r in records] == [("train/x", 1), ("val/x", 2), ("val/y", None)]
+    assert "no image member (have: seg.png)" in records[2]["error"]
+
+
+def test_duplicates_bad_metadata_and_bad_labels_cost_only_their_sample(tmp_path):
+    _tar(tmp_path / "d.tar", [
+        ("a.jpg", jpeg(1)), ("a.cls", b"1"), ("a.cls", b"2"),  # duplicate member
+        ("b.jpg", jpeg(2)), ("b.cls", b"3"), ("b.json", b"[1, 2]"),  # metadata not an object
+        ("c.jpg", jpeg(3)), ("c.cls", b"4"), ("c.json", b'{"boxes": [[1, 2, 3]]}'),  # a box of 3 numbers
+        ("d.jpg", jpeg(4)), ("d.cls", b"99999999999"),  # too large for the label column
+        ("e.jpg", jpeg(5)), ("e.cls", b"1_0"),  # int() would read 10
+        ("f.jpg", jpeg(6)), ("f.cls", b"7")])
+    records = {r["key"]: r for r in iter_samples(str(tmp_path / "d.tar"), (16, 16))}
+    assert "duplicate member a.cls" in records["a"]["error"]
+    assert "not an object" in records["b"]["error"]
+    assert "bad boxes" in records["c"]["error"]
+    assert "bad label" in records["d"]["error"] and "bad label" in records["e"]["error"]
+    assert records["f"]["label"] == 7 and "error" not in records["f"]
+
+
+def test_compressed_shards_are_read_and_named(tmp_path):
+    from unioncam.data.shards import shard_name
+
+    members = [("a.jpg", jpeg(1)), ("a.cls", b"5")]
+    _tar(tmp_path / "z-000000.tar.gz", members, "w:gz")
+    _tar(tmp_path / "z-000001.tar.xz", members, "w:xz")
+    for path in ("z-000000.tar.gz", "z-000001.tar.xz"):
+        assert [r["label"] for r in iter_samples(str(tmp_path / path), (16, 16))] == [5]
+    assert shard_name("s3://b/z-000000.tar.gz") == "z-000000" and shard_name("/x/y.tgz") == "y"
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_a_tar_that_ends_early_is_never_complete(tmp_path, damage):
+    from unioncam.data.shards import Sample
+
+    write_shards([Sample(f"img{i}", jpeg(i), "jpg", i) for i in range(6)], tmp_path, "t", 6)
+    path = tmp_path / "t-000000.tar"
+    data = bytearray(path.read_bytes())
+    header = data.index(b"img3.jpg")  # the 4th sample's first member header
+    if damage == "flip":
+        data[header + 150] ^= 0xFF  # inside the header's checksum field
+    else:
+        data = data[:header]  # cut exactly at a member header
+    path.write_bytes(bytes(data))
+    records = list(iter_samples(str(path), (16, 16)))
+    # img2 was being read when the damage showed (it might have had more members): its record says so
+    assert [r["key"] for r in records if "error" not in r] == ["img0", "img1"]
+    errors = [r for r in records if "error" in r]
+    assert len(errors) == 1 and errors[0]["key"] == "img2" and "truncated or corrupt tar" in errors[0]["error"]
+    assert ("damaged member header" if damage == "flip" else "without an end-of-archive marker") in errors[0]["error"]
+
+
+def test_an_unreadable_shard_is_raised_not_recorded(tmp_path, monkeypatch):
+    from unioncam import storage
+
+    _tar(tmp_path / "p.tar", [("a.jpg", jpeg(1)), ("a.cls", b"1")])
+    real_open = open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith("p.tar"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied)  # chmod 000 does not stop root
+    with pytest.raises(storage.StorageError, match=r"cannot open .*p\.tar.*Permission denied"):
+        list(iter_samples(str(tmp_path / "p.tar"), (16, 16)))

@@ -239,9 +239,39 @@ def test_cluster_manifests_run_a_valid_job_command():
     assert argv[:2] == ["python", "jobs/eval_imagenet.py"] and (root.parent / argv[1]).is_file()
     parsed = build_parser("imagenet").parse_args(argv[2:])  # weights are on the cluster: parse, don't resolve
     assert (parsed.model, parsed.gpus_per_worker, parsed.methods) == ("vgg16", 1.0, "all")
-    assert parsed.out.startswith("/data/") and parsed.shards.startswith("/data/")
-    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    # What other nodes open is a URI (or an absolute path), never relative to the submitter's directory.
+    assert all(v.startswith("s3://") for v in (parsed.shards, parsed.out, parsed.weights))
+    spec = rayjob["spec"]["rayClusterSpec"]
+    # K8sJobMode: the submitter pod and the operator reach the dashboard through the head Service.
+    assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert spec["authOptions"] == {"mode": "token"}
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for pod in (head, workers):  # object-storage credentials from a Secret, never in the manifest
+        assert pod["envFrom"] == [{"secretRef": {"name": "unioncam-s3"}}] and "AWS_SECRET_ACCESS_KEY" not in str(pod)
     launcher = yaml.safe_load((root / "cluster.yaml").read_text())
-    assert "--dashboard-host=127.0.0.1" in launcher["head_start_ray_commands"][1]
+    assert "--dashboard-host=127.0.0.1" in launcher["head_start_ray_commands"][1]  # reached through an SSH tunnel
+    assert launcher["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # the token reaches every node
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in (launcher["head_start_ray_commands"][1],
+                                                               launcher["worker_start_ray_commands"][1]))
     assert launcher["available_node_types"]["head"]["resources"] == {"CPU": 0}
+
+
+def test_a_shard_shorter_than_its_manifest_gets_an_error_record(tmp_path):
+    import tarfile
+
+    make_shards(tmp_path / "shards", 6, 6)
+    path = tmp_path / "shards" / "t-000000.tar"
+    with tarfile.open(path) as tar:  # a well-formed tar that holds only the first 3 samples
+        keep = [(m, tar.extractfile(m).read()) for m in tar.getmembers()][:9]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in keep:
+            tar.addfile(member, __import__("io").BytesIO(data))
+    evaluator = ShardEvaluator(config(tmp_path, methods=["gradcam"]), "cpu", run_id="r")
+    counts = evaluator.evaluate(str(path), str(tmp_path / "run"), expected=6)
+    rows = read_metrics(tmp_path / "run").to_pandas()
+    assert counts["images"] == 3 and counts["errors"] == 1
+    missing = rows[rows["error"].notna()]
+    assert list(missing["key"]) == ["t-000000:missing"]
+    assert "ends after 3 samples; its manifest lists 6" in missing["error"].iloc[0]

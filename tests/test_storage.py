@@ -111,7 +111,7 @@ def test_bad_locations_get_one_line_errors_without_the_secret(env):
     with pytest.raises(OSError, match="no-such-bucket-uc") as info:
         storage.list_files("s3://no-such-bucket-uc/x")
     assert SECRET not in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(FileNotFoundError, match="missing.tar"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.tar"):
         storage.read_bytes(f"s3://{BUCKET}/missing.tar")
     assert main_error(["report", f"s3://{BUCKET}/no-run"]).startswith("unioncam: error: s3://")
 
