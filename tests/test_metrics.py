@@ -162,3 +162,23 @@ def test_metric_metadata():
     assert average_increase.info.higher_is_better is True
     assert energy_pointing_game.info.needs_boxes is True
     assert METRICS["deletion_auc"].higher_is_better is False
+
+
+def test_bootstrap_in_chunks_equals_one_draw_and_stays_small(monkeypatch):
+    import tracemalloc
+
+    from unioncam import metrics
+
+    values = np.random.default_rng(1).random(3001)
+    rng = np.random.default_rng(7)  # the unchunked definition, written out
+    means = values[rng.integers(0, len(values), size=(1000, len(values)))].mean(axis=1)
+    expected = tuple(np.quantile(means, [(1 - 0.95) / 2, (1 + 0.95) / 2]))
+    monkeypatch.setattr(metrics, "BOOT_CHUNK", 3001 * 7)  # 7 resamples per chunk, the last one partial
+    assert metrics.bootstrap_ci(values, seed=7) == pytest.approx(expected, abs=0)
+    monkeypatch.undo()
+    big = np.random.default_rng(2).random(50_000)
+    tracemalloc.start()
+    lo, hi = metrics.bootstrap_ci(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert lo < big.mean() < hi and peak < 80e6  # one n_boot×N draw would be 400 MB

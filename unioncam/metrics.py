@@ -223,11 +223,21 @@ class Summary:
     ci_high: float
 
 
+BOOT_CHUNK = 1 << 22  # resampled indices held at once by bootstrap_ci (32 MB of int64)
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean: resample with replacement ``n_boot`` times
-    (NumPy ``default_rng(seed)``) and take the ``(1−level)/2`` and ``(1+level)/2`` quantiles."""
+    (NumPy ``default_rng(seed)``) and take the ``(1−level)/2`` and ``(1+level)/2`` quantiles.
+
+    Resamples are drawn a chunk of rows at a time from the same generator, which gives the same
+    indices as one ``n_boot × n`` draw, so at N = 50,000 it needs ~32 MB instead of 400 MB per 1000
+    resamples."""
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    n = len(values)
+    rows = max(1, BOOT_CHUNK // max(n, 1))  # resamples per chunk: memory O(BOOT_CHUNK), not O(n_boot·n)
+    means = np.concatenate([values[rng.integers(0, n, size=(min(rows, n_boot - start), n))].mean(axis=1)
+                            for start in range(0, n_boot, rows)])
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
