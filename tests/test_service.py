@@ -62,7 +62,7 @@ def test_bad_options_say_what_is_wrong(values, message):
 
 def test_bad_yaml_values_get_config_errors(tmp_path):
     """A YAML file bypasses argparse's choices: the config itself names the bad value and the valid ones."""
-    with pytest.raises(ConfigError, match=r"unknown precision 'fp8'; valid: fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"unknown precision 'fp8'; valid: auto, fp32, tf32, bf16, fp16"):
         EvalConfig.from_dict({"precision": "fp8"}).resolved()
     with pytest.raises(ConfigError, match=r"unknown metric\(s\) auc; valid: ad, ai, insdel, epg"):
         EvalConfig.from_dict({"metrics": "ad, auc"}).resolved()
@@ -88,7 +88,8 @@ def test_shard_rows_maps_and_metrics_match_an_independent_recomputation(tmp_path
     counts = ev.evaluate(str(shard_dir[0]), cfg.out)
     rows = read_metrics(cfg.out).to_pandas()
     keys = [k for k in rows["key"].unique()]
-    assert counts == {"images": 8, "rows": 8 * 3, "maps": 8 * 3 - 3 * 3, "errors": 3 * 3, "seconds": counts["seconds"]}
+    assert counts == {"images": 8, "rows": 8 * 3, "maps": 8 * 3 - 3 * 3, "errors": 3 * 3, "seconds": counts["seconds"],
+                      "compiled_graphs": 0}
     assert len(keys) == 8 and len(rows) == 24 and not rows.duplicated(["key", "method"]).any()
 
     good = rows[rows["error"].isna()]

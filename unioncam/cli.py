@@ -20,7 +20,7 @@ from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import MODELS, WeightsError, load
-from unioncam.ops import PRECISIONS, ieee_fp32
+from unioncam.ops import PRECISION_CHOICES, ieee_fp32
 from unioncam.registry import UnknownNameError
 from unioncam.viz import ImageError, load_image, overlay
 
@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: predicted)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="masked inputs per forward")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="the methods' masked forwards (fp16: CUDA; slow on CPU); metrics always fp32")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="the methods' masked forwards (auto: fp16 on CUDA, fp32 on CPU); metrics always fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC conv weights (faster on CPU and cuDNN)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward-only passes")
     p.add_argument("--metrics", action="store_true",

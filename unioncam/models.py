@@ -39,8 +39,9 @@ class PixelModel(nn.Module):
     Speed options (:func:`load` sets them; both keep the results equal up to float rounding):
     :meth:`channels_last` stores conv weights NHWC, which PyTorch's CPU and cuDNN kernels run
     faster, and :meth:`compile_inference` runs the forward-only passes (no grad: the methods'
-    masked forwards, the metrics) through ``torch.compile``; the explaining forward with its hooks
-    and backward always runs eagerly.
+    masked forwards, the metrics: every pass run under ``torch.inference_mode``) through
+    ``torch.compile``; the explaining forward with its hooks (and its backward) always runs eagerly,
+    also for gradient-free methods, which run it under ``no_grad``.
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
@@ -51,15 +52,44 @@ class PixelModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self._compiled: Callable[[Tensor], Tensor] | None = None
+        self._pad_to: int | None = None
+        self._channels_last = False
 
     def channels_last(self) -> PixelModel:
         """Store 4-D weights in ``torch.channels_last``; convs then produce NHWC activations."""
+        self._channels_last = True
         return self.to(memory_format=torch.channels_last)
 
-    def compile_inference(self, **options: object) -> PixelModel:
-        """Run grad-free forwards through ``torch.compile(**options)`` (compiled on first use)."""
+    def compile_inference(self, pad_to: int | None = None, **options: object) -> PixelModel:
+        """Run grad-free forwards through ``torch.compile(**options)`` (compiled on first use).
+
+        ``pad_to``: every grad-free batch is run at exactly this many images (a smaller one is
+        padded with zeros and the padding's outputs dropped, a larger one is split), so the compiled
+        graph never sees a new shape and never recompiles (one graph per dtype/autocast setting).
+        None: shapes vary and torch.compile's automatic dynamic shapes handle them.
+        """
+        if pad_to is not None and pad_to < 1:
+            raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+        options = {"dynamic": False, **options} if pad_to is not None else options
         self._compiled = torch.compile(self._forward, **options)  # type: ignore[arg-type]
+        self._pad_to = pad_to
         return self
+
+    def _compiled_forward(self, x: Tensor) -> Tensor:
+        assert self._compiled is not None
+        n, size = x.shape[0], self._pad_to
+        if size is None:
+            return self._compiled(x)
+        layout = torch.channels_last if self._channels_last else torch.contiguous_format
+        outs = []
+        for start in range(0, n, size):
+            part = x[start:start + size]
+            pad = part.new_zeros((size - part.shape[0], *part.shape[1:]))
+            # always a fresh tensor in one layout: the compiled graph is specialized on strides and on
+            # the tensor's kind (an inference tensor or not) as well as on shapes
+            part = torch.cat([part, pad]).contiguous(memory_format=layout)
+            outs.append(self._compiled(part)[: min(size, n - start)])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _forward(self, x: Tensor) -> Tensor:
         mean = self.mean.to(x.dtype)
@@ -67,9 +97,16 @@ class PixelModel(nn.Module):
         return self.net((x - mean) / std)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._compiled is not None and not torch.is_grad_enabled():
-            return self._compiled(x)
+        if self._compiled is not None and torch.is_inference_mode_enabled():
+            return self._compiled_forward(x)
         return self._forward(x)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class FP32Linear(nn.Linear):

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+Precision = Literal["fp32", "tf32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
+PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)  # "auto": fp16 on CUDA, fp32 elsewhere
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -73,10 +74,25 @@ def ieee_fp32() -> Iterator[None]:
         cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
-def check_precision(precision: str) -> Precision:
-    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError`` naming them."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+def check_precision(precision: str) -> str:
+    """``precision`` if it is ``"auto"`` or one of :data:`PRECISIONS`, else a ``ValueError`` naming them."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISION_CHOICES)}")
+    return precision
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> Precision:
+    """The precision the masked forward-only passes use on ``device``.
+
+    ``"auto"`` (the default everywhere) is ``"fp16"`` on CUDA and ``"fp32"`` elsewhere: on the sample
+    photos fp16 moved UnionCAM's Average Drop by +0.05 points (bf16: −2.14; benchmarks/
+    bench_precision.py, measured on CPU by emulation and, by the issue's H100 run, +0.04 on a GPU),
+    while IEEE fp32 convolutions are several times slower on GPUs. ``"tf32"`` runs fp32 tensors with
+    TF32 convolutions and matmuls (10 mantissa bits) and is only ever used when asked for.
+    """
+    check_precision(precision)
+    if precision == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
     return precision  # type: ignore[return-value]
 
 
@@ -85,8 +101,9 @@ _warned_cpu_fp16 = False
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
-    """Forward-only passes at ``precision``: IEEE fp32 (:func:`ieee_fp32`) for "fp32", else autocast
-    to bf16 / fp16 (the ops autocast keeps in fp32 then run in IEEE fp32).
+    """Forward-only passes at ``precision``: IEEE fp32 (:func:`ieee_fp32`) for "fp32", TF32 for "tf32",
+    else autocast to bf16 / fp16 (the ops autocast keeps in fp32 then run in IEEE fp32); "auto" is
+    resolved by :func:`resolve_precision`.
 
     fp16 is meant for CUDA. On a CPU it computes with fp16 rounding, so it previews a GPU's fp16
     results (on the sample photos it moved UnionCAM's Average Drop by 0.05 points, bf16 by 2.1:
@@ -94,12 +111,21 @@ def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
     (13× on AVX-512 without FP16 instructions): the first such pass warns.
     """
     global _warned_cpu_fp16
-    check_precision(precision)
+    precision = resolve_precision(precision, device)
     if precision == "fp16" and device.type == "cpu" and not _warned_cpu_fp16:
         _warned_cpu_fp16 = True
         warnings.warn("precision 'fp16' on CPU rounds like a GPU's fp16 but is slow without native fp16 "
                       "kernels (13x slower than fp32 on AVX-512 without FP16); use 'fp32' for speed on CPU",
                       RuntimeWarning, stacklevel=3)
+    if precision == "tf32":
+        cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+        saved = cudnn.allow_tf32, matmul.allow_tf32
+        cudnn.allow_tf32, matmul.allow_tf32 = True, True
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32, matmul.allow_tf32 = saved
+        return
     with ieee_fp32():
         if precision == "fp32":
             yield

@@ -11,6 +11,7 @@ while everything before it is kept.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -23,7 +24,7 @@ import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -33,6 +34,7 @@ from unioncam.viz import pil_to_tensor
 MANIFEST = "manifest.json"
 FORMAT = "unioncam-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "ppm", "bmp", "webp", "tif", "tiff")
+T = TypeVar("T")
 _TAR_SUFFIX = re.compile(r"\.(tar(\.(gz|bz2|xz))?|tgz|tbz2?|txz)$", re.IGNORECASE)
 
 
@@ -319,3 +321,46 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
             yield {"key": exc.key or f"{name}:damaged", "shard": name, "error": f"truncated or corrupt tar: {exc}"}
         except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             yield {"key": f"{name}:damaged", "shard": name, "error": f"unreadable tar: {exc}"}
+
+
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``items`` produced on a background thread, up to ``depth`` ahead of the consumer, so decoding
+    (and reading from storage) overlaps the caller's GPU work. An exception raised by ``items`` is
+    raised here, in order; closing this generator stops the thread."""
+    import queue
+    import threading
+
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            box.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="unioncam-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = box.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                box.get_nowait()
+        thread.join(timeout=5)

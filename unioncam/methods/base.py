@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unioncam.ops import Precision, autocast, check_precision, chunks, ieee_fp32, normalize, upsample
+from unioncam.ops import Precision, autocast, chunks, ieee_fp32, normalize, resolve_precision, upsample
 
 Details = dict[str, Any]
 
@@ -76,6 +77,59 @@ def default_batch_size(device: torch.device) -> int:
     return 4 if device.type == "cpu" else 32
 
 
+MAX_BATCH = 256  # masked inputs per forward: beyond this, the issue's H100 runs gained nothing
+GPU_RESERVE = 768 << 20  # bytes kept for cuDNN workspaces, autocast weight copies and the allocator's slack
+
+
+@dataclass(frozen=True)
+class GPUPlan:
+    """Batch sizes derived from a memory budget (:func:`gpu_plan`); all sizes in bytes."""
+
+    batch_size: int
+    images_per_batch: int
+    budget: int
+    fixed: int
+    per_input: int
+
+
+def gpu_plan(model: nn.Module, size: tuple[int, int], precision: str, max_gib: float,
+             free: int | None = None) -> GPUPlan:
+    """Masked batch size and images per call for one worker's GPU.
+
+    ``budget = min(max_gib GiB, 0.9 × free)`` (``free``: the device's free memory, from
+    ``torch.cuda.mem_get_info`` when None). Peak ≈ ``fixed + B × per_input`` where ``fixed`` is the
+    weights and buffers plus :data:`GPU_RESERVE`, and ``per_input`` is, from one dry forward at
+    batch 1, twice the two largest consecutive module outputs (the live input and output of the
+    widest layer, and autocast's copies) at the precision's element size, plus the input and its mask
+    in fp32. ``B`` is the largest multiple of 8 (or any size below 8) that fits, at most
+    :data:`MAX_BATCH`; images per call ``= clamp(B // 8, 1, 32)``, so one call's masked inputs span
+    several images and the last batch of each image rarely runs half empty.
+    """
+    device = model_device(model)
+    if free is None:
+        free = int(torch.cuda.mem_get_info(device)[0])
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()) if isinstance(out, Tensor)
+                                     else None)
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros((1, 3, *size), device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    element = 2 if precision in ("fp16", "bf16") else 4
+    widest = max((a + b for a, b in itertools.pairwise(sizes)), default=max(sizes, default=0))
+    per_input = 2 * element * widest + 2 * 4 * 3 * size[0] * size[1]
+    fixed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) + GPU_RESERVE
+    budget = int(min(max_gib * (1 << 30), 0.9 * free))
+    fit = max(1, (budget - fixed) // max(per_input, 1))
+    batch = min(MAX_BATCH, int(fit))
+    if batch >= 8:
+        batch -= batch % 8
+    return GPUPlan(batch, max(1, min(32, batch // 8)), budget, fixed, per_input)
+
+
 def batched_probs(model: nn.Module, targets: Tensor, inputs: Callable[[slice], Tensor], n: int,
                   batch_size: int, precision: Precision = "fp32") -> Tensor:
     """``f_{targets[j]}(inputs(j))`` for ``j < n``: inputs built and run ``batch_size`` at a time.
@@ -131,7 +185,8 @@ class CAM(abc.ABC):
         model: a classifier taking pixel-space images (e.g. a :class:`unioncam.models.PixelModel`).
         target_layer: dotted module name or module; None uses ``model.target_layer``.
         batch_size: masked inputs per forward for score-based methods (None: by device).
-        precision: "fp32", "bf16" or "fp16" (CUDA; slow on CPU) for the masked forward-only passes.
+        precision: "auto" (fp16 on CUDA, fp32 elsewhere), "fp32", "tf32", "bf16" or "fp16" (slow on
+            CPU) for the masked forward-only passes (:func:`unioncam.ops.resolve_precision`).
             Everything else (the explaining forward and backward) runs in IEEE fp32, TF32 off.
     """
 
@@ -140,14 +195,14 @@ class CAM(abc.ABC):
     _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # until __init__ registers hooks
 
     def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 batch_size: int | None = None, precision: Precision = "fp32") -> None:
+                 batch_size: int | None = None, precision: str = "auto") -> None:
         self.model = model
         self.device = model_device(model)
         self.layers = self._resolve_layers(target_layer)
         self.batch_size = batch_size or default_batch_size(self.device)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.precision: Precision = check_precision(precision)
+        self.precision: Precision = resolve_precision(precision, self.device)
         self._capturing = False
         self._closed = False
         self._install_hooks()

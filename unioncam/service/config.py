@@ -19,7 +19,7 @@ from typing import Any, Literal
 from unioncam import storage
 from unioncam.methods import METHODS, parse_methods
 from unioncam.models import MODELS
-from unioncam.ops import PRECISIONS, Precision, check_precision
+from unioncam.ops import PRECISION_CHOICES, check_precision
 
 Dataset = Literal["imagenet", "voc"]
 METRIC_NAMES: tuple[str, ...] = ("ad", "ai", "insdel", "epg")
@@ -45,10 +45,15 @@ class EvalConfig:
         batch_size: masked inputs per forward (None: 4 on CPU, 32 on GPU).
         images_per_batch: images explained together, their masked inputs sharing batches (None: 1 on
             CPU, where one image fills a batch and progress is per image; 8 on GPU).
-        precision: precision of the methods' masked forwards; metrics always run in fp32.
+        precision: precision of the methods' masked forwards: "auto" (fp16 on GPU workers, fp32 on
+            CPU; :func:`unioncam.ops.resolve_precision`), "fp32", "tf32", "bf16", "fp16". Metrics
+            always run in fp32.
         channels_last / compile: the model's speed options (:func:`unioncam.models.load`);
-            channels_last is on by default (benchmarks/bench_unioncam.py: 1.2-1.4× on CPU), compile
-            is off (a one-time compile per worker that pays off only on long runs).
+            channels_last is on by default (benchmarks/bench_unioncam.py: 1.2-1.4× on CPU); compile
+            None means on for GPU workers (compiled once, warmed up before the first shard, batches
+            padded to one shape) and off on CPU (where it lost on VGG16 and costs ~80 s per worker).
+        max_gpu_memory: GiB per GPU worker from which batch sizes are derived (with 90% of the free
+            memory as a second cap; :func:`unioncam.methods.base.gpu_plan`); explicit batch sizes win.
         limit: evaluate at most this many images (in shard order); None: all.
         insdel_steps: insertion/deletion steps (REFERENCE.md: 224 at 224²).
         target: "predicted" (REFERENCE.md default) or "label".
@@ -71,9 +76,10 @@ class EvalConfig:
     cpus_per_worker: float | None = None
     batch_size: int | None = None
     images_per_batch: int | None = None
-    precision: Precision = "fp32"
+    precision: str = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | None = None
+    max_gpu_memory: float = 4.0
     limit: int | None = None
     insdel_steps: int | None = None
     target: Literal["predicted", "label"] = "predicted"
@@ -127,6 +133,11 @@ class EvalConfig:
             value = getattr(c, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        if c.gpus_per_worker is not None and c.gpus_per_worker > 1:
+            raise ConfigError(f"gpus_per_worker {c.gpus_per_worker:g} > 1: a worker computes on one GPU (cuda:0), "
+                              "so the others would sit idle; use more workers (one per GPU is the default)")
+        if not c.max_gpu_memory > 0:
+            raise ConfigError(f"max_gpu_memory must be > 0 GiB, got {c.max_gpu_memory}")
         if (c.images_per_batch is not None and c.images_per_batch < 1) or c.insdel_steps < 1 or c.overlays < 0:
             raise ConfigError("images_per_batch and insdel_steps must be >= 1, overlays >= 0")
         if c.weights is not None:
@@ -204,11 +215,16 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, help="default: 4 with a GPU, else the cluster's CPUs / workers")
     p.add_argument("--batch-size", type=int, help="masked inputs per forward (default: 4 CPU, 32 GPU)")
     p.add_argument("--images-per-batch", type=int, help="images explained together (default: 1 CPU, 8 GPU)")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="the methods' masked forwards (default fp32; fp16 is for CUDA, slow on CPU)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES,
+                   help="the methods' masked forwards (default auto: fp16 on GPU workers, fp32 on CPU)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                    help="keep conv weights NCHW (channels_last is on by default)")
-    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward-only passes")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the forward-only passes (default: on for GPU workers, off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                   help="never compile (also on GPU workers)")
+    p.add_argument("--max-gpu-memory", type=float, metavar="GIB",
+                   help="GPU memory per worker that batch sizes are derived from (default 4 GiB)")
     p.add_argument("--limit", type=int, help="evaluate at most N images")
     p.add_argument("--insdel-steps", type=int, help="insertion/deletion steps (default 224; sample: 32)")
     p.add_argument("--target", choices=("predicted", "label"), help="class to explain (default: predicted)")

@@ -29,6 +29,7 @@ import ray
 from unioncam import storage
 from unioncam.data.sample import write_sample_shards
 from unioncam.data.shards import IMAGE_EXTS, MANIFEST, expand_shards, member_key, shard_name
+from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig
 from unioncam.service.results import load_manifest, verify_shard
 from unioncam.service.worker import ShardWorker
@@ -355,10 +356,17 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
 def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: dict[str, int | None],
               counts: dict[str, int], lock: RunLock, line: ProgressLine) -> None:
     workers, gpus, cpus = plan_resources(cfg, len(todo))
-    log(f"{workers} worker(s), each {gpus:g} GPU and {cpus:g} CPU")
-    if gpus > 0 and cfg.precision == "fp32":
-        log("fp32 on GPUs is IEEE fp32 (TF32 off); --precision fp16 is faster (its effect on Average Drop: "
-            "README, Performance)")
+    precision = resolve_precision(cfg.precision, "cuda" if gpus > 0 else "cpu")
+    recorded = manifest.data.setdefault("precision", precision)
+    if recorded != precision:
+        raise ConfigError(f"the rows in {storage.redact(cfg.out or '')} were computed in {recorded}, but "
+                          f"--precision {cfg.precision} means {precision} on these workers; pass --precision "
+                          f"{recorded} or use a new --out")
+    cfg = replace(cfg, precision=precision)
+    log(f"{workers} worker(s), each {gpus:g} GPU and {cpus:g} CPU; methods' masked forwards in {precision}")
+    if gpus > 0 and precision == "fp32":
+        log("fp32 on GPUs is IEEE fp32 (TF32 off); the default (auto = fp16) is faster (its effect on Average "
+            "Drop: README, Performance)")
     actor_cls = ray.remote(ShardWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=cfg.max_restarts,
                                                  max_task_retries=cfg.max_task_retries)
     progress_name = f"unioncam-progress-{manifest.run_id}-{os.getpid()}"
@@ -375,6 +383,7 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
     for i in range(workers):
         submit(i)
     tally = {"done": 0, "failed": 0}
+    graph_count: dict[int, int] = {}
     try:
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(cfg.progress_interval, 5.0))
@@ -383,6 +392,9 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                 name = shard_name(path)
                 try:
                     result = ray.get(ref)
+                    graphs = result.pop("compiled_graphs", 0)
+                    if graphs > graph_count.setdefault(i, graphs):
+                        log(f"warning: worker {i} recompiled during {name} ({graphs} graphs)")
                     manifest.record(name, status="done", path=storage.redact(path), **result)
                     tally["done"] += 1
                 except ray.exceptions.RayActorError as exc:

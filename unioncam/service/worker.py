@@ -22,6 +22,7 @@ Decisions (see README, "Reference notes"):
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -34,13 +35,13 @@ from torch import Tensor
 
 import unioncam
 from unioncam import storage
-from unioncam.data.shards import iter_samples, shard_name
+from unioncam.data.shards import iter_samples, prefetched, shard_name
 from unioncam.data.voc import VOC_CLASSES
 from unioncam.methods import CAM, get_method
-from unioncam.methods.base import default_batch_size
+from unioncam.methods.base import default_batch_size, gpu_plan
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
-from unioncam.models import load
-from unioncam.ops import ieee_fp32, normalize
+from unioncam.models import compiled_graphs, load
+from unioncam.ops import autocast, ieee_fp32, normalize, resolve_precision
 from unioncam.service.config import EvalConfig
 from unioncam.service.results import (
     MAP_DTYPE,
@@ -62,30 +63,48 @@ def _error_text(exc: BaseException) -> str:
 class ShardEvaluator:
     """One model replica and the requested methods; :meth:`evaluate` does one shard."""
 
-    def __init__(self, cfg: EvalConfig, device: torch.device | str = "cpu", run_id: str = "") -> None:
+    def __init__(self, cfg: EvalConfig, device: torch.device | str = "cpu", run_id: str = "",
+                 free_memory: int | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.loaded = load(cfg.model or "vgg16", cfg.weights, channels_last=cfg.channels_last, compile=cfg.compile)
+        self.loaded = load(cfg.model or "vgg16", cfg.weights, channels_last=cfg.channels_last)
         self.model = self.loaded.model.to(self.device)
         self.size = self.loaded.input_size
         self.label_names = VOC_CLASSES if cfg.dataset == "voc" else self.loaded.class_names
-        self.batch_size = cfg.batch_size or default_batch_size(self.device)
-        self.images_per_batch = cfg.images_per_batch or (8 if self.device.type == "cuda" else 1)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        gpu = self.device.type == "cuda"
+        self.plan = gpu_plan(self.model, self.size, self.precision, cfg.max_gpu_memory, free_memory) \
+            if gpu or free_memory is not None else None
+        self.batch_size = cfg.batch_size or (self.plan.batch_size if self.plan else default_batch_size(self.device))
+        self.images_per_batch = cfg.images_per_batch or (self.plan.images_per_batch if self.plan else 1)
+        self.compile = cfg.compile if cfg.compile is not None else gpu
+        self.warmup_seconds = 0.0
+        if self.compile:
+            self.model.compile_inference(pad_to=self.batch_size)
+            self.warmup_seconds = self._warm_up()
         self.share_region = "unioncam" in cfg.methods and "scorecam" in cfg.methods
         self.cams: dict[str, CAM] = {
-            m: get_method(m)(self.model, batch_size=self.batch_size, precision=cfg.precision)
+            m: get_method(m)(self.model, batch_size=self.batch_size, precision=self.precision)
             for m in cfg.methods if not (self.share_region and m == "scorecam")}
         self.provenance = {
             "run_id": run_id, "dataset": cfg.dataset, "model": self.loaded.name,
             "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
-            "input_size": list(self.size), "precision": cfg.precision, "target": cfg.target,
-            "channels_last": cfg.channels_last, "compile": cfg.compile,
+            "input_size": list(self.size), "precision": self.precision, "target": cfg.target,
+            "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "unioncam_version": unioncam.__version__,
             "torch_version": torch.__version__, "ray_version": _ray_version(), "device": str(self.device)}
 
-    def close(self) -> None:
-        for cam in self.cams.values():
-            cam.remove_hooks()
+    def _warm_up(self) -> float:
+        """Compile the grad-free forward for every setting a shard uses (the methods' precision and the
+        metrics' fp32) at the one padded batch shape, before the first shard; returns the seconds."""
+        start = time.perf_counter()
+        x = torch.zeros((1, 3, *self.size), device=self.device)
+        for precision in dict.fromkeys((self.precision, "fp32")):
+            with torch.inference_mode(), autocast(self.device, precision):  # type: ignore[arg-type]
+                self.model(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     # -- one shard -------------------------------------------------------------------------------
     def evaluate(self, shard: str, out: str, limit: int | None = None,
@@ -105,7 +124,7 @@ class ShardEvaluator:
         maps: list[Row] = []
         batch: list[dict[str, Any]] = []
         seen = 0
-        for record in iter_samples(shard, self.size):
+        for record in prefetched(iter_samples(shard, self.size), depth=2 * self.images_per_batch):
             if limit is not None and seen >= limit:
                 break
             seen += 1
@@ -135,7 +154,8 @@ class ShardEvaluator:
             write_parquet(maps, with_provenance(MAPS_SCHEMA, meta), storage.join(out, "maps", f"{name}.parquet"))
         write_parquet(rows, with_provenance(METRICS_SCHEMA, prov), storage.join(out, "metrics", f"{name}.parquet"))
         return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0,
-                "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start}
+                "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start,
+                "compiled_graphs": compiled_graphs() if self.compile else 0}
 
     def _row(self, sample: dict[str, Any], method: str, **values: Any) -> Row:
         label = sample.get("label")
@@ -156,15 +176,33 @@ class ShardEvaluator:
             batch = [s for s in batch if 0 <= s["label"] < n_classes]
             if not batch:
                 return
-        x = torch.stack([s["image"] for s in batch]).to(self.device)
+        x = torch.stack([s["image"] for s in batch]).to(self.device, non_blocking=True)
         if self.cfg.target == "label":
             targets = torch.tensor([s["label"] for s in batch], device=self.device)
         else:
             with torch.inference_mode(), ieee_fp32():
                 logits = self.model(x)
             targets = logits.argmax(dim=1)  # outside inference mode: the methods' backward uses it
-        for method, outcome in self._explain_all(x, targets).items():
-            self._score(method, batch, x, targets, outcome, rows, maps)
+        outcomes = self._explain_all(x, targets)
+        done = [(m, i) for m, per_image in outcomes.items() for i, o in enumerate(per_image) if not isinstance(o, str)]
+        values = self._score_all(batch, x, targets, [outcomes[m][i][0] for m, i in done],  # type: ignore[index]
+                                 [i for _, i in done])
+        scored = dict(zip(done, values, strict=True))
+        for method, per_image in outcomes.items():
+            for i, (sample, outcome) in enumerate(zip(batch, per_image, strict=True)):
+                target = int(targets[i])
+                common = {"target": target, "target_name": self.loaded.class_names[target]}
+                value = scored.get((method, i))
+                if isinstance(outcome, str) or isinstance(value, str):
+                    rows.append(self._row(sample, method, error=outcome if isinstance(outcome, str) else value,
+                                          **common))
+                    continue
+                saliency, details, seconds = outcome
+                kept = {k: v for k, v in details.items() if k in METRICS_SCHEMA.names}
+                rows.append(self._row(sample, method, seconds=seconds, **common, **(value or {}), **kept))
+                if self.cfg.save_maps:
+                    maps.append({"key": sample["key"], "method": method,
+                                 "map": encode_map(saliency.detach().float().cpu().numpy())})
 
     def _explain_all(self, x: Tensor, targets: Tensor) -> dict[str, list[tuple[Tensor, Row, float] | str]]:
         """Per method, per image: ``(map, details, seconds)`` or an error message."""
@@ -197,41 +235,45 @@ class ShardEvaluator:
                 torch.cuda.empty_cache()
         return [o for i in range(x.shape[0]) for o in self._explain(cam, x[i:i + 1], targets[i:i + 1])]
 
-    def _score(self, method: str, batch: list[dict[str, Any]], x: Tensor, targets: Tensor,
-               outcomes: list[tuple[Tensor, Row, float] | str], rows: list[Row], maps: list[Row]) -> None:
-        ok = [i for i, o in enumerate(outcomes) if not isinstance(o, str)]
-        values: dict[int, Row] = {i: {} for i in ok}
-        if ok:
-            m = torch.stack([outcomes[i][0] for i in ok]).float()  # type: ignore[index]
-            xi, ti = x[ok], targets[ok]
-            try:
-                if {"ad", "ai"} & set(self.cfg.metrics):
-                    y, o = confidence(self.model, xi, m, ti, self.batch_size)
-                    for j, i in enumerate(ok):
-                        values[i].update(y=float(y[j]), o=float(o[j]))
-                if "insdel" in self.cfg.metrics:
-                    ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps or 224,
-                                                   self.batch_size)
-                    for j, i in enumerate(ok):
-                        values[i].update(insertion_auc=float(ins[j]), deletion_auc=float(dele[j]))
-                if "epg" in self.cfg.metrics:
-                    for j, i in enumerate(ok):
-                        if batch[i]["boxes"]:
-                            values[i]["epg"] = float(energy_pointing_game(m[j:j + 1], [batch[i]["boxes"]])[0])
-            except Exception as exc:  # a metric failing must not lose the shard
-                outcomes = [_error_text(exc) if i in values else o for i, o in enumerate(outcomes)]
-        for i, (sample, outcome) in enumerate(zip(batch, outcomes, strict=True)):
-            target = int(targets[i])
-            common = {"target": target, "target_name": self.loaded.class_names[target]}
-            if isinstance(outcome, str):
-                rows.append(self._row(sample, method, error=outcome, **common))
-                continue
-            saliency, details, seconds = outcome
-            kept = {k: v for k, v in details.items() if k in METRICS_SCHEMA.names}
-            rows.append(self._row(sample, method, seconds=seconds, **common, **values[i], **kept))
-            if self.cfg.save_maps:
-                maps.append({"key": sample["key"], "method": method,
-                             "map": encode_map(saliency.detach().float().cpu().numpy())})
+    def _score_all(self, batch: list[dict[str, Any]], x: Tensor, targets: Tensor, saliency: list[Tensor],
+                   index: list[int]) -> list[Row | str]:
+        """Metric values (or an error text) for maps of several images *and methods* at once
+        (``saliency[j]`` explains image ``index[j]``), so the metric forwards fill whole batches.
+        If the batch fails, each map is scored alone, so one failure costs one row. Y = 0 (label
+        targets) and non-finite confidences are errors of their own row."""
+        if not saliency:
+            return []
+        try:
+            return self._metrics(batch, x, targets, torch.stack(saliency).float(), index)
+        except Exception as exc:
+            if len(saliency) == 1:
+                return [_error_text(exc)]
+        return [v for j, m in enumerate(saliency) for v in self._score_all(batch, x, targets, [m], [index[j]])]
+
+    def _metrics(self, batch: list[dict[str, Any]], x: Tensor, targets: Tensor, m: Tensor,
+                 index: list[int]) -> list[Row | str]:
+        idx = torch.tensor(index, device=x.device)
+        xi, ti = x[idx], targets[idx]
+        values: list[Row | str] = [{} for _ in index]
+        if {"ad", "ai"} & set(self.cfg.metrics):
+            y, o = confidence(self.model, xi, m, ti, self.batch_size)
+            for j, (yj, oj) in enumerate(zip(y.tolist(), o.tolist(), strict=True)):
+                if not (math.isfinite(yj) and math.isfinite(oj)):
+                    values[j] = f"non-finite confidence (Y={yj}, O={oj})"
+                elif yj <= 0:
+                    values[j] = "Y = 0: the model gives the target class zero probability (Average Drop undefined)"
+                else:
+                    values[j].update(y=yj, o=oj)  # type: ignore[union-attr]
+        if "insdel" in self.cfg.metrics:
+            ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps or 224, self.batch_size)
+            for j, (a, d) in enumerate(zip(ins.tolist(), dele.tolist(), strict=True)):
+                if isinstance(values[j], dict):
+                    values[j].update(insertion_auc=a, deletion_auc=d)  # type: ignore[union-attr]
+        if "epg" in self.cfg.metrics:
+            for j, i in enumerate(index):
+                if batch[i]["boxes"] and isinstance(values[j], dict):
+                    values[j]["epg"] = float(energy_pointing_game(m[j:j + 1], [batch[i]["boxes"]])[0])  # type: ignore[index]
+        return values
 
 
 def _details_at(details: dict[str, Any], i: int) -> Row:
@@ -275,7 +317,15 @@ class ShardWorker:
                 print(f"[unioncam] worker {os.getpid()}: GPU {self.gpu_ids} assigned but CUDA is unavailable; "
                       "running on CPU", flush=True)
         self.node_id = ray.get_runtime_context().get_node_id()
+        start = time.perf_counter()
         self.evaluator = ShardEvaluator(cfg, device, run_id)
+        e = self.evaluator
+        plan = (f", GPU plan: {e.plan.per_input / 2**20:.1f} MiB per masked input within "
+                f"{e.plan.budget / 2**30:.2f} GiB") if e.plan else ""
+        warm = f"; compiled and warmed up in {e.warmup_seconds:.1f} s ({compiled_graphs()} graphs)" if e.compile else ""
+        print(f"[unioncam] worker {os.getpid()} on {device}: {e.precision}, batch {e.batch_size}, "
+              f"{e.images_per_batch} image(s) per call{plan}; ready in {time.perf_counter() - start:.1f} s{warm}",
+              flush=True)
         self.progress = ray.get_actor(progress) if progress else None  # a name: handles in args break restarts
         self.out = cfg.out or "."
 
