@@ -64,7 +64,8 @@ def test_worker_derives_batches_from_the_faked_gpu_memory(tmp_path):
     cfg = EvalConfig(shards="x/*.tar", out=str(tmp_path), model="tiny_cnn", methods=["gradcam"],
                      max_gpu_memory=0.8).resolved()
     ev = ShardEvaluator(cfg, "cpu", free_memory=100 << 30)
-    assert ev.plan is not None and (ev.batch_size, ev.images_per_batch) == (ev.plan.batch_size, ev.plan.images_per_batch)
+    assert ev.plan is not None
+    assert (ev.batch_size, ev.images_per_batch) == (ev.plan.batch_size, ev.plan.images_per_batch)
     given = ShardEvaluator(EvalConfig(**{**cfg.__dict__, "batch_size": 16}).resolved(), "cpu", free_memory=100 << 30)
     assert given.batch_size == 16  # explicit sizes win
     assert ShardEvaluator(cfg, "cpu").batch_size == 4 and ShardEvaluator(cfg, "cpu").plan is None  # CPU defaults
