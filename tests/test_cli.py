@@ -39,6 +39,13 @@ def test_explain_writes_overlays_and_prints_ams(photo, tmp_path, capsys):
     (["{bad}"], "cannot decode image"),
     (["{photo}", "--model", "resnet"], "unknown model"),
     (["{photo}", "--model", "tiny_cnn", "--weights", "{bad}"], "corrupt or not a state dict"),
+    (["{photo}", "--target", "99999"], "--target 99999 is not a class of tiny_cnn (0..9)"),
+    (["{photo}", "--target", "-1"], "--target -1 is not a class"),
+    (["{photo}", "--batch-size", "-3"], "--batch-size must be >= 1"),
+    (["{photo}", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["{photo}", "--steps", "0"], "--steps must be >= 1"),
+    pytest.param(["{photo}", "--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_usage_errors_are_one_line_exit_2(photo, tmp_path, capsys, args, message):
     bad = tmp_path / "bad.jpg"

@@ -54,8 +54,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"no such image: {', '.join(missing)}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise UsageError(f"bad --device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=args.compile)
-    device = torch.device(args.device)
+    if args.target is not None and not 0 <= args.target < len(loaded.class_names):
+        raise UsageError(f"--target {args.target} is not a class of {loaded.name} (0..{len(loaded.class_names) - 1})")
     model = loaded.model.to(device)
     images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work
     out = Path(args.out)
