@@ -41,5 +41,5 @@ for signal in TERM KILL; do
   kill -s "$signal" $pids 2>/dev/null || true
   sleep 5
 done
-rm -rf "$temp" "$STATE/temp_dir" "$STATE/address" "$STATE/dashboard"
+rm -rf "$temp" "$STATE/temp_dir" "$STATE/address" "$STATE/dashboard" "$STATE/env"
 echo "unioncam: stopped the Ray cluster recorded in $STATE"

@@ -1,18 +1,21 @@
 """The Ray service end to end, on a real cluster bound to 127.0.0.1 (one per test session).
 
-The session fixture starts a head with two fake GPUs and a second node (another raylet on
-loopback) with ``cluster/start-local.sh``, connects this process as a driver, and stops exactly the
-processes it started with ``cluster/stop-local.sh`` (and checks that none is left).
+The session fixture ``cluster`` (tests/conftest.py) starts a head with four fake GPUs and a second
+node (another raylet on loopback) with ``cluster/start-local.sh`` under a fresh HOME, connects this
+process as a driver, and stops exactly the processes it started with ``cluster/stop-local.sh`` (and
+checks that none is left).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,68 +33,14 @@ from unioncam.service import EvalConfig, read_metrics  # noqa: E402
 from unioncam.service.runner import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _ours(marks: list[str]) -> set[int]:
-    """Pids whose command line names one of ``marks`` (an independent check on stop-local.sh)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes()
-                if cmdline and any(m.encode() in cmdline for m in marks):
-                    found.add(int(entry.name))
-    return found
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    """A head with 2 CPUs and 2 fake GPUs plus a second node with 2 CPUs, via cluster/*.sh."""
-    state = tmp_path_factory.mktemp("ray-state")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "UNIONCAM_RAY_STATE": str(state),
-           "RAY": str(BIN / "ray"), "PYTHON": sys.executable}
-
-    def script(*args: str) -> None:
-        done = subprocess.run([str(REPO / "cluster" / args[0]), *args[1:]], env=env, capture_output=True,
-                              text=True, timeout=180, cwd=REPO)
-        assert done.returncode == 0, f"{args} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-
-    try:
-        script("start-local.sh", "--num-cpus=2", "--num-gpus=2")
-        script("start-local.sh", "--join", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}')
-        address = (state / "address").read_text().strip()
-        ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False)
-        deadline = time.time() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
-            time.sleep(1)
-        info = {"dashboard": (state / "dashboard").read_text().strip(), "env": env}
-        deadline = time.time() + 120  # the job agent comes up some seconds after `ray start` returns
-        while (probe := submit(info, ["python", "-c", "pass"], REPO)).returncode != 0 and time.time() < deadline:
-            time.sleep(2)
-        assert probe.returncode == 0, probe.stderr[-2000:]
-        yield info
-    finally:
-        ray.shutdown()
-        if (state / "temp_dir").exists():
-            temp = (state / "temp_dir").read_text().strip()
-            script("stop-local.sh")
-            assert not _ours([temp]), "stop-local.sh left Ray processes behind"
-            assert not Path(temp).exists()
 
 
 def rows_of(out: Path) -> pd.DataFrame:
     return read_metrics(out).to_pandas()
 
 
-def submit(cluster, entrypoint: list[str], working_dir: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(working_dir),
-           "--", *entrypoint]
-    return subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
 def job(cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return submit(cluster, ["python", "jobs/eval_imagenet.py", *args], REPO)
+    return cluster["submit"](["python", "jobs/eval_imagenet.py", *args], REPO)
 
 
 def test_ray_job_submit_end_to_end_and_idempotent_rerun(cluster, tmp_path):
@@ -184,13 +133,19 @@ def run_four_one_image_shards(tmp_path, **resources) -> dict:
                           methods=["gradcam"], metrics=["ad"], workers=2, report=False, **resources).resolved())
 
 
-def test_fake_gpus_are_distinct_per_worker(cluster, tmp_path):
-    manifest = run_four_one_image_shards(tmp_path, gpus_per_worker=1, cpus_per_worker=1)
+def test_one_worker_per_gpu_by_default_each_on_its_own_gpu(cluster, tmp_path):
+    """The head has 4 (fake) GPUs: with no --workers / --gpus-per-worker the job starts 4 actors, each
+    pinned to a distinct GPU id, and the 8 shards are spread across them."""
+    make_shards(tmp_path / "shards", n_images=8, shard_size=1)
+    manifest = run(EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=str(tmp_path / "run"),
+                              model="tiny_cnn", methods=["gradcam"], metrics=["ad"], cpus_per_worker=0.25,
+                              report=False).resolved())
     workers = {s["worker"]["pid"]: s["worker"] for s in manifest["shards"].values()}
-    assert len(workers) == 2
-    gpu_ids = sorted(tuple(w["gpu_ids"]) for w in workers.values())
-    assert gpu_ids == [("0",), ("1",)]
+    assert len(workers) == 4
+    assert sorted(tuple(w["gpu_ids"]) for w in workers.values()) == [("0",), ("1",), ("2",), ("3",)]
     assert all(w["device"] == "cpu" for w in workers.values())  # no CUDA here: fake GPUs, CPU compute
+    assert manifest["precision"] == "fp16"  # "auto" on GPU workers
+    assert manifest["counts"]["shards_done"] == 8
 
 
 def test_second_node_takes_shards(cluster, tmp_path):
@@ -200,3 +155,88 @@ def test_second_node_takes_shards(cluster, tmp_path):
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2 and nodes <= alive
     assert manifest["counts"]["images"] == 4 and len(rows_of(tmp_path / "run")) == 4
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[int, str, str, int]]:
+    """``(pid, program, address, port)`` for every listening TCP socket (IPv4 and IPv6) that ``pids`` hold."""
+    listening = {}  # socket inode → (address, port)
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with contextlib.suppress(FileNotFoundError):  # no IPv6 in this kernel
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] != "0A":  # TCP_LISTEN
+                    continue
+                hex_ip, hex_port = fields[1].split(":")
+                # The kernel prints each 32-bit word of the address as a number in host byte order.
+                raw = b"".join(struct.pack("=I", int(hex_ip[i:i + 8], 16)) for i in range(0, len(hex_ip), 8))
+                listening[int(fields[9])] = (socket.inet_ntop(family, raw), int(hex_port, 16))
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone, or not ours to read
+            program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:[") and int(link[8:-1]) in listening:
+                        found.append((pid, Path(program).name, *listening[int(link[8:-1])]))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1 is an IPv6 socket on loopback
+
+
+def test_every_ray_process_listens_on_loopback_only(cluster):
+    """README's promise: the local cluster is on 127.0.0.1, no Ray port on any other interface."""
+    sockets = listening_sockets(cluster["processes"]())
+    programs = {program for _, program, _, _ in sockets}
+    ports = {port for *_, port in sockets}
+    # The check saw the cluster: its GCS, dashboard, both raylets and every node's agents.
+    assert {int(cluster["address"].rsplit(":", 1)[1]), int(cluster["dashboard"].rsplit(":", 1)[1])} <= ports
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= programs, programs
+    assert len({pid for pid, program, _, _ in sockets if program == "raylet"}) == 2
+    exposed = sorted((program, address, port) for _, program, address, port in sockets if not is_loopback(address))
+    assert not exposed, f"Ray listens beyond loopback: {exposed}"
+
+
+def test_without_an_address_the_job_starts_its_own_loopback_ray(cluster, tmp_path):
+    """A fresh HOME, the session cluster's head running on this host: connect(None) must start a new
+    local instance (not join the running one), create the token readable by its owner only, and
+    listen on loopback only."""
+    from conftest import ray_processes
+
+    home = tmp_path / "home"
+    home.mkdir()
+    code = (
+        "import json, os\n"
+        "from unioncam.service.runner import connect\n"
+        "connect(None)\n"
+        "import ray\n"
+        "ctx = ray.get_runtime_context()\n"
+        "print(json.dumps({'gcs': ctx.gcs_address, 'temp': ray._private.worker._global_node.get_temp_dir_path()}),"
+        " flush=True)\n"
+        "import sys; sys.stdin.readline()\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") or k in ("RAY_USAGE_STATS_ENABLED",)}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token")
+    proc = subprocess.Popen([str(Path(os.sys.executable)), "-c", code], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        info = json.loads(line)
+        assert info["gcs"] != cluster["address"]  # a new instance, not the running head
+        token = home / ".ray" / "auth_token"
+        assert token.stat().st_mode & 0o777 == 0o600
+        pids = ray_processes([info["temp"]]) | {proc.pid}
+        sockets = listening_sockets(pids)
+        assert sockets and all(is_loopback(address) for _, _, address, _ in sockets), sockets
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

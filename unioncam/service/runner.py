@@ -231,16 +231,52 @@ def _alive(pid: int) -> bool:
 
 
 def connect(address: str | None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), else start a local cluster bound to 127.0.0.1."""
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a fresh local Ray bound to 127.0.0.1.
+
+    Without an address the job never joins another cluster on this host (``address="local"``: Ray
+    would otherwise attach to any ``ray start --head`` it finds in its temp dir). Local and loopback
+    clusters run in Ray's single-machine mode, in which every Ray server listens on 127.0.0.1 only
+    (otherwise Ray 2.60 replaces 127.0.0.1 by the host's address and binds all interfaces).
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        _loopback_only()
+        _ensure_token()
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
         return
     host = urlparse(address if "://" in address else f"ray://{address}").hostname
-    extra = {"_node_ip_address": "127.0.0.1"} if host in LOOPBACK else {}
-    ray.init(address=address, **extra)
+    if host in LOOPBACK:
+        _loopback_only()
+        ray.init(address=address, _node_ip_address="127.0.0.1")
+    else:
+        ray.init(address=address)
+
+
+def _loopback_only() -> None:
+    """Ray's single-machine mode, for this process (read at Ray's import, so set here too) and the
+    processes it starts."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _ensure_token() -> None:
+    """Create ``~/.ray/auth_token`` (mode 0600) when token auth is on and no token exists yet;
+    ``ray.init`` would create it readable by everyone."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token" or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    import secrets
+
+    folder = os.path.join(os.path.expanduser("~"), ".ray")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(os.path.join(folder, "auth_token"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
 
 
 def plan_resources(cfg: EvalConfig, n_shards: int) -> tuple[int, float, float]:
