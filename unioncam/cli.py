@@ -114,7 +114,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     try:
         if args.dataset == "sample":
-            for kind, manifest in write_sample_shards(args.out, args.shard_size or 4).items():
+            size = 4 if args.shard_size is None else args.shard_size
+            for kind, manifest in write_sample_shards(args.out, size).items():
                 print(f"{kind}: {manifest['count']} samples in {len(manifest['shards'])} shards"
                       f" → {storage.join(args.out, kind)}")
             return 0
@@ -124,7 +125,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
         else:
             samples, info = voc_samples(args.root, args.split)
             prefix = f"voc2007-{args.split}"
-        manifest = write_shards(samples, args.out, prefix, args.shard_size or 1000, info)
+        size = 1000 if args.shard_size is None else args.shard_size
+        manifest = write_shards(samples, args.out, prefix, size, info)
     except (OSError, KeyError, ValueError) as exc:
         raise UsageError(str(exc).strip("'\"")) from exc
     print(f"{manifest['count']} samples ({manifest['labelled']} labelled) in {len(manifest['shards'])} shards"

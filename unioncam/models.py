@@ -162,6 +162,11 @@ def load_state_dict(net: nn.Module, path: str | os.PathLike[str]) -> str:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
+        text = " ".join(str(exc).split())
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise WeightsError(f"{path} is not a plain state dict and was not loaded: it needs unpickling code "
+                               "beyond tensors, which could run arbitrary code (torch.load weights_only=True "
+                               f"refused it: {text[:300]})") from None
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise WeightsError(f"cannot read weights file {path} (corrupt or not a state dict): "
                            f"{type(exc).__name__}: {first}") from exc

@@ -101,16 +101,18 @@ class EvalConfig:
         c = dataclasses.replace(self, methods=list(self.methods), metrics=list(self.metrics))
         if c.dataset not in ("imagenet", "voc"):
             raise ConfigError(f"unknown dataset {c.dataset!r}; valid: imagenet, voc")
+        if self.sample and self.shards is not None:
+            raise ConfigError("'sample: true' and 'shards' exclude each other: give one")
         if c.is_sample:
             c.sample = True
             c.shards = str(SAMPLE_DIR / c.dataset / f"sample-{c.dataset}-*.tar")
             c.out = c.out or f"runs/sample-{c.dataset}"
             c.model = c.model or "efficientnet_lite0"
-            c.insdel_steps = c.insdel_steps or 32
+            c.insdel_steps = 32 if c.insdel_steps is None else c.insdel_steps
         elif not c.out:
             raise ConfigError("--out RUN_DIR is required with --shards")
         c.model = MODELS.canonical(c.model or "vgg16")
-        c.insdel_steps = c.insdel_steps or 224
+        c.insdel_steps = 224 if c.insdel_steps is None else c.insdel_steps
         try:
             c.methods = parse_methods(",".join(c.methods))
         except ValueError as exc:
@@ -136,6 +138,10 @@ class EvalConfig:
         if c.gpus_per_worker is not None and c.gpus_per_worker > 1:
             raise ConfigError(f"gpus_per_worker {c.gpus_per_worker:g} > 1: a worker computes on one GPU (cuda:0), "
                               "so the others would sit idle; use more workers (one per GPU is the default)")
+        if not c.progress_interval > 0:
+            raise ConfigError(f"progress_interval must be > 0 seconds, got {c.progress_interval}")
+        if c.out is not None and not storage.is_uri(c.out) and os.path.abspath(storage.local_path(c.out)) == "/":
+            raise ConfigError("--out / would put the run's folders at the file system's root; choose a folder")
         if not c.max_gpu_memory > 0:
             raise ConfigError(f"max_gpu_memory must be > 0 GiB, got {c.max_gpu_memory}")
         if (c.images_per_batch is not None and c.images_per_batch < 1) or c.insdel_steps < 1 or c.overlays < 0:
@@ -156,40 +162,90 @@ class EvalConfig:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        """Build from a mapping (YAML); unknown keys raise with the valid ones."""
+    def from_dict(cls, values: dict[str, Any], dataset: Dataset | None = None) -> EvalConfig:
+        """Build from a mapping (YAML): unknown or doubled keys (``batch-size`` and ``batch_size``)
+        and values of the wrong type raise, naming the key. ``dataset`` is the default when the
+        mapping has none (the entry point's dataset)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        clean = {str(k).replace("-", "_"): v for k, v in values.items()}
+        clean: dict[str, Any] = {}
+        for k, v in values.items():
+            key = str(k).replace("-", "_")
+            if key in clean:
+                raise ConfigError(f"config key {key!r} is given twice (as '-' and '_' spellings)")
+            clean[key] = v
         unknown = sorted(set(clean) - names)
         if unknown:
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
         for key in ("methods", "metrics"):
             if isinstance(clean.get(key), str):
                 clean[key] = _names(key, clean[key])
+        for key, value in clean.items():
+            _check_type(key, value)
+        if dataset is not None:
+            clean.setdefault("dataset", dataset)
         return cls(**clean)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> EvalConfig:
+    def from_yaml(cls, path: str | os.PathLike[str], dataset: Dataset | None = None) -> EvalConfig:
+        """A YAML file of options: at most :data:`MAX_CONFIG_BYTES`, no anchors or aliases (a few
+        nested aliases expand to gigabytes)."""
         import yaml
 
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+            text = Path(path).read_bytes()
+            if len(text) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config {path} is {len(text)} bytes; at most {MAX_CONFIG_BYTES} are read")
+            if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None)
+                   for e in yaml.parse(text, Loader=yaml.SafeLoader)):
+                raise ConfigError(f"config {path} uses YAML anchors or aliases (&x / *x); write values out")
+            values = yaml.safe_load(text) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {' '.join(str(exc).split())}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config {path} must be a mapping of option: value")
-        return cls.from_dict(values)
+        return cls.from_dict(values, dataset)
 
     @classmethod
     def from_argv(cls, argv: Sequence[str] | None, dataset: Dataset) -> EvalConfig:
         """Parse the job's command line (see :func:`build_parser`); flags override ``--config``."""
         args = build_parser(dataset).parse_args(argv)
-        base = cls.from_yaml(args.config) if args.config else cls(dataset=dataset)
+        base = cls.from_yaml(args.config, dataset) if args.config else cls(dataset=dataset)
         given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
         for key in ("methods", "metrics"):
             if key in given:
                 given[key] = _names(key, given[key])
         return dataclasses.replace(base, **given).resolved()
+
+
+MAX_CONFIG_BYTES = 1 << 20
+_INT = ("workers", "batch_size", "images_per_batch", "limit", "insdel_steps", "max_restarts", "max_task_retries",
+        "overlays")
+_FLOAT = ("gpus_per_worker", "cpus_per_worker", "max_gpu_memory", "progress_interval")
+_BOOL = ("channels_last", "compile", "save_maps", "report", "sample")
+_STR = ("dataset", "shards", "out", "model", "weights", "precision", "target", "address")
+
+
+def _check_type(key: str, value: Any) -> None:
+    """One place for the YAML values' types (argparse checks the flags'): ints are ints (not
+    ``"32"``, ``2.5`` or ``true``), floats are numbers, booleans are ``true``/``false`` (not ``"no"``),
+    names are strings, lists are lists of strings. None (YAML ``null``) means the default."""
+    if value is None:
+        return
+    if key in _INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        kind = "an integer"
+    elif key in _FLOAT:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        kind = "a number"
+    elif key in _BOOL:
+        ok, kind = isinstance(value, bool), "true or false"
+    elif key in _STR:
+        ok, kind = isinstance(value, str), "a string"
+    else:  # methods, metrics
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        kind = "a list of names or a comma-separated string"
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {kind}, got {value!r} ({type(value).__name__})")
 
 
 def _names(key: str, spec: str) -> list[str]:

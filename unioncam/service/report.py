@@ -189,10 +189,16 @@ def _table1(summary: pd.DataFrame) -> pd.DataFrame:
         "EPG ↑": summary["epg"].map(_fmt), "s/image": summary["seconds_per_image"].map(_fmt)})
 
 
+def _md(text: Any) -> str:
+    """A table cell's text, safe in markdown: HTML escaped (keys, shard names and error texts come
+    from the data), ``|`` escaped, newlines as spaces."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+
+
 def _markdown(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    head = "| " + " | ".join(_md(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(_md(_fmt(v)) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body])
 
 

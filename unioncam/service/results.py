@@ -113,6 +113,9 @@ def load_manifest(run_dir: str) -> dict[str, Any]:
         raise ValueError(f"{shown} is not valid JSON ({exc}); restore it or use a new --out") from None
     if not isinstance(data, dict):
         raise ValueError(f"{shown} is not a run manifest (a JSON {type(data).__name__})")
+    if str(data.get("format", "")).startswith("unioncam-shards"):
+        raise ValueError(f"{storage.redact(run_dir)} is a shard folder (its manifest.json lists shards), not a run "
+                         "directory: choose another --out")
     for key, kind in (("run_id", str), ("config", dict), ("shards", dict)):
         if not isinstance(data.get(key), kind):
             raise ValueError(f"{shown}: '{key}' is missing or not a {kind.__name__}; restore it or use a new --out")

@@ -434,7 +434,7 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                     manifest.record(name, status="done", path=storage.redact(path), **result)
                     tally["done"] += 1
                 except ray.exceptions.RayActorError as exc:
-                    if "creation task" in str(exc):
+                    if exc.actor_init_failed:
                         raise WorkerStartError(f"a worker could not start: {_reason(exc)}") from None
                     manifest.record(name, status="failed", path=storage.redact(path),
                                     error=f"worker died: {_reason(exc)}")
@@ -451,6 +451,9 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
         for actor in actors:
             ray.kill(actor, no_restart=True)
         ray.kill(progress)
+        for _, path in inflight.values():  # shards cut short (Ctrl-C, an error): no worker holds them now
+            with contextlib.suppress(OSError):
+                storage.delete(storage.join(cfg.out or ".", "running", f"{shard_name(path)}.json"))
 
 
 def _reason(exc: BaseException) -> str:
@@ -471,4 +474,8 @@ def main(argv: list[str] | None, dataset: str) -> int:
     except (ConfigError, WorkerStartError, ValueError, OSError) as exc:
         print(f"unioncam: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("unioncam: interrupted; finished shards are kept (see manifest.json): rerun the same command "
+              "to resume", file=sys.stderr, flush=True)
+        return 130
     return 1 if manifest["counts"]["shards_failed"] else 0

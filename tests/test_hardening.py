@@ -1,0 +1,105 @@
+"""Bad configuration, broken run directories, unsafe weights and hostile text: one-line errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from unioncam.models import WeightsError, load
+from unioncam.service import ConfigError, EvalConfig
+from unioncam.service.results import load_manifest
+from unioncam.service.runner import main as job_main
+
+
+def yaml_config(tmp_path, text: str) -> EvalConfig:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return EvalConfig.from_argv(["--config", str(path)], "imagenet")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('batch_size: "32"\n', "'batch_size' must be an integer, got '32'"),
+    ("channels_last: \"no\"\n", "'channels_last' must be true or false"),
+    ("workers: 2.5\n", "'workers' must be an integer, got 2.5"),
+    ("workers: true\n", "'workers' must be an integer"),
+    ("insdel_steps: 0\n", "insdel_steps must be >= 1"),
+    ("batch_size: 0\n", "batch_size must be >= 1"),
+    ("batch-size: 8\nbatch_size: 16\n", "given twice"),
+    ("sample: true\nshards: x/*.tar\nout: o\n", "exclude each other"),
+    ("progress_interval: 0\n", "progress_interval must be > 0"),
+    ("shards: x/*.tar\nout: /\n", "--out /"),
+    ("a: &a [1, 1, 1]\nb: &b [*a, *a, *a]\nsave_maps: [*b, *b, *b]\n", "anchors or aliases"),
+    ("gpus_per_worker: 4\n", "computes on one GPU"),
+])
+def test_yaml_values_are_checked_in_one_place(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        yaml_config(tmp_path, text)
+
+
+def test_oversized_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="at most"):
+        yaml_config(tmp_path, "# x\n" * 300_000)
+
+
+def test_eval_voc_with_a_config_without_dataset_stays_voc(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("methods: gradcam\n")
+    assert EvalConfig.from_argv(["--config", str(path)], "voc").dataset == "voc"
+    assert EvalConfig.from_argv(["--config", str(path)], "voc").shards == "datasets/sample/voc/sample-voc-*.tar"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{\n", "is not valid JSON"),
+    ('{"run_id": "x", "config": {}, "shards": []}', "'shards' is missing or not a dict"),
+    ('{"config": {}, "shards": {}}', "'run_id' is missing"),
+    ('{"run_id": "x", "config": {}, "shards": {"a": {"status": "done", "rows": "7"}}}', "shard 'a' is malformed"),
+    ('{"format": "unioncam-shards/1", "shards": []}', "is a shard folder"),
+])
+def test_hand_edited_manifests_get_one_line_errors(tmp_path, content, message, capsys):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_manifest(str(tmp_path))
+    from unioncam.cli import main
+
+    assert main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.strip("'") in err[0]
+
+
+def test_job_refuses_a_shard_folder_as_out(tmp_path, capsys):
+    from service_data import make_shards
+
+    make_shards(tmp_path / "shards", 2, 2)
+    rc = job_main(["--shards", str(tmp_path / "shards" / "*.tar"), "--out", str(tmp_path / "shards"),
+                   "--model", "tiny_cnn", "--methods", "gradcam", "--metrics", "ad"], "imagenet")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is a shard folder" in err[0]
+
+
+def test_a_malicious_pickle_is_refused_with_the_whole_reason(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"features.0.weight": Evil()}, handle)
+    with pytest.raises(WeightsError) as info:
+        load("tiny_cnn", path)
+    text = str(info.value)
+    assert "is not a plain state dict and was not loaded" in text and "arbitrary code" in text
+    ok = tmp_path / "ok.pth"
+    torch.save(load("tiny_cnn").model.net.state_dict(), ok)
+    assert load("tiny_cnn", ok).weights_sha256
+
+
+def test_report_markdown_escapes_keys_and_errors():
+    import pandas as pd
+
+    from unioncam.service.report import _markdown
+
+    md = _markdown(pd.DataFrame({"key": ["<script>alert(1)</script>", "a|b"], "error": ["x\ny", "<img onerror=z>"]}))
+    assert "<script>" not in md and "<img" not in md and "&lt;script&gt;" in md
+    assert "a\\|b" in md and "x y" in md and md.count("\n") == 3  # header, rule, two rows: no row broken
