@@ -137,11 +137,11 @@ def test_metrics_run_across_methods_and_a_failing_map_costs_only_its_row(tmp_pat
 
     real = worker.confidence
 
-    def spy(model, images, maps, targets, batch_size):
+    def spy(model, images, maps, targets, batch_size, precision):
         calls.append(images.shape[0])
         if bool((maps[:, 0, 0] == 0.123).any()):
             raise ValueError("simulated metric failure")
-        return real(model, images, maps, targets, batch_size)
+        return real(model, images, maps, targets, batch_size, precision)
 
     monkeypatch.setattr(worker, "confidence", spy)
     original = ev._explain
@@ -162,3 +162,23 @@ def test_metrics_run_across_methods_and_a_failing_map_costs_only_its_row(tmp_pat
     bad = rows[rows["error"].notna()]
     assert len(bad) == 1 and bad["method"].iloc[0] == "layercam" and "simulated metric failure" in bad["error"].iloc[0]
     assert rows[rows["error"].isna()][["y", "o", "insertion_auc"]].notna().all().all() and len(rows) == 8
+
+
+def test_metric_forwards_at_reduced_precision_keep_fp32_logits():
+    import warnings
+
+    from unioncam.metrics import confidence, insertion_deletion
+
+    lm = load("tiny_cnn")
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1, 2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fp16 on CPU warns that it is slow
+        y16, o16 = confidence(lm.model, x, maps, t, precision="fp16")
+        ins16, del16 = insertion_deletion(lm.model, x, maps, t, steps=4, precision="fp16")
+    y, o = confidence(lm.model, x, maps, t)
+    ins, dele = insertion_deletion(lm.model, x, maps, t, steps=4)
+    assert y16.dtype == torch.float32  # logits (and so probabilities) stay fp32
+    assert not torch.equal(y16, y) and (y16 - y).abs().max() < 5e-3 and (o16 - o).abs().max() < 5e-3
+    assert (ins16 - ins).abs().max() < 5e-3 and (del16 - dele).abs().max() < 5e-3

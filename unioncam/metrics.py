@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unioncam.methods.base import batched_probs, default_batch_size, model_device
+from unioncam.ops import resolve_precision
 
 F_ = TypeVar("F_", bound=Callable[..., Any])
 
@@ -61,9 +62,11 @@ def _check_maps(images: Tensor, maps: Tensor) -> None:
 
 
 def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
-               batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(Y, O)`` with ``Y_i = f_c(I0_i)`` and ``O_i = f_c(L_i ⊙ I0_i)``, batched, in IEEE fp32 (every
-    metric scores in fp32, so a method's ``precision`` changes its maps only).
+               batch_size: int | None = None, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """``(Y, O)`` with ``Y_i = f_c(I0_i)`` and ``O_i = f_c(L_i ⊙ I0_i)``, batched, in IEEE fp32 by
+    default (so a method's ``precision`` changes its maps only). ``precision`` (``"fp16"``, ...) runs
+    the metric forwards at reduced precision for speed on GPUs; the logits stay fp32 (the model's
+    last ``Linear`` computes in fp32 under autocast).
 
     Args:
         images: ``B×3×H×W`` in ``[0, 1]``. maps: ``B×H×W`` in ``[0, 1]``. targets: ``B`` classes.
@@ -78,7 +81,8 @@ def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
         i = j % b
         return torch.where((j < b)[:, None, None, None], images[i], maps[i][:, None] * images[i])
 
-    probs = batched_probs(model, targets.to(images.device).repeat(2), inputs, 2 * b, size)
+    probs = batched_probs(model, targets.to(images.device).repeat(2), inputs, 2 * b, size,
+                          resolve_precision(precision, images.device))
     return probs[:b], probs[b:]
 
 
@@ -139,13 +143,14 @@ def deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
 
 
 def insertion_deletion(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
-                       batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+                       batch_size: int | None = None, precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """RISE insertion and deletion AUCs (Petsiuk et al., 2018), per image.
 
     Pixels are ranked by the map (descending; ties by raster order). At step ``s = 0 … steps`` the
     first ``round(s · HW / steps)`` pixels are revealed on the blurred image (insertion) or set
     to black (deletion); ``f_c`` is taken after each step and the AUC is the trapezoid rule over
-    the fraction revealed. All ``2·B·(steps+1)`` perturbed inputs run in batches of ``batch_size``.
+    the fraction revealed. All ``2·B·(steps+1)`` perturbed inputs run in batches of ``batch_size``,
+    in IEEE fp32 unless ``precision`` says otherwise (as :func:`confidence`).
     """
     _check_maps(images, maps)
     if steps < 1:
@@ -169,7 +174,8 @@ def insertion_deletion(model: nn.Module, images: Tensor, maps: Tensor, targets: 
         return torch.where(deleting[:, None, None, None], images[i] * (1 - shown), start + shown * (images[i] - start))
 
     t = targets.to(images.device).repeat_interleave(per_image).repeat(2)
-    probs = batched_probs(model, t, inputs, 2 * b * per_image, size).view(2, b, per_image)
+    probs = batched_probs(model, t, inputs, 2 * b * per_image, size,
+                          resolve_precision(precision, images.device)).view(2, b, per_image)
     return _auc(probs[0]), _auc(probs[1])
 
 

@@ -47,7 +47,9 @@ class EvalConfig:
             CPU, where one image fills a batch and progress is per image; 8 on GPU).
         precision: precision of the methods' masked forwards: "auto" (fp16 on GPU workers, fp32 on
             CPU; :func:`unioncam.ops.resolve_precision`), "fp32", "tf32", "bf16", "fp16". Metrics
-            always run in fp32.
+            run in ``metrics_precision``.
+        metrics_precision: precision of the metric forwards (Y, O, insertion/deletion): "fp32"
+            (default, IEEE: today's numbers), or "fp16"/"tf32"/... for speed on GPUs; logits stay fp32.
         channels_last / compile: the model's speed options (:func:`unioncam.models.load`);
             channels_last is on by default (benchmarks/bench_unioncam.py: 1.2-1.4× on CPU); compile
             None means on for GPU workers (compiled once, warmed up before the first shard, batches
@@ -77,6 +79,7 @@ class EvalConfig:
     batch_size: int | None = None
     images_per_batch: int | None = None
     precision: str = "auto"
+    metrics_precision: str = "fp32"
     channels_last: bool = True
     compile: bool | None = None
     max_gpu_memory: float = 4.0
@@ -123,6 +126,7 @@ class EvalConfig:
             raise ConfigError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRIC_NAMES)}")
         try:
             check_precision(c.precision)
+            check_precision(c.metrics_precision)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if c.target not in ("predicted", "label"):
@@ -157,8 +161,8 @@ class EvalConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options that decide the rows' values; a rerun into the same ``out`` must match."""
-        return {k: getattr(self, k) for k in ("dataset", "model", "methods", "metrics", "precision", "limit",
-                                               "insdel_steps", "target", "save_maps")}
+        return {k: getattr(self, k) for k in ("dataset", "model", "methods", "metrics", "precision",
+                                               "metrics_precision", "limit", "insdel_steps", "target", "save_maps")}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -222,7 +226,7 @@ _INT = ("workers", "batch_size", "images_per_batch", "limit", "insdel_steps", "m
         "overlays")
 _FLOAT = ("gpus_per_worker", "cpus_per_worker", "max_gpu_memory", "progress_interval")
 _BOOL = ("channels_last", "compile", "save_maps", "report", "sample")
-_STR = ("dataset", "shards", "out", "model", "weights", "precision", "target", "address")
+_STR = ("dataset", "shards", "out", "model", "weights", "precision", "metrics_precision", "target", "address")
 
 
 def _check_type(key: str, value: Any) -> None:
@@ -273,6 +277,8 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--images-per-batch", type=int, help="images explained together (default: 1 CPU, 8 GPU)")
     p.add_argument("--precision", choices=PRECISION_CHOICES,
                    help="the methods' masked forwards (default auto: fp16 on GPU workers, fp32 on CPU)")
+    p.add_argument("--metrics-precision", choices=PRECISION_CHOICES,
+                   help="the metric forwards (default fp32, IEEE; fp16 is faster on GPUs, logits stay fp32)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                    help="keep conv weights NCHW (channels_last is on by default)")
     p.add_argument("--compile", action="store_const", const=True,

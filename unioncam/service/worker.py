@@ -72,6 +72,7 @@ class ShardEvaluator:
         self.size = self.loaded.input_size
         self.label_names = VOC_CLASSES if cfg.dataset == "voc" else self.loaded.class_names
         self.precision = resolve_precision(cfg.precision, self.device)
+        self.metrics_precision = resolve_precision(cfg.metrics_precision, self.device)
         gpu = self.device.type == "cuda"
         self.plan = gpu_plan(self.model, self.size, self.precision, cfg.max_gpu_memory, free_memory) \
             if gpu or free_memory is not None else None
@@ -89,7 +90,8 @@ class ShardEvaluator:
         self.provenance = {
             "run_id": run_id, "dataset": cfg.dataset, "model": self.loaded.name,
             "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
-            "input_size": list(self.size), "precision": self.precision, "target": cfg.target,
+            "input_size": list(self.size), "precision": self.precision, "metrics_precision": self.metrics_precision,
+            "target": cfg.target,
             "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "unioncam_version": unioncam.__version__,
             "torch_version": torch.__version__, "ray_version": _ray_version(), "device": str(self.device)}
@@ -99,7 +101,7 @@ class ShardEvaluator:
         metrics' fp32) at the one padded batch shape, before the first shard; returns the seconds."""
         start = time.perf_counter()
         x = torch.zeros((1, 3, *self.size), device=self.device)
-        for precision in dict.fromkeys((self.precision, "fp32")):
+        for precision in dict.fromkeys((self.precision, self.metrics_precision)):
             with torch.inference_mode(), autocast(self.device, precision):  # type: ignore[arg-type]
                 self.model(x)
         if self.device.type == "cuda":
@@ -256,7 +258,7 @@ class ShardEvaluator:
         xi, ti = x[idx], targets[idx]
         values: list[Row | str] = [{} for _ in index]
         if {"ad", "ai"} & set(self.cfg.metrics):
-            y, o = confidence(self.model, xi, m, ti, self.batch_size)
+            y, o = confidence(self.model, xi, m, ti, self.batch_size, self.metrics_precision)
             for j, (yj, oj) in enumerate(zip(y.tolist(), o.tolist(), strict=True)):
                 if not (math.isfinite(yj) and math.isfinite(oj)):
                     values[j] = f"non-finite confidence (Y={yj}, O={oj})"
@@ -265,7 +267,8 @@ class ShardEvaluator:
                 else:
                     values[j].update(y=yj, o=oj)  # type: ignore[union-attr]
         if "insdel" in self.cfg.metrics:
-            ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps or 224, self.batch_size)
+            ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps or 224, self.batch_size,
+                                           self.metrics_precision)
             for j, (a, d) in enumerate(zip(ins.tolist(), dele.tolist(), strict=True)):
                 if isinstance(values[j], dict):
                     values[j].update(insertion_auc=a, deletion_auc=d)  # type: ignore[union-attr]
