@@ -65,9 +65,16 @@ def ieee_fp32() -> Iterator[None]:
     flags: torch 2.14 refuses to read them once the newer ``fp32_precision`` API has given cuDNN's
     conv and RNN different settings, so a caller mixing the two gets that RuntimeError here.)
     """
+    with _tf32(False):
+        yield
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """cuDNN's and cuBLAS's TF32 flags set to ``enabled`` inside the block, the caller's after."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    cudnn.allow_tf32, matmul.allow_tf32 = enabled, enabled
     try:
         yield
     finally:
@@ -118,13 +125,8 @@ def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
                       "kernels (13x slower than fp32 on AVX-512 without FP16); use 'fp32' for speed on CPU",
                       RuntimeWarning, stacklevel=3)
     if precision == "tf32":
-        cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-        saved = cudnn.allow_tf32, matmul.allow_tf32
-        cudnn.allow_tf32, matmul.allow_tf32 = True, True
-        try:
+        with _tf32(True):
             yield
-        finally:
-            cudnn.allow_tf32, matmul.allow_tf32 = saved
         return
     with ieee_fp32():
         if precision == "fp32":
