@@ -85,7 +85,7 @@ def test_a_malicious_pickle_is_refused_with_the_whole_reason(tmp_path):
 
     path = tmp_path / "evil.pth"
     with open(path, "wb") as handle:
-        pickle.dump({"features.0.weight": Evil()}, handle)
+        pickle.dump({"features.0.weight": Evil()}, handle, protocol=2)  # torch.save's protocol
     with pytest.raises(WeightsError) as info:
         load("tiny_cnn", path)
     text = str(info.value)
@@ -103,3 +103,46 @@ def test_report_markdown_escapes_keys_and_errors():
     md = _markdown(pd.DataFrame({"key": ["<script>alert(1)</script>", "a|b"], "error": ["x\ny", "<img onerror=z>"]}))
     assert "<script>" not in md and "<img" not in md and "&lt;script&gt;" in md
     assert "a\\|b" in md and "x y" in md and md.count("\n") == 3  # header, rule, two rows: no row broken
+
+
+def test_a_pool_the_cluster_cannot_hold_is_shrunk_or_refused():
+    from unioncam.service.runner import plan_resources
+
+    cfg = EvalConfig(shards="x/*.tar", out="o", workers=3, cpus_per_worker=1).resolved()
+    assert plan_resources(cfg, 4, {"CPU": 2.0}) == (2, 0.0, 1.0)  # 3 asked, 2 fit
+    gpu = EvalConfig(shards="x/*.tar", out="o", gpus_per_worker=1).resolved()
+    with pytest.raises(ConfigError, match=r"asks for 1 GPU .* the cluster has 0 GPU"):
+        plan_resources(gpu, 3, {"CPU": 2.0})
+    assert plan_resources(EvalConfig(shards="x/*.tar", out="o").resolved(), 8, {"CPU": 16.0, "GPU": 4.0}) == \
+        (4, 1.0, 4.0)  # one worker per GPU
+
+
+def test_nan_weights_give_error_rows_not_zero_maps(tmp_path):
+    from service_data import make_shards
+
+    from unioncam.service import read_metrics
+    from unioncam.service.worker import ShardEvaluator
+
+    make_shards(tmp_path / "shards", 2, 2)
+    cfg = EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=str(tmp_path / "run"), model="tiny_cnn",
+                     methods=["gradcam", "scorecam"], metrics=["ad", "ai", "epg"]).resolved()
+    ev = ShardEvaluator(cfg)
+    with torch.no_grad():
+        ev.model.net.features[3].weight[0, 0, 0, 0] = float("nan")
+    ev.evaluate(str(tmp_path / "shards" / "t-000000.tar"), cfg.out)
+    rows = read_metrics(cfg.out).to_pandas()
+    assert len(rows) == 4 and rows["error"].notna().all()
+    assert rows["error"].str.contains("non-finite").all() and rows["y"].isna().all()
+
+
+def test_cli_refuses_inputs_that_would_overwrite_each_other(tmp_path, capsys):
+    from unioncam.cli import main
+    from unioncam.data.sample import sample_photo_paths
+
+    photo = sample_photo_paths(["chelsea"])["chelsea"]
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "cat.png").write_bytes(photo.read_bytes())
+    assert main(["explain", str(tmp_path / "a" / "cat.png"), str(tmp_path / "b" / "cat.png"), "--model", "tiny_cnn",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "would write the same" in capsys.readouterr().err

@@ -54,6 +54,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"no such image: {', '.join(missing)}")
+    stems = [p.stem for p in paths]
+    clash = sorted({str(p) for p in paths if stems.count(p.stem) > 1})
+    if clash:
+        raise UsageError(f"inputs {', '.join(clash)} would write the same <name>_<method>.png; rename or explain "
+                         "them in separate runs")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.steps < 1:

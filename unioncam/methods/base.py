@@ -303,6 +303,10 @@ class CAM(abc.ABC):
                     grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads, strict=True)]
                 with torch.no_grad():
                     raw, details = self.compute_layers(images, t, [a.detach() for a in acts], grads, logits.detach())
+                    if not bool(torch.isfinite(raw).all()) or not bool(torch.isfinite(logits).all()):
+                        # normalize() would turn NaN into a plausible all-zero map: refuse instead
+                        raise FloatingPointError(f"{self.name}: non-finite logits or saliency (NaN/inf in the "
+                                                 "model's weights or activations)")
                     maps = normalize(upsample(raw, (images.shape[-2], images.shape[-1])))
             finally:
                 self._capturing = False

@@ -279,9 +279,16 @@ def _ensure_token() -> None:
             handle.write(secrets.token_hex(32))
 
 
-def plan_resources(cfg: EvalConfig, n_shards: int) -> tuple[int, float, float]:
-    """``(workers, gpus_per_worker, cpus_per_worker)`` from the config and the cluster's resources."""
-    res = ray.cluster_resources()
+def plan_resources(cfg: EvalConfig, n_shards: int, resources: dict[str, float] | None = None
+                   ) -> tuple[int, float, float]:
+    """``(workers, gpus_per_worker, cpus_per_worker)`` from the config and the cluster's resources
+    (``resources``: ``ray.cluster_resources()`` when None).
+
+    A pool the cluster cannot hold is never scheduled to wait forever: more workers than fit are
+    shrunk to what fits (with a log line), and a single worker that cannot fit (``--gpus-per-worker
+    1`` without GPUs) is a :class:`ConfigError`.
+    """
+    res = ray.cluster_resources() if resources is None else resources
     total_gpus, total_cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if total_gpus >= 1 else 0.0)
     auto_workers = max(1, int(total_gpus // gpus)) if gpus > 0 else 1
@@ -291,9 +298,14 @@ def plan_resources(cfg: EvalConfig, n_shards: int) -> tuple[int, float, float]:
     else:
         cpus = min(4.0, max(1.0, total_cpus // workers)) if gpus > 0 else max(1.0, total_cpus // workers)
     workers = max(1, min(workers, n_shards))
-    if gpus * workers > total_gpus or cpus * workers > total_cpus:
-        log(f"warning: {workers} workers × ({gpus:g} GPU, {cpus:g} CPU) exceed the cluster's "
-            f"{total_gpus:g} GPU / {total_cpus:g} CPU; the extra workers wait for resources")
+    if gpus > total_gpus or cpus > total_cpus:
+        raise ConfigError(f"a worker asks for {gpus:g} GPU and {cpus:g} CPU but the cluster has {total_gpus:g} GPU "
+                          f"and {total_cpus:g} CPU; lower --gpus-per-worker / --cpus-per-worker")
+    fit = int(min(total_gpus // gpus if gpus > 0 else workers, total_cpus // cpus if cpus > 0 else workers))
+    if workers > fit:
+        log(f"{workers} workers × ({gpus:g} GPU, {cpus:g} CPU) exceed the cluster's {total_gpus:g} GPU / "
+            f"{total_cpus:g} CPU: running {fit}")
+        workers = fit
     return workers, gpus, cpus
 
 
