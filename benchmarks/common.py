@@ -1,15 +1,17 @@
-"""Shared helpers for the benchmarks: real photos, timing, the machine line."""
+"""Shared helpers for the benchmarks: real photos, timing, the ``--device`` option, the machine line."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -39,10 +41,54 @@ def random_vgg16_weights() -> Path:
     return path
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """Wall seconds of one call and its result."""
+def default_device() -> str:
+    """``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' shared ``--device`` option (default: :func:`default_device`)."""
+    parser.add_argument("--device", default=default_device(),
+                        help="where the model and its inputs run: cpu, cuda or cuda:N "
+                             "(default: cuda when available, else cpu)")
+
+
+def device_of(spec: str) -> torch.device:
+    """``--device spec`` as a device; a bad spec or CUDA without CUDA exits with a one-line error
+    (code 2), not a traceback."""
+    def fail(why: str) -> NoReturn:
+        print(f"{Path(sys.argv[0]).name}: error: --device {spec}: {why}", file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else "not a device")
+    if device.type not in ("cpu", "cuda"):
+        fail("the benchmarks run on cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail("CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def sync(device: torch.device | str | None) -> None:
+    """Wait for ``device``'s queued kernels (CUDA only), so a timer read after it counts them."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[float, Any]:
+    """Wall seconds of one call and its result; on a CUDA ``device`` the queue is drained
+    (``torch.cuda.synchronize``) before the timer starts and before it is read."""
+    sync(device)
     start = time.perf_counter()
     result = fn()
+    sync(device)
     return time.perf_counter() - start, result
 
 
@@ -50,10 +96,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def machine() -> str:
+def machine(device: torch.device | str = "cpu") -> str:
+    """The header line's machine part: date, CPU, the device the benchmark runs on and the GPU's
+    name (``torch.cuda.get_device_name``), torch (and CUDA) version, threads."""
+    device = torch.device(device)
     cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, "
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = (f"device {device} ({torch.cuda.get_device_name(device)}, {props.total_memory / 2**30:.0f} GiB, "
+                 f"CUDA {torch.version.cuda})")
+    else:
+        gpu = f"GPU {torch.cuda.get_device_name(0)} not used" if torch.cuda.is_available() else "no GPU"
+        where = f"device {device} ({gpu})"
+    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({cpu}), {where}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
 
 
