@@ -216,3 +216,26 @@ def test_one_driver_per_run_directory_local_and_s3(env, tmp_path):
         third.acquire()
         assert json.loads(storage.read_text(storage.join(out, "lock.json")))["pid"] == os.getpid()
         third.release()
+
+
+def test_missing_shards_of_a_range_and_malformed_uris_are_errors(tmp_path):
+    for i in (0, 2):
+        (tmp_path / f"s-{i:06d}.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"1 shard\(s\) .* do not exist: .*s-000001\.tar"):
+        expand_shards(str(tmp_path / "s-{000000..000002}.tar"))
+    for bad in ("s3:/bucket/run", "s3://bucket/run?versionId=1"):
+        with pytest.raises(storage.StorageError, match="malformed URI|query or fragment"):
+            storage.join(bad, "metrics")
+
+
+def test_a_driver_whose_lock_was_taken_over_stops(tmp_path, monkeypatch):
+    from unioncam.service import runner
+
+    out = str(tmp_path / "run")
+    lock = RunLock(out)
+    lock.acquire()
+    storage.write_text(storage.join(out, "lock.json"), json.dumps(
+        {"host": "elsewhere", "pid": 1, "since": "x", "heartbeat": 9e18}))  # another driver took it over
+    monkeypatch.setattr(runner, "LOCK_HEARTBEAT", 0.0)
+    with pytest.raises(ConfigError, match="taken by another driver"):
+        lock.heartbeat()

@@ -78,7 +78,7 @@ class PixelModel(nn.Module):
     def _compiled_forward(self, x: Tensor) -> Tensor:
         assert self._compiled is not None
         n, size = x.shape[0], self._pad_to
-        if size is None:
+        if size is None or n == 0:
             return self._compiled(x)
         layout = torch.channels_last if self._channels_last else torch.contiguous_format
         outs = []

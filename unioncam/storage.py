@@ -53,9 +53,19 @@ class StorageError(OSError):
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
-    """True for ``scheme://...`` other than ``file://`` (those go through :mod:`pyarrow.fs`)."""
+    """True for ``scheme://...`` other than ``file://`` (those go through :mod:`pyarrow.fs`).
+
+    Raises:
+        StorageError: a malformed URI: ``s3:/bucket`` (one slash), or a query or fragment (``?x=1``,
+            ``#x``), which object paths here never carry (a bare ``?`` is a glob character).
+    """
     text = os.fspath(location)
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text)) and not text.startswith("file://")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]{1,}:/(?!/)", text):
+        raise StorageError(f"malformed URI {redact(text)!r}: write scheme://bucket/path")
+    uri = bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text)) and not text.startswith("file://")
+    if uri and ("=" in urlsplit(text).query or urlsplit(text).fragment):  # a bare "?" is a glob character
+        raise StorageError(f"URI {redact(text)} has a query or fragment; give the object path only")
+    return uri
 
 
 def local_path(location: str | os.PathLike[str]) -> str:
@@ -362,8 +372,17 @@ def write_bytes(location: str, data: bytes) -> None:
 
     def put() -> None:
         stream = r.fs.open_output_stream(r.path)  # type: ignore[attr-defined]
-        stream.write(data)  # one write of the whole object, then close: one PUT (or one completed upload)
-        stream.close()
+        try:
+            stream.write(data)  # one write of the whole object, then close: one PUT (or one completed upload)
+            stream.close()
+        except OSError:
+            # pyarrow has no abort: if closing completed a partial upload, remove it (resume would
+            # reject it by its footer anyway, but other readers must not see it)
+            with contextlib.suppress(Exception):
+                stream.close()
+            with contextlib.suppress(Exception):
+                r.fs.delete_file(r.path)  # type: ignore[attr-defined]
+            raise
 
     retrying(f"cannot write {redact(location)}", put)
 

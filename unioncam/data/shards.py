@@ -138,13 +138,19 @@ def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[st
             found += storage.glob(name)
         else:
             literal.setdefault(storage.parent(name), []).append(name)
+    missing: list[str] = []
     for folder, wanted in literal.items():
         if len(wanted) == 1:
-            found += [w for w in wanted if storage.is_file(w)]
+            present = {wanted[0]} if storage.is_file(wanted[0]) else set()
         else:
-            present = set(storage.list_files(folder))
-            found += [w for w in wanted if (w if storage.is_uri(w) else os.path.join(folder, storage.basename(w)))
-                      in present]
+            listed = set(storage.list_files(folder))
+            present = {w for w in wanted
+                       if (w if storage.is_uri(w) else os.path.join(folder, storage.basename(w))) in listed}
+        found += [w for w in wanted if w in present]
+        missing += [w for w in wanted if w not in present]
+    if missing and len(names) > 1:  # a brace range or list that names a shard which is not there
+        shown = ", ".join(storage.redact(m) for m in missing[:3])
+        raise FileNotFoundError(f"{len(missing)} shard(s) of {storage.redact(pattern)} do not exist: {shown}")
     if not found:
         raise FileNotFoundError(f"no shard matches {storage.redact(pattern)}")
     return list(dict.fromkeys(found))
@@ -344,9 +350,20 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                         continue
                 if stop.is_set():
                     return
-            box.put(("end", None))
+            final: tuple[str, Any] = ("end", None)
         except BaseException as exc:  # handed to the consumer
-            box.put(("error", exc))
+            final = ("error", exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        while not stop.is_set():
+            try:
+                box.put(final, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     thread = threading.Thread(target=produce, name="unioncam-prefetch", daemon=True)
     thread.start()

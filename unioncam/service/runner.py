@@ -212,9 +212,18 @@ class RunLock:
         self.beat = time.monotonic()
 
     def heartbeat(self) -> None:
-        if time.monotonic() - self.beat >= LOCK_HEARTBEAT:
-            storage.write_bytes(self.path, self._content())
-            self.beat = time.monotonic()
+        """Refresh the lock (at most every :data:`LOCK_HEARTBEAT` s); raise if another driver took it."""
+        if time.monotonic() - self.beat < LOCK_HEARTBEAT:
+            return
+        try:
+            held = json.loads(storage.read_text(self.path))
+        except (OSError, ValueError):
+            held = {}
+        if (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
+            raise ConfigError(f"{storage.redact(self.path)} was taken by another driver (host {held.get('host')}, "
+                              f"pid {held.get('pid')}); stopping this one")
+        storage.write_bytes(self.path, self._content())
+        self.beat = time.monotonic()
 
     def release(self) -> None:
         storage.delete(self.path)
@@ -365,6 +374,7 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     limits = {p: (counts[p] if cfg.limit is not None else None) for p in paths}
     todo = []
     for p in paths:
+        lock.heartbeat()  # verifying thousands of shards on a store takes a while
         if limits[p] == 0:
             continue
         why = manifest.check_done(shard_name(p), cfg.save_maps)
@@ -416,27 +426,28 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
         log("fp32 on GPUs is IEEE fp32 (TF32 off); the default (auto = fp16) is faster (its effect on Average "
             "Drop: README, Performance)")
     actor_cls = ray.remote(ShardWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=cfg.max_restarts,
-                                                 max_task_retries=cfg.max_task_retries)
+                                                 max_task_retries=cfg.max_task_retries, max_concurrency=2)
     progress_name = f"unioncam-progress-{manifest.run_id}-{os.getpid()}"
     progress = _Progress.options(name=progress_name).remote()  # type: ignore[attr-defined]
     actors = [actor_cls.remote(cfg, manifest.run_id, progress_name) for _ in range(workers)]
     pending = deque(todo)
-    inflight: dict[ray.ObjectRef, tuple[int, str]] = {}
+    inflight: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
 
     def submit(i: int) -> None:
         if pending:
             path = pending.popleft()
-            inflight[actors[i].run.remote(path, limits[path], counts.get(path))] = (i, path)
+            inflight[actors[i].run.remote(path, limits[path], counts.get(path))] = (i, path, actors[i])
 
-    for i in range(workers):
-        submit(i)
+    for _ in range(2):  # two shards per worker: one computes while the other's files are written
+        for i in range(workers):
+            submit(i)
     tally = {"done": 0, "failed": 0}
     graph_count: dict[int, int] = {}
     try:
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(cfg.progress_interval, 5.0))
             for ref in ready:
-                i, path = inflight.pop(ref)
+                i, path, actor = inflight.pop(ref)
                 name = shard_name(path)
                 try:
                     result = ray.get(ref)
@@ -451,8 +462,9 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                     manifest.record(name, status="failed", path=storage.redact(path),
                                     error=f"worker died: {_reason(exc)}")
                     tally["failed"] += 1
-                    ray.kill(actors[i], no_restart=True)
-                    actors[i] = actor_cls.remote(cfg, manifest.run_id, progress_name)
+                    if actors[i] is actor:  # its other in-flight shard fails too: replace the actor once
+                        ray.kill(actor, no_restart=True)
+                        actors[i] = actor_cls.remote(cfg, manifest.run_id, progress_name)
                 except ray.exceptions.RayTaskError as exc:
                     manifest.record(name, status="failed", path=storage.redact(path), error=_reason(exc))
                     tally["failed"] += 1
@@ -463,7 +475,7 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
         for actor in actors:
             ray.kill(actor, no_restart=True)
         ray.kill(progress)
-        for _, path in inflight.values():  # shards cut short (Ctrl-C, an error): no worker holds them now
+        for _, path, _ in inflight.values():  # shards cut short (Ctrl-C, an error): no worker holds them now
             with contextlib.suppress(OSError):
                 storage.delete(storage.join(cfg.out or ".", "running", f"{shard_name(path)}.json"))
 

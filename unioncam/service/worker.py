@@ -25,6 +25,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,11 @@ class ShardEvaluator:
     # -- one shard -------------------------------------------------------------------------------
     def evaluate(self, shard: str, out: str, limit: int | None = None,
                  on_progress: Callable[[int], None] | None = None, expected: int | None = None) -> dict[str, Any]:
+        """:meth:`compute` then :meth:`write`: one shard, start to finish."""
+        return self.write(self.compute(shard, limit, on_progress, expected), out)
+
+    def compute(self, shard: str, limit: int | None = None, on_progress: Callable[[int], None] | None = None,
+                expected: int | None = None) -> dict[str, Any]:
         """Evaluate the first ``limit`` samples of ``shard``; write ``out/metrics/<name>.parquet``
         (and ``out/maps/<name>.parquet``; ``out`` a folder or a URI). ``expected``: the sample count
         the shard set's manifest lists; a shard that holds fewer gets an error record saying so.
@@ -150,6 +156,14 @@ class ShardEvaluator:
             on_progress(seen)
         for row in rows:
             row["shard"] = name
+        return {"name": name, "shard": shard, "rows": rows, "maps": maps, "images": seen, "start": start}
+
+    def write(self, computed: dict[str, Any], out: str) -> dict[str, Any]:
+        """Write what :meth:`compute` returned as ``out/metrics/<name>.parquet`` (and the maps file);
+        returns the counts. Separate from computing so a worker can write one shard while the GPU
+        computes the next (:class:`ShardWorker`)."""
+        name, shard, rows, maps, seen, start = (computed[k] for k in ("name", "shard", "rows", "maps", "images",
+                                                                      "start"))
         prov = {**self.provenance, "shard_path": storage.redact(storage.absolute(shard))}
         if self.cfg.save_maps:
             meta = {**prov, "map_shape": list(self.size), "map_dtype": MAP_DTYPE}
@@ -304,7 +318,11 @@ def _ray_version() -> str | None:
 
 
 class ShardWorker:
-    """The Ray actor (made remote by the runner): one :class:`ShardEvaluator` on its own device."""
+    """The Ray actor (made remote by the runner): one :class:`ShardEvaluator` on its own device.
+
+    It runs two shard tasks at a time (``max_concurrency=2``): the compute of one holds
+    :attr:`computing`, so the device does one shard at a time, while the other's Parquet files are
+    encoded and written (a PUT on object stores) beside it, so writing never stalls the GPU."""
 
     def __init__(self, cfg: EvalConfig, run_id: str, progress: str | None = None) -> None:
         import ray
@@ -331,6 +349,7 @@ class ShardWorker:
               flush=True)
         self.progress = ray.get_actor(progress) if progress else None  # a name: handles in args break restarts
         self.out = cfg.out or "."
+        self.computing = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: pid, host, Ray node, GPU ids, torch device, threads."""
@@ -355,7 +374,9 @@ class ShardWorker:
 
         try:
             progress(0)
-            result = self.evaluator.evaluate(shard, self.out, limit, progress, expected)
+            with self.computing:  # one shard on the device at a time; the write below overlaps the next one
+                computed = self.evaluator.compute(shard, limit, progress, expected)
+            result = self.evaluator.write(computed, self.out)
         finally:
             storage.delete(marker)
         return {**result, "worker": info}
