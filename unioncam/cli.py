@@ -18,9 +18,10 @@ import torch
 from unioncam import storage
 from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
+from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB, gpu_plan
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import MODELS, WeightsError, load
-from unioncam.ops import PRECISION_CHOICES, ieee_fp32
+from unioncam.ops import PRECISION_CHOICES, ieee_fp32, resolve_precision
 from unioncam.registry import UnknownNameError
 from unioncam.viz import ImageError, load_image, overlay
 
@@ -69,7 +70,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"bad --device {args.device!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=args.compile)
+    gpu = device.type == "cuda"
+    compile_ = args.compile if args.compile is not None else gpu  # GPU default: compiled (README, Performance)
+    loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=compile_)
     if args.target is not None and not 0 <= args.target < len(loaded.class_names):
         raise UsageError(f"--target {args.target} is not a class of {loaded.name} (0..{len(loaded.class_names) - 1})")
     model = loaded.model.to(device)
@@ -79,6 +82,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     options: dict[str, object] = {"precision": args.precision}
     if args.batch_size:
         options["batch_size"] = args.batch_size
+    elif gpu:  # sized from the GPU's free memory, as the job does
+        options["batch_size"] = gpu_plan(model, loaded.input_size, resolve_precision(args.precision, device),
+                                         DEFAULT_GPU_MEMORY_GIB).batch_size
     for path, image in zip(paths, images, strict=True):
         x = image[None].to(device)
         with torch.no_grad(), ieee_fp32():
@@ -200,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="the methods' masked forwards (auto: fp16 on CUDA, fp32 on CPU); metrics always fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC conv weights (faster on CPU and cuDNN)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward-only passes")
+    p.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the forward-only passes (default: on with CUDA, off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="never compile")
     p.add_argument("--metrics", action="store_true",
                    help="also print Y, O, drop, increase and insertion/deletion AUC per image and method")
     p.add_argument("--steps", type=int, default=224, help="insertion/deletion steps (with --metrics)")

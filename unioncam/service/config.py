@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from unioncam import storage
 from unioncam.methods import METHODS, parse_methods
+from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB
 from unioncam.models import MODELS
 from unioncam.ops import PRECISION_CHOICES, check_precision
 
@@ -82,7 +83,7 @@ class EvalConfig:
     metrics_precision: str = "fp32"
     channels_last: bool = True
     compile: bool | None = None
-    max_gpu_memory: float = 4.0
+    max_gpu_memory: float = DEFAULT_GPU_MEMORY_GIB
     limit: int | None = None
     insdel_steps: int | None = None
     target: Literal["predicted", "label"] = "predicted"
