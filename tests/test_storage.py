@@ -224,7 +224,7 @@ def test_missing_shards_of_a_range_and_malformed_uris_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 shard\(s\) .* do not exist: .*s-000001\.tar"):
         expand_shards(str(tmp_path / "s-{000000..000002}.tar"))
     for bad in ("s3:/bucket/run", "s3://bucket/run?versionId=1"):
-        with pytest.raises(storage.StorageError, match="malformed URI|query or fragment"):
+        with pytest.raises(storage.StorageError, match=r"malformed URI|query or fragment"):
             storage.join(bad, "metrics")
 
 
