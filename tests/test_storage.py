@@ -239,3 +239,5 @@ def test_a_driver_whose_lock_was_taken_over_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "LOCK_HEARTBEAT", 0.0)
     with pytest.raises(ConfigError, match="taken by another driver"):
         lock.heartbeat()
+    lock.release()  # leaves the other driver's lock alone
+    assert json.loads(storage.read_text(storage.join(out, "lock.json")))["host"] == "elsewhere"

@@ -226,7 +226,13 @@ class RunLock:
         self.beat = time.monotonic()
 
     def release(self) -> None:
-        storage.delete(self.path)
+        """Remove the lock if it is still this driver's (never another driver's that took it over)."""
+        try:
+            held = json.loads(storage.read_text(self.path))
+        except (OSError, ValueError):
+            return
+        if (held.get("host"), held.get("pid")) == (socket.gethostname(), os.getpid()):
+            storage.delete(self.path)
 
 
 def _alive(pid: int) -> bool:
