@@ -130,14 +130,13 @@ def _filesystem(scheme: str, netloc: str):  # type: ignore[no-untyped-def]
 class _Remote:
     fs: object  # pyarrow.fs.FileSystem
     path: str  # bucket/key
-    uri: str
 
 
 def _remote(uri: str) -> _Remote:
     parts = urlsplit(uri)
     fs = _filesystem(parts.scheme, parts.netloc)
     host = parts.netloc.rpartition("@")[2]
-    return _Remote(fs, f"{host}{parts.path}".rstrip("/"), uri)
+    return _Remote(fs, f"{host}{parts.path}".rstrip("/"))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -202,13 +201,6 @@ def file_info(location: str) -> tuple[str, int | None]:
 
 def is_file(location: str) -> bool:
     return file_info(location)[0] == "file"
-
-
-def is_dir(location: str) -> bool:
-    """A local folder, or a URI prefix under which objects exist (object stores have no folders)."""
-    if not is_uri(location):
-        return os.path.isdir(local_path(location))
-    return file_info(location)[0] == "dir" or bool(list_files(location, recursive=True, limit=1))
 
 
 def list_files(folder: str, suffix: str = "", recursive: bool = False, limit: int | None = None) -> list[str]:
@@ -281,41 +273,39 @@ class _ResumingReader(io.RawIOBase):
         self.handle: IO[bytes] | None = None
         self._open()
 
+    def _open_at(self) -> IO[bytes]:
+        """The file or object, positioned at :attr:`pos` (no retry: callers wrap it in :func:`retrying`)."""
+        if not is_uri(self.location):
+            handle: IO[bytes] = open(local_path(self.location), "rb")  # noqa: SIM115 (closed in close())
+            handle.seek(self.pos)
+            return handle
+        import pyarrow as pa
+
+        r = _remote(self.location)
+        raw = r.fs.open_input_file(r.path)  # type: ignore[attr-defined]
+        raw.seek(self.pos)
+        return pa.BufferedInputStream(raw, READ_BUFFER)  # type: ignore[return-value]
+
     def _open(self) -> None:
-        def open_at() -> IO[bytes]:
-            if not is_uri(self.location):
-                handle: IO[bytes] = open(local_path(self.location), "rb")  # noqa: SIM115 (closed in close())
-                handle.seek(self.pos)
-                return handle
-            import pyarrow as pa
-
-            r = _remote(self.location)
-            raw = r.fs.open_input_file(r.path)  # type: ignore[attr-defined]
-            raw.seek(self.pos)
-            return pa.BufferedInputStream(raw, READ_BUFFER)  # type: ignore[return-value]
-
-        self.handle = retrying(f"cannot open {redact(self.location)}", open_at)
+        self.handle = retrying(f"cannot open {redact(self.location)}", self._open_at)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        want = len(buffer)
-        for attempt in range(RETRIES + 1):
+        def read() -> int:
+            if self.handle is None:  # dropped by a failed attempt: reopen where it broke
+                self.handle = self._open_at()
             try:
-                assert self.handle is not None
-                data = self.handle.read(want)
-                buffer[: len(data)] = data
-                self.pos += len(data)
-                return len(data)
-            except OSError as exc:
-                if attempt == RETRIES or not is_transient(exc):
-                    raise StorageError(f"cannot read {redact(self.location)} at byte {self.pos}: "
-                                       f"{_one_line(exc)}") from None
-                time.sleep(BACKOFF * 2 ** attempt)
+                data = self.handle.read(len(buffer))
+            except OSError:
                 self._close_handle()
-                self._open()
-        raise AssertionError("unreachable")
+                raise
+            buffer[: len(data)] = data
+            self.pos += len(data)
+            return len(data)
+
+        return retrying(f"cannot read {redact(self.location)} at byte {self.pos}", read)
 
     def _close_handle(self) -> None:
         if self.handle is not None:

@@ -35,6 +35,9 @@ MANIFEST = "manifest.json"
 FORMAT = "unioncam-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "ppm", "bmp", "webp", "tif", "tiff")
 T = TypeVar("T")
+# what reading a damaged archive raises (gzip/bz2 report bad data as OSError): damage in the data,
+# unlike storage.StorageError, which is an I/O failure and is never caught as damage
+DATA_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 _TAR_SUFFIX = re.compile(r"\.(tar(\.(gz|bz2|xz))?|tgz|tbz2?|txz)$", re.IGNORECASE)
 
 
@@ -224,28 +227,29 @@ def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], str | 
             member = next(members, None)
             if member is None:
                 break
-            k, ext = member_key(_printable(member.name))
+            shown = _printable(member.name)
+            k, ext = member_key(shown)
             if k != key and key is not None:
                 yield key, parts, "; ".join(problems) or None
                 parts, problems = {}, []
             key = k
-            if _printable(member.name) != member.name:
-                problems.append(f"member name {_printable(member.name)} is not valid UTF-8")
+            if shown != member.name:
+                problems.append(f"member name {shown} is not valid UTF-8")
             if not member.isfile():
                 if not member.isdir():
                     kind = "link" if member.issym() or member.islnk() else "special file"
-                    problems.append(f"member {_printable(member.name)} is a {kind}, not a file (skipped)")
+                    problems.append(f"member {shown} is a {kind}, not a file (skipped)")
                 continue
             handle = tar.extractfile(member)
             data = handle.read() if handle is not None else b""
             if len(data) != member.size:
-                raise tarfile.ReadError(f"member {_printable(member.name)} is truncated")
+                raise tarfile.ReadError(f"member {shown} is truncated")
         except storage.StorageError:
             raise
-        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:  # damage in the data
+        except DATA_ERRORS as exc:
             raise DamagedShardError(key, f"{type(exc).__name__}: {exc}") from exc
         if ext in parts:
-            problems.append(f"duplicate member {_printable(member.name)}")
+            problems.append(f"duplicate member {shown}")
         parts[ext] = data
     if key is not None:
         yield key, parts, "; ".join(problems) or None
@@ -325,7 +329,7 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
             raise
         except DamagedShardError as exc:
             yield {"key": exc.key or f"{name}:damaged", "shard": name, "error": f"truncated or corrupt tar: {exc}"}
-        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+        except DATA_ERRORS as exc:
             yield {"key": f"{name}:damaged", "shard": name, "error": f"unreadable tar: {exc}"}
 
 
@@ -339,16 +343,20 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
+    def put(entry: tuple[str, Any]) -> bool:
+        """Hand ``entry`` over unless the consumer has stopped; False when it has."""
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        box.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(("item", item)):
                     return
             final: tuple[str, Any] = ("end", None)
         except BaseException as exc:  # handed to the consumer
@@ -358,12 +366,7 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             if close is not None:
                 with contextlib.suppress(Exception):
                     close()
-        while not stop.is_set():
-            try:
-                box.put(final, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        put(final)
 
     thread = threading.Thread(target=produce, name="unioncam-prefetch", daemon=True)
     thread.start()

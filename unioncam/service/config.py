@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,34 +225,31 @@ class EvalConfig:
 
 
 MAX_CONFIG_BYTES = 1 << 20
-_INT = ("workers", "batch_size", "images_per_batch", "limit", "insdel_steps", "max_restarts", "max_task_retries",
-        "overlays")
-_FLOAT = ("gpus_per_worker", "cpus_per_worker", "max_gpu_memory", "progress_interval")
-_BOOL = ("channels_last", "compile", "save_maps", "report", "sample")
-_STR = ("dataset", "shards", "out", "model", "weights", "precision", "metrics_precision", "target", "address")
-
-
+_HINTS = typing.get_type_hints(EvalConfig)
 def _check_type(key: str, value: Any) -> None:
-    """One place for the YAML values' types (argparse checks the flags'): ints are ints (not
-    ``"32"``, ``2.5`` or ``true``), floats are numbers, booleans are ``true``/``false`` (not ``"no"``),
-    names are strings, lists are lists of strings. None (YAML ``null``) means the default."""
+    """One place for the YAML values' types (argparse checks the flags'), read from
+    :class:`EvalConfig`'s annotations: ints are ints (not ``"32"``, ``2.5`` or ``true``), floats are
+    numbers, booleans are ``true``/``false`` (not ``"no"``), names are strings, lists are lists of
+    strings. None (YAML ``null``) means the default."""
     if value is None:
         return
-    if key in _INT:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        kind = "an integer"
-    elif key in _FLOAT:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        kind = "a number"
-    elif key in _BOOL:
-        ok, kind = isinstance(value, bool), "true or false"
-    elif key in _STR:
-        ok, kind = isinstance(value, str), "a string"
-    else:  # methods, metrics
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        kind = "a list of names or a comma-separated string"
+    hint = _HINTS[key]
+    if isinstance(hint, types.UnionType):  # X | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    base = typing.get_origin(hint) or hint  # list[str] -> list, Literal[...] -> Literal
+    if base is bool:
+        ok, want = isinstance(value, bool), "true or false"
+    elif base is int:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif base is float:
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif base is list:
+        ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), \
+            "a list of names or a comma-separated string"
+    else:  # str and Literal[...] of strings
+        ok, want = isinstance(value, str), "a string"
     if not ok:
-        raise ConfigError(f"config key {key!r} must be {kind}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"config key {key!r} must be {want}, got {value!r} ({type(value).__name__})")
 
 
 def _names(key: str, spec: str) -> list[str]:

@@ -61,7 +61,11 @@ def with_provenance(schema: pa.Schema, provenance: dict[str, Any]) -> pa.Schema:
 
 def provenance_of(location: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``unioncam.*`` schema metadata of a Parquet file (local or a URI), decoded."""
-    meta = _parquet_schema(os.fspath(location)).metadata or {}
+    return _provenance(_parquet_schema(os.fspath(location)))
+
+
+def _provenance(schema: pa.Schema) -> dict[str, Any]:
+    meta = schema.metadata or {}
     out: dict[str, Any] = {}
     for k, v in meta.items():
         key = k.decode()
@@ -142,9 +146,9 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
         location = storage.join(run_dir, folder, f"{name}.parquet")
         try:
             with storage.open_random(location) as handle:
-                meta = pq.ParquetFile(handle).metadata
+                parquet = pq.ParquetFile(handle)  # one footer read: row count, metadata and schema
+                meta, arrow = parquet.metadata, parquet.schema_arrow
                 kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
-                arrow = pq.ParquetFile(handle).schema_arrow
         except FileNotFoundError:
             return f"{folder}/{name}.parquet is missing"
         except (OSError, pa.ArrowException, ValueError) as exc:
@@ -198,9 +202,11 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
     wanted = None if keys is None else set(keys)
     found: list[tuple[str, str, np.ndarray]] = []
     for f in files:
-        meta = provenance_of(f)
+        with storage.open_random(f) as handle:  # one open per file: provenance and rows
+            parquet = pq.ParquetFile(handle)
+            meta = _provenance(parquet.schema_arrow)
+            table = parquet.read(columns=MAPS_SCHEMA.names)
         shape = tuple(meta["map_shape"])
-        table = read_parquet(f, MAPS_SCHEMA)
         for key, meth, blob in zip(*(table.column(c).to_pylist() for c in ("key", "method", "map")), strict=True):
             if (method is None or meth == method) and (wanted is None or key in wanted):
                 found.append((key, meth, np.frombuffer(blob, dtype=meta.get("map_dtype", MAP_DTYPE)).reshape(shape)))

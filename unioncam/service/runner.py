@@ -28,7 +28,7 @@ import ray
 
 from unioncam import storage
 from unioncam.data.sample import write_sample_shards
-from unioncam.data.shards import IMAGE_EXTS, MANIFEST, expand_shards, member_key, shard_name
+from unioncam.data.shards import DATA_ERRORS, IMAGE_EXTS, MANIFEST, expand_shards, member_key, shard_name
 from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig
 from unioncam.service.results import load_manifest, verify_shard
@@ -111,7 +111,7 @@ def shard_counts(paths: list[str]) -> dict[str, int]:
             with storage.open_input(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 keys = {member_key(m.name)[0] for m in tar if member_key(m.name)[1] in IMAGE_EXTS}
             out[path] = len(keys)
-        except (tarfile.TarError, OSError, EOFError):
+        except DATA_ERRORS:  # StorageError is an OSError too: unreadable counts as 0 here
             out[path] = 0  # damaged or unreadable; the worker reports what it can read
     return out
 
@@ -195,10 +195,10 @@ class RunLock:
         if storage.create_exclusive(self.path, self._content()):
             self.beat = time.monotonic()
             return
+        held = self._holder()
         try:
-            held = json.loads(storage.read_text(self.path))
             host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             held, host, pid, beat = {}, "?", -1, 0.0
         dead_here = host == socket.gethostname() and pid > 0 and not _alive(pid)
         if held and not dead_here and time.time() - beat < LOCK_STALE:
@@ -215,11 +215,8 @@ class RunLock:
         """Refresh the lock (at most every :data:`LOCK_HEARTBEAT` s); raise if another driver took it."""
         if time.monotonic() - self.beat < LOCK_HEARTBEAT:
             return
-        try:
-            held = json.loads(storage.read_text(self.path))
-        except (OSError, ValueError):
-            held = {}
-        if (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
+        held = self._holder()
+        if not self._mine(held):
             raise ConfigError(f"{storage.redact(self.path)} was taken by another driver (host {held.get('host')}, "
                               f"pid {held.get('pid')}); stopping this one")
         storage.write_bytes(self.path, self._content())
@@ -227,12 +224,20 @@ class RunLock:
 
     def release(self) -> None:
         """Remove the lock if it is still this driver's (never another driver's that took it over)."""
+        if self._mine(self._holder()):
+            storage.delete(self.path)
+
+    def _holder(self) -> dict[str, Any]:
+        """The lock's content ({} when it is missing or unreadable)."""
         try:
             held = json.loads(storage.read_text(self.path))
         except (OSError, ValueError):
-            return
-        if (held.get("host"), held.get("pid")) == (socket.gethostname(), os.getpid()):
-            storage.delete(self.path)
+            return {}
+        return held if isinstance(held, dict) else {}
+
+    @staticmethod
+    def _mine(held: dict[str, Any]) -> bool:
+        return (held.get("host"), held.get("pid")) == (socket.gethostname(), os.getpid())
 
 
 def _alive(pid: int) -> bool:

@@ -92,14 +92,13 @@ class ShardEvaluator:
             "run_id": run_id, "dataset": cfg.dataset, "model": self.loaded.name,
             "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
             "input_size": list(self.size), "precision": self.precision, "metrics_precision": self.metrics_precision,
-            "target": cfg.target,
-            "channels_last": cfg.channels_last, "compile": self.compile,
+            "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "unioncam_version": unioncam.__version__,
             "torch_version": torch.__version__, "ray_version": _ray_version(), "device": str(self.device)}
 
     def _warm_up(self) -> float:
         """Compile the grad-free forward for every setting a shard uses (the methods' precision and the
-        metrics' fp32) at the one padded batch shape, before the first shard; returns the seconds."""
+        metrics' precision) at the one padded batch shape, before the first shard; returns the seconds."""
         start = time.perf_counter()
         x = torch.zeros((1, 3, *self.size), device=self.device)
         for precision in dict.fromkeys((self.precision, self.metrics_precision)):
@@ -117,10 +116,9 @@ class ShardEvaluator:
 
     def compute(self, shard: str, limit: int | None = None, on_progress: Callable[[int], None] | None = None,
                 expected: int | None = None) -> dict[str, Any]:
-        """Evaluate the first ``limit`` samples of ``shard``; write ``out/metrics/<name>.parquet``
-        (and ``out/maps/<name>.parquet``; ``out`` a folder or a URI). ``expected``: the sample count
-        the shard set's manifest lists; a shard that holds fewer gets an error record saying so.
-        Returns counts: images, errors (rows), rows, seconds.
+        """Evaluate the first ``limit`` samples of ``shard`` into rows and maps (for :meth:`write`).
+        ``expected``: the sample count the shard set's manifest lists; a shard that holds fewer gets
+        an error record saying so.
 
         Raises:
             storage.StorageError: the shard could not be read (I/O, after retries): nothing is
