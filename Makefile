@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	cd benchmarks && TQDM_DISABLE=1 ../$(BIN)/python bench_unioncam.py
 	cd benchmarks && ../$(BIN)/python bench_precision.py
+	cd benchmarks && ../$(BIN)/python bench_metrics_precision.py
 	cd benchmarks && ../$(BIN)/python bench_memory.py
 	cd benchmarks && ../$(BIN)/python bench_service.py
 
