@@ -26,7 +26,8 @@ class Faults:
     """What the proxy does to requests whose path contains ``match``."""
 
     match: str = ""
-    fail: int = 0  # answer 500 this many times (then forward normally); -1: always
+    fail: int = 0  # answer an error this many times (then forward normally); -1: always
+    status: int = 500  # the error: 500 InternalError, or 403 AccessDenied
     cut_after: int = 0  # when > 0: send only this many body bytes of the next GET, then drop the connection
     seen: list[str] = field(default_factory=list)
 
@@ -63,10 +64,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if cut:
                 faults.cut_after = 0
             if hit:
-                faults.seen.append(f"{self.command} {'500' if fail else 'cut' if cut else 'ok'}")
+                faults.seen.append(f"{self.command} {faults.status if fail else 'cut' if cut else 'ok'}")
         if fail:
-            payload = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
-            self.send_response(500)
+            code = b"AccessDenied" if faults.status == 403 else b"InternalError"
+            payload = b"<Error><Code>" + code + b"</Code><Message>injected</Message></Error>"
+            self.send_response(faults.status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()

@@ -53,7 +53,7 @@ def proxied(s3, monkeypatch):
     """Like ``env`` but through the fault proxy (2 retries of ours; pyarrow's client retries too)."""
     monkeypatch.setattr(storage, "BACKOFF", 0.01)
     monkeypatch.setattr(storage, "RETRIES", 2)
-    s3.faults.match, s3.faults.fail, s3.faults.cut_after = "", 0, 0
+    s3.faults.match, s3.faults.fail, s3.faults.cut_after, s3.faults.status = "", 0, 0, 500
     s3.faults.seen.clear()
     with environment(s3.env(through_proxy=True)):
         yield s3
@@ -241,3 +241,45 @@ def test_a_driver_whose_lock_was_taken_over_stops(tmp_path, monkeypatch):
         lock.heartbeat()
     lock.release()  # leaves the other driver's lock alone
     assert json.loads(storage.read_text(storage.join(out, "lock.json")))["host"] == "elsewhere"
+
+
+def test_access_denied_is_one_line_names_the_uri_and_is_not_retried(proxied):
+    s3 = proxied
+    storage.write_bytes(f"s3://{BUCKET}/denied/x.bin", b"data")
+    s3.faults.match, s3.faults.fail, s3.faults.status = "denied/x.bin", -1, 403
+    with pytest.raises(OSError) as info:
+        storage.read_bytes(f"s3://{BUCKET}/denied/x.bin")
+    text = str(info.value)
+    assert f"s3://{BUCKET}/denied/x.bin" in text and "\n" not in text and SECRET not in text
+    assert "attempts" not in text  # permanent: not retried by us
+
+
+def test_weights_load_from_s3(env, tmp_path):
+    from unioncam import load
+    from unioncam.models import WeightsError
+
+    local = tmp_path / "tiny.pth"
+    torch.save(load("tiny_cnn").model.net.state_dict(), local)
+    storage.write_bytes(f"s3://{BUCKET}/weights/tiny.pth", local.read_bytes())
+    loaded = load("tiny_cnn", f"s3://{BUCKET}/weights/tiny.pth")
+    assert loaded.weights_sha256 == storage.sha256(str(local))
+    with pytest.raises(WeightsError, match=f"weights file not found: s3://{BUCKET}/weights/none.pth"):
+        load("tiny_cnn", f"s3://{BUCKET}/weights/none.pth")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_verify_shard_rejects_truncated_short_and_missing_files(env, tmp_path, where):
+    make_shards(tmp_path / "shards", 3, 3)
+    out = str(tmp_path / "run") if where == "local" else f"s3://{BUCKET}/verify-run"
+    cfg = EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=out, model="tiny_cnn", methods=["gradcam"],
+                     metrics=["ad"]).resolved()
+    result = ShardEvaluator(cfg, "cpu", run_id="r").evaluate(str(tmp_path / "shards" / "t-000000.tar"), out)
+    entry = {"rows": result["rows"], "maps": result["maps"]}
+    assert verify_shard(out, "t-000000", "r", entry, True) is None
+    assert "has 3 rows, the manifest recorded 4" in verify_shard(out, "t-000000", "r", {**entry, "rows": 4}, True)
+    metrics = storage.join(out, "metrics", "t-000000.parquet")
+    storage.write_bytes(metrics, storage.read_bytes(metrics)[:-20])  # cut: no footer
+    assert "metrics/t-000000.parquet is damaged" in verify_shard(out, "t-000000", "r", entry, True)
+    storage.delete(storage.join(out, "maps", "t-000000.parquet"))
+    storage.delete(metrics)
+    assert verify_shard(out, "t-000000", "r", entry, True) == "metrics/t-000000.parquet is missing"
