@@ -247,7 +247,7 @@ def test_access_denied_is_one_line_names_the_uri_and_is_not_retried(proxied):
     s3 = proxied
     storage.write_bytes(f"s3://{BUCKET}/denied/x.bin", b"data")
     s3.faults.match, s3.faults.fail, s3.faults.status = "denied/x.bin", -1, 403
-    with pytest.raises(OSError) as info:
+    with pytest.raises(OSError, match=r"cannot open s3://.*denied/x\.bin") as info:
         storage.read_bytes(f"s3://{BUCKET}/denied/x.bin")
     text = str(info.value)
     assert f"s3://{BUCKET}/denied/x.bin" in text and "\n" not in text and SECRET not in text
