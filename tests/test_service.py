@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -89,7 +90,8 @@ def test_shard_rows_maps_and_metrics_match_an_independent_recomputation(tmp_path
     rows = read_metrics(cfg.out).to_pandas()
     keys = [k for k in rows["key"].unique()]
     assert counts == {"images": 8, "rows": 8 * 3, "maps": 8 * 3 - 3 * 3, "errors": 3 * 3, "seconds": counts["seconds"],
-                      "compiled_graphs": 0}
+                      "compiled_graphs": 0, "source": {"uri": str(shard_dir[0]), "bytes": shard_dir[0].stat().st_size,
+                                                       "sha256": hashlib.sha256(shard_dir[0].read_bytes()).hexdigest()}}
     assert len(keys) == 8 and len(rows) == 24 and not rows.duplicated(["key", "method"]).any()
 
     good = rows[rows["error"].isna()]

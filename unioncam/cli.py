@@ -165,7 +165,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every shard of a run as resume does; exit 0 when all are finished, 1 otherwise."""
-    from unioncam.service.results import load_manifest, verify_shard
+    from unioncam.service.results import load_manifest, source_changed, verify_shard
 
     try:
         manifest = load_manifest(args.run_dir)
@@ -176,8 +176,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     save_maps = bool(manifest["config"].get("save_maps", True))
     bad = 0
     for name, entry in sorted(manifest["shards"].items()):
-        why = (verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps)
-               if entry.get("status") == "done" else f"{entry.get('status')}: {entry.get('error', '')}".strip())
+        if entry.get("status") == "done":
+            why = verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps) or source_changed(name, entry)
+        else:
+            why = f"{entry.get('status')}: {entry.get('error', '')}".strip()
         bad += why is not None
         print(f"{'ok' if why is None else 'BAD'}  {name}{'' if why is None else '  ' + why}")
     listed = set(manifest["shards"])

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 RETRIES = 4
@@ -505,6 +505,46 @@ def create_exclusive(location: str, data: bytes) -> bool:
 
         return retrying(f"cannot create {redact(location)}", upload)
     raise StorageError(f"cannot create {redact(location)} exclusively: {parts.scheme}:// has no conditional write")
+
+
+def fingerprint(location: str) -> dict[str, Any]:
+    """What identifies a file's content, to tell later whether it changed: ``{"uri", "bytes", "sha256"}``
+    for local files, ``{"uri", "bytes", "etag"}`` for ``s3://`` objects (a HEAD request, through boto3
+    when installed), else ``sha256`` streamed. ``uri`` is redacted (no credentials).
+
+    Raises:
+        StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
+    """
+    kind, size = file_info(location)
+    if kind != "file":
+        raise _error(FileNotFoundError, f"{redact(location)} is not a file")
+    found: dict[str, Any] = {"uri": redact(location), "bytes": size}
+    etag = _s3_etag(location) if urlsplit(location).scheme == "s3" else None
+    if etag is not None:
+        found["etag"] = etag
+        return found
+    found["sha256"] = sha256(location)
+    return found
+
+
+def _s3_etag(location: str) -> str | None:
+    """The object's ETag (a HEAD request through boto3); None when boto3 is not installed."""
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return None
+    parts = urlsplit(location)
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    def head() -> str:
+        try:
+            answer = client.head_object(Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise OSError(_one_line(exc)) from None
+        return str(answer["ETag"]).strip('"')
+
+    return retrying(f"cannot stat {redact(location)}", head)
 
 
 def sha256(location: str) -> str:

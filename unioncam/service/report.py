@@ -18,7 +18,7 @@ import pandas as pd
 
 from unioncam import storage
 from unioncam.metrics import summarize
-from unioncam.service.results import load_manifest, provenance_of, read_metrics, read_saliency
+from unioncam.service.results import load_manifest, provenance_of, read_metrics, read_saliency, run_files
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table.t{border-collapse:collapse;margin:1em 0;font-size:14px}
@@ -143,7 +143,7 @@ def _overlay_grid(run_dir: str, df: pd.DataFrame, methods: list[str], shards: di
     from unioncam.data.shards import iter_samples
     from unioncam.viz import grid, overlay
 
-    if count == 0 or not storage.list_files(storage.join(run_dir, "maps"), ".parquet", limit=1):
+    if count == 0 or not run_files(run_dir, "maps"):
         return None
     ok = df[df["error"].isna()]
     complete = ok.groupby("key")["method"].nunique()
@@ -217,7 +217,7 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     storage.write_text(storage.join(out, "summary.csv"), summary.to_csv(index=False))
     storage.write_text(storage.join(out, "per_class.csv"), per_class.to_csv(index=False))
     provs = {storage.basename(f).removesuffix(".parquet"): provenance_of(f)
-             for f in storage.list_files(storage.join(run_dir, "metrics"), ".parquet")}
+             for f in run_files(run_dir, "metrics")}
     listed = {name: entry.get("path") for name, entry in manifest.get("shards", {}).items()}
     shards = {name: p.get("shard_path") or listed.get(name) for name, p in provs.items()}  # older runs: manifest
     images = _plots(df, summary, out)

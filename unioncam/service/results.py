@@ -166,15 +166,57 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
     return None
 
 
+def source_changed(name: str, entry: dict[str, Any], path: str | None = None) -> str | None:
+    """None when shard ``name`` (its manifest ``entry``) was computed from ``path``'s current content
+    (default: the source it recorded), else what changed, on one line. Entries of runs older than
+    source fingerprints (no ``source``) are not checked.
+
+    The fingerprint is :func:`unioncam.storage.fingerprint`'s: size plus sha256 (files) or ETag (S3).
+    """
+    recorded = entry.get("source")
+    if not isinstance(recorded, dict):
+        return None
+    uri = str(recorded.get("uri"))
+    if path is None:
+        if "***" in uri:
+            return None  # recorded without its credentials: only a rerun with the real URI can check it
+        path = uri
+    elif uri != storage.redact(path):
+        return f"{name} was computed from {uri}, this run names {storage.redact(path)}"
+    try:
+        now = storage.fingerprint(path)
+    except storage.StorageError as exc:
+        return f"the source of {name} cannot be checked ({exc})"
+    for field in ("bytes", "sha256", "etag"):
+        if field in recorded and recorded[field] != now.get(field):
+            was, new = recorded[field], now.get(field)
+            if field != "bytes":
+                was, new = str(was)[:12], str(new)[:12]
+            return f"the content of {storage.redact(path)} changed since {name} was computed ({field} {was} -> {new})"
+    return None
+
+
 def encode_map(saliency: np.ndarray) -> bytes:
     """A map as little-endian float16 bytes (:data:`MAP_DTYPE`)."""
     return np.ascontiguousarray(saliency, dtype="<f2").tobytes()
 
 
+def run_files(run_dir: str, folder: str) -> list[str]:
+    """The ``folder`` (``metrics`` or ``maps``) Parquet files that belong to the run: one per shard its
+    manifest lists as done (other files there, e.g. copied from another run, are not part of it), or
+    every file when the directory has no manifest."""
+    if not storage.is_file(storage.join(run_dir, "manifest.json")):
+        return storage.list_files(storage.join(run_dir, folder), ".parquet")
+    shards = load_manifest(run_dir)["shards"]
+    return [storage.join(run_dir, folder, f"{name}.parquet") for name in sorted(shards)
+            if shards[name]["status"] == "done" and (folder != "maps" or shards[name].get("maps", 0) > 0)]
+
+
 def read_metrics(run_dir: str | os.PathLike[str]) -> pa.Table:
-    """Every metrics row of a run (all shards; ``run_dir`` a folder or a URI), as one Arrow table."""
+    """Every metrics row of a run (all its done shards, :func:`run_files`; ``run_dir`` a folder or a
+    URI), as one Arrow table."""
     run_dir = os.fspath(run_dir)
-    files = storage.list_files(storage.join(run_dir, "metrics"), ".parquet")
+    files = run_files(run_dir, "metrics")
     if not files:
         raise FileNotFoundError(f"no metrics/*.parquet under {storage.redact(run_dir)}: has the job run there?")
     return pa.concat_tables([read_parquet(f, METRICS_SCHEMA) for f in files])
@@ -196,7 +238,7 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
         KeyError: some requested keys have no map (the message lists a few).
     """
     run_dir = os.fspath(run_dir)
-    files = storage.list_files(storage.join(run_dir, "maps"), ".parquet")
+    files = run_files(run_dir, "maps")
     if not files:
         raise FileNotFoundError(f"no maps/*.parquet under {storage.redact(run_dir)} (run without --no-maps)")
     wanted = None if keys is None else set(keys)

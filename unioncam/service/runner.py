@@ -31,7 +31,7 @@ from unioncam.data.sample import write_sample_shards
 from unioncam.data.shards import DATA_ERRORS, IMAGE_EXTS, MANIFEST, expand_shards, member_key, shard_name
 from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig
-from unioncam.service.results import load_manifest, verify_shard
+from unioncam.service.results import load_manifest, source_changed, verify_shard
 from unioncam.service.worker import ShardWorker
 
 RUN_FORMAT = "unioncam-run/1"
@@ -71,8 +71,10 @@ def _fmt_seconds(s: float) -> str:
 class ProgressLine:
     """Driver-side progress over images and shards: ``done/total images, img/s, ETA``."""
 
-    def __init__(self, total_images: int, total_shards: int, already: int, interval: float) -> None:
+    def __init__(self, total_images: int, total_shards: int, already: int, already_shards: int,
+                 interval: float) -> None:
         self.total, self.shards, self.already, self.interval = total_images, total_shards, already, interval
+        self.already_shards = already_shards
         self.start = time.monotonic()
         self.last = 0.0
 
@@ -86,13 +88,14 @@ class ProgressLine:
         eta = _fmt_seconds((self.total - done) / rate) if rate > 0 and done < self.total else "-"
         pct = 100.0 * done / self.total if self.total else 100.0
         speed = f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
-        log(f"{done}/{self.total} images ({pct:.0f}%) | {shards_done}/{self.shards} shards"
+        log(f"{done}/{self.total} images ({pct:.0f}%) | {self.already_shards + shards_done}/{self.shards} shards"
             f"{f' | {failed} failed' if failed else ''} | {speed} | ETA {eta}")
 
 
-def shard_counts(paths: list[str]) -> dict[str, int]:
+def shard_counts(paths: list[str]) -> dict[str, int | None]:
     """Images per shard, from the shard set's ``manifest.json`` when present, else the tar headers
-    (streamed: for object stores without a manifest this reads every shard once more)."""
+    (streamed: for object stores without a manifest this reads every shard once more); None for a
+    shard that cannot be read now."""
     listed: dict[str, int] = {}
     for folder in {storage.parent(p) for p in paths}:
         location = storage.join(folder, MANIFEST)
@@ -102,7 +105,7 @@ def shard_counts(paths: list[str]) -> dict[str, int]:
                     listed[storage.join(folder, s["name"])] = int(s["count"])
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             pass
-    out = {}
+    out: dict[str, int | None] = {}
     for path in paths:
         if path in listed:
             out[path] = listed[path]
@@ -111,8 +114,10 @@ def shard_counts(paths: list[str]) -> dict[str, int]:
             with storage.open_input(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 keys = {member_key(m.name)[0] for m in tar if member_key(m.name)[1] in IMAGE_EXTS}
             out[path] = len(keys)
-        except DATA_ERRORS:  # StorageError is an OSError too: unreadable counts as 0 here
-            out[path] = 0  # damaged or unreadable; the worker reports what it can read
+        except storage.StorageError:
+            out[path] = None  # unreadable now: the worker tries (and fails, retryably) on its own
+        except DATA_ERRORS:
+            out[path] = 0  # damaged: the worker reports what it can read
     return out
 
 
@@ -154,6 +159,10 @@ class RunManifest:
         if entry.get("status") != "done":
             return f"{entry.get('status', 'unknown')} before"
         return verify_shard(self.out, name, self.run_id, entry, save_maps)
+
+    def changed_source(self, name: str, path: str) -> str | None:
+        """None when done shard ``name`` was computed from ``path``'s current content, else what changed."""
+        return source_changed(name, self.data["shards"][name], path)
 
     def record(self, name: str, **entry: Any) -> None:
         previous = self.data["shards"].get(name, {})
@@ -329,8 +338,10 @@ def plan_resources(cfg: EvalConfig, n_shards: int, resources: dict[str, float] |
     return workers, gpus, cpus
 
 
-def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int]]:
-    """Shard locations (building the sample when it is the target and missing) and images per shard."""
+def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int | None], dict[str, int | None]]:
+    """Shard locations (building the sample when it is the target and missing), images per shard
+    (None: unreadable now) and the images to take from each (None: all; with ``--limit``, the first
+    ``limit`` images in shard order)."""
     if cfg.is_sample and not list(SAMPLE_DIR.glob(f"{cfg.dataset}/*.tar")):
         log(f"building the bundled sample shards under {SAMPLE_DIR}/")
         write_sample_shards(SAMPLE_DIR)
@@ -345,11 +356,14 @@ def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int]]:
     if dupes:
         raise ConfigError(f"shards from different folders share names {dupes[:3]}: outputs are named by shard")
     counts = shard_counts(paths)
-    if cfg.limit is not None:
+    limits: dict[str, int | None] = dict.fromkeys(paths)
+    if cfg.limit is not None:  # the first --limit images, in shard order
         left = cfg.limit
         for p in paths:
-            counts[p], left = min(counts[p], left), left - min(counts[p], left)
-    return paths, counts
+            known = counts[p]
+            limits[p] = left if known is None else min(known, left)  # unknown: up to what is left
+            left -= 0 if known is None else limits[p] or 0
+    return paths, counts, limits
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
@@ -368,49 +382,66 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"--out {out} is a file, not a run directory")
     weights = storage.absolute(cfg.weights) if cfg.weights else None
     cfg = replace(cfg, out=out, weights=weights)
-    paths, counts = prepare(cfg)
+    paths, counts, limits = prepare(cfg)
     sha = storage.sha256(weights) if weights else None
     lock = RunLock(out)
     lock.acquire()
     try:
-        return _run_locked(cfg, out, paths, counts, sha, lock)
+        return _run_locked(cfg, out, paths, counts, limits, sha, lock)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, int], sha: str | None,
-                lock: RunLock) -> dict[str, Any]:
+def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, int | None],
+                limits: dict[str, int | None], sha: str | None, lock: RunLock) -> dict[str, Any]:
     shown = storage.redact(out)
     manifest = RunManifest(out, {**cfg.identity(), "weights_sha256": sha})
-    limits = {p: (counts[p] if cfg.limit is not None else None) for p in paths}
-    todo = []
+    todo, done = [], []
     for p in paths:
         lock.heartbeat()  # verifying thousands of shards on a store takes a while
         if limits[p] == 0:
             continue
         why = manifest.check_done(shard_name(p), cfg.save_maps)
-        if why is not None:
-            todo.append(p)
-            if manifest.data["shards"].get(shard_name(p), {}).get("status") == "done":
-                log(f"redoing {shard_name(p)}: {why}")
-    skipped = len(paths) - len(todo)
-    total = sum(counts.values())
-    already = sum(counts[p] for p in paths if p not in todo)
-    log(f"run {manifest.run_id}: {len(paths)} shards ({total} images), {skipped} already done; "
+        if why is None:
+            done.append(p)
+            continue
+        todo.append(p)
+        if manifest.data["shards"].get(shard_name(p), {}).get("status") == "done":
+            log(f"redoing {shard_name(p)}: {why}")
+    changed = _changed_sources(manifest, done, lock)
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConfigError(f"{changed[0]}{more}: its rows describe other data. Use a new --out, or delete "
+                          f"{shown}/metrics/<shard>.parquet of each changed shard to recompute it here")
+    wanted = {p: (limits[p] if limits[p] is not None else counts[p]) or 0 for p in paths}
+    paths = [p for p in paths if limits[p] != 0]  # beyond --limit: not part of this command
+    total = sum(wanted[p] for p in paths)
+    already = sum(wanted[p] for p in done)
+    unknown = sum(counts[p] is None for p in paths)
+    unreadable = f", {unknown} shard(s) unreadable now" if unknown else ""
+    log(f"run {manifest.run_id}: {len(paths)} shards ({total} images{unreadable}), {len(done)} already done; "
         f"model {cfg.model}, methods {', '.join(cfg.methods)}, metrics {', '.join(cfg.metrics)}, "
         f"precision {cfg.precision}; out {shown}")
     manifest.save()
     if todo:
         connect(cfg.address)
         _schedule(cfg, manifest, todo, limits, counts, lock,
-                  ProgressLine(total, len(paths), already, cfg.progress_interval))
+                  ProgressLine(total, len(paths), already, len(done), cfg.progress_interval))
     if not storage.is_uri(out):
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(out, "running"))  # only when empty: a marker left means a worker was killed
-    failed = sorted(n for n, s in manifest.data["shards"].items() if s["status"] == "failed")
-    log(f"done: {manifest.data['counts']['shards_done']}/{len(paths)} shards, {manifest.data['counts']['images']} "
-        f"images, {manifest.data['counts']['error_rows']} error rows"
-        + (f"; FAILED shards {failed} (rerun the same command to retry them)" if failed else ""))
+    ours = {shard_name(p) for p in paths}
+    entries = {n: e for n, e in manifest.data["shards"].items() if n in ours}
+    finished = [e for e in entries.values() if e["status"] == "done"]
+    failed = sorted(n for n, e in entries.items() if e["status"] == "failed")
+    others = manifest.data["counts"]["shards_done"] - len(finished)
+    manifest.data["last_command"] = {"shards": len(paths), "done": len(finished), "failed": failed}
+    manifest.save()
+    log(f"done: {len(finished)}/{len(paths)} shards, {sum(e.get('images', 0) for e in finished)} images, "
+        f"{sum(e.get('errors', 0) for e in finished)} error rows"
+        + (f"; FAILED shards {failed} (rerun the same command to retry them)" if failed else "")
+        + (f"; {shown} also holds {others} done shard(s) of earlier commands, which the report includes"
+           if others > 0 else ""))
     if cfg.report:
         from unioncam.service.report import write_report
 
@@ -422,8 +453,27 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     return manifest.data
 
 
+def _changed_sources(manifest: RunManifest, done: list[str], lock: RunLock) -> list[str]:
+    """What changed in the sources of the shards ``done`` (hashed on a few threads: local shards are
+    read once more, object-store shards cost one HEAD each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not done:
+        return []
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = []
+        for why in pool.map(lambda p: manifest.changed_source(shard_name(p), p), done):
+            lock.heartbeat()
+            if why is not None:
+                found.append(why)
+    if time.monotonic() - start > 10:
+        log(f"checked the sources of {len(done)} done shards in {_fmt_seconds(time.monotonic() - start)}")
+    return found
+
+
 def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: dict[str, int | None],
-              counts: dict[str, int], lock: RunLock, line: ProgressLine) -> None:
+              counts: dict[str, int | None], lock: RunLock, line: ProgressLine) -> None:
     workers, gpus, cpus = plan_resources(cfg, len(todo))
     precision = resolve_precision(cfg.precision, "cuda" if gpus > 0 else "cpu")
     recorded = manifest.data.setdefault("precision", precision)
@@ -472,12 +522,14 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                         raise WorkerStartError(f"a worker could not start: {_reason(exc)}") from None
                     manifest.record(name, status="failed", path=storage.redact(path),
                                     error=f"worker died: {_reason(exc)}")
+                    progress.update.remote(name, 0)  # its images are not done
                     tally["failed"] += 1
                     if actors[i] is actor:  # its other in-flight shard fails too: replace the actor once
                         ray.kill(actor, no_restart=True)
                         actors[i] = actor_cls.remote(cfg, manifest.run_id, progress_name)
                 except ray.exceptions.RayTaskError as exc:
                     manifest.record(name, status="failed", path=storage.redact(path), error=_reason(exc))
+                    progress.update.remote(name, 0)
                     tally["failed"] += 1
                 submit(i)
             line.show(ray.get(progress.total.remote()), tally["done"], tally["failed"], force=bool(ready))
@@ -513,4 +565,4 @@ def main(argv: list[str] | None, dataset: str) -> int:
         print("unioncam: interrupted; finished shards are kept (see manifest.json): rerun the same command "
               "to resume", file=sys.stderr, flush=True)
         return 130
-    return 1 if manifest["counts"]["shards_failed"] else 0
+    return 1 if manifest["last_command"]["failed"] else 0

@@ -126,6 +126,7 @@ class ShardEvaluator:
         """
         start = time.perf_counter()
         name = shard_name(shard)
+        source = storage.fingerprint(storage.absolute(shard))  # before reading: what these rows were computed from
         rows: list[Row] = []
         maps: list[Row] = []
         batch: list[dict[str, Any]] = []
@@ -154,20 +155,21 @@ class ShardEvaluator:
             on_progress(seen)
         for row in rows:
             row["shard"] = name
-        return {"name": name, "shard": shard, "rows": rows, "maps": maps, "images": seen, "start": start}
+        return {"name": name, "shard": shard, "rows": rows, "maps": maps, "images": seen, "start": start,
+                "source": source}
 
     def write(self, computed: dict[str, Any], out: str) -> dict[str, Any]:
         """Write what :meth:`compute` returned as ``out/metrics/<name>.parquet`` (and the maps file);
         returns the counts. Separate from computing so a worker can write one shard while the GPU
         computes the next (:class:`ShardWorker`)."""
-        name, shard, rows, maps, seen, start = (computed[k] for k in ("name", "shard", "rows", "maps", "images",
-                                                                      "start"))
-        prov = {**self.provenance, "shard_path": storage.redact(storage.absolute(shard))}
+        name, rows, maps, seen, start, source = (computed[k] for k in ("name", "rows", "maps", "images", "start",
+                                                                       "source"))
+        prov = {**self.provenance, "shard_path": source["uri"], "source": source}
         if self.cfg.save_maps:
             meta = {**prov, "map_shape": list(self.size), "map_dtype": MAP_DTYPE}
             write_parquet(maps, with_provenance(MAPS_SCHEMA, meta), storage.join(out, "maps", f"{name}.parquet"))
         write_parquet(rows, with_provenance(METRICS_SCHEMA, prov), storage.join(out, "metrics", f"{name}.parquet"))
-        return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0,
+        return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0, "source": source,
                 "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start,
                 "compiled_graphs": compiled_graphs() if self.compile else 0}
 
