@@ -60,6 +60,13 @@ def _reset_ray_token_cache() -> None:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that takes the Ray cluster is marked ``ray`` (``-m "not ray"`` skips them all)."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """A head with 2 CPUs and 4 fake GPUs plus a second node with 2 CPUs, via cluster/*.sh, on loopback.
