@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from unioncam.metrics import (
-    METRICS,
     average_drop,
     average_increase,
     confidence,
@@ -154,14 +153,6 @@ def test_summarize_mean_ci_and_classes():
         summarize([1.0, float("nan")])
     with pytest.raises(ValueError, match="non-empty"):
         summarize([])
-
-
-def test_metric_metadata():
-    assert set(METRICS) == {"average_drop", "average_increase", "insertion_auc", "deletion_auc", "epg"}
-    assert average_drop.info.higher_is_better is False
-    assert average_increase.info.higher_is_better is True
-    assert energy_pointing_game.info.needs_boxes is True
-    assert METRICS["deletion_auc"].higher_is_better is False
 
 
 def test_bootstrap_in_chunks_equals_one_draw_and_stays_small(monkeypatch):

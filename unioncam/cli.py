@@ -18,10 +18,10 @@ import torch
 from unioncam import storage
 from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
-from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB, gpu_plan
+from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import MODELS, WeightsError, load
-from unioncam.ops import PRECISION_CHOICES, ieee_fp32, resolve_precision
+from unioncam.ops import PRECISION_CHOICES, resolve_precision
 from unioncam.registry import UnknownNameError
 from unioncam.viz import ImageError, load_image, overlay
 
@@ -87,9 +87,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                          DEFAULT_GPU_MEMORY_GIB).batch_size
     for path, image in zip(paths, images, strict=True):
         x = image[None].to(device)
-        with torch.no_grad(), ieee_fp32():
-            probs = model(x).softmax(-1)[0]
-        target = int(probs.argmax()) if args.target is None else args.target
+        predicted, logits = predict(model, x)
+        probs = logits.softmax(-1)[0]
+        target = int(predicted[0]) if args.target is None else args.target
         print(f"{path.name}: {loaded.class_names[target]} (class {target}, p={float(probs[target]):.3f})",
               flush=True)
         for method in methods:

@@ -1,7 +1,5 @@
 """Evaluation metrics (REFERENCE.md, "Metrics"): per-sample values; aggregation is separate.
 
-Every per-sample function carries its metadata as ``fn.info`` (:class:`MetricInfo`: name,
-higher-is-better, needs boxes) and is listed in :data:`METRICS`, so reports can label it.
 Per-sample values are what the Parquet rows store; :func:`summarize` aggregates them (mean and a
 seeded 95% bootstrap confidence interval, overall and per class).
 
@@ -16,9 +14,9 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,32 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unioncam.methods.base import batched_probs, default_batch_size, model_device
-from unioncam.ops import resolve_precision
-
-F_ = TypeVar("F_", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    """What a report needs to label a metric."""
-
-    name: str
-    label: str
-    higher_is_better: bool
-    needs_boxes: bool = False
-    unit: str = ""
-
-
-METRICS: dict[str, MetricInfo] = {}
-
-
-def _metric(info: MetricInfo) -> Callable[[F_], F_]:
-    def register(fn: F_) -> F_:
-        fn.info = info  # type: ignore[attr-defined]
-        METRICS[info.name] = info
-        return fn
-
-    return register
+from unioncam.ops import resolve_precision, safe_divide
 
 
 def _check_maps(images: Tensor, maps: Tensor) -> None:
@@ -95,7 +68,6 @@ def _check_confidences(y: Tensor, o: Tensor) -> None:
         raise ValueError("Y must be > 0 (the drop is relative to Y); got a zero confidence")
 
 
-@_metric(MetricInfo("average_drop", "Average Drop", higher_is_better=False, unit="%"))
 def average_drop(y: Tensor, o: Tensor) -> Tensor:
     """Per-sample drop ``100 · max(0, Y − O) / Y`` in percent; its mean is the Average Drop
     (Chattopadhay et al., 2018). Raises ``ValueError`` for ``Y ≤ 0`` or non-finite input."""
@@ -103,7 +75,6 @@ def average_drop(y: Tensor, o: Tensor) -> Tensor:
     return 100.0 * (y - o).clamp_min(0) / y
 
 
-@_metric(MetricInfo("average_increase", "Average Increase", higher_is_better=True, unit="%"))
 def average_increase(y: Tensor, o: Tensor) -> Tensor:
     """Per-sample increase ``100 · 1[Y < O]`` in percent; its mean is the Average Increase."""
     _check_confidences(y, o)
@@ -128,14 +99,12 @@ def _auc(curve: Tensor) -> Tensor:
     return (curve[..., 1:] + curve[..., :-1]).sum(-1) / (2 * steps)
 
 
-@_metric(MetricInfo("insertion_auc", "Insertion AUC", higher_is_better=True))
 def insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
                   batch_size: int | None = None) -> Tensor:
     """Insertion AUC per image; see :func:`insertion_deletion`."""
     return insertion_deletion(model, images, maps, targets, steps, batch_size)[0]
 
 
-@_metric(MetricInfo("deletion_auc", "Deletion AUC", higher_is_better=False))
 def deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
                  batch_size: int | None = None) -> Tensor:
     """Deletion AUC per image; see :func:`insertion_deletion`."""
@@ -196,7 +165,6 @@ def _box_mask(boxes: Sequence[Sequence[float]], size: tuple[int, int], device: t
     return mask
 
 
-@_metric(MetricInfo("epg", "Energy Pointing Game", higher_is_better=True, needs_boxes=True))
 def energy_pointing_game(maps: Tensor, boxes: Sequence[Sequence[Sequence[float]]]) -> Tensor:
     """Energy-based pointing game (Wang et al., 2020): ``Σ L inside ∪ boxes / Σ L`` per image.
 
@@ -214,8 +182,7 @@ def energy_pointing_game(maps: Tensor, boxes: Sequence[Sequence[Sequence[float]]
     masks = torch.stack([_box_mask(b, size, maps.device) for b in boxes])
     total = maps.sum(dim=(1, 2))
     inside = (maps * masks).sum(dim=(1, 2))
-    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
-                       torch.zeros_like(total))
+    return safe_divide(inside, total, total > 0)
 
 
 @dataclass(frozen=True)

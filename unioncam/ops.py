@@ -41,8 +41,20 @@ def normalize(maps: Tensor) -> Tensor:
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     hi = maps.amax(dim=(-2, -1), keepdim=True)
     span = hi - lo
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (maps - lo) / safe, torch.zeros_like(maps))
+    return safe_divide(maps - lo, span, span > 0)
+
+
+def safe_divide(num: Tensor | float, den: Tensor, where: Tensor | None = None) -> Tensor:
+    """``num / den`` where ``where`` is True (default: where ``den != 0``), exactly 0 elsewhere.
+
+    The denominator is replaced by 1 outside ``where`` before dividing, so neither the values nor
+    the gradients (with respect to ``num`` or ``den``) get a NaN or inf from a zero denominator, as
+    ``torch.where(den != 0, num / den, 0)`` would in its backward. Inside ``where`` the result is
+    exactly ``num / den``. ``num``, ``den`` and ``where`` broadcast together.
+    """
+    mask = den != 0 if where is None else where
+    quotient = num / torch.where(mask, den, torch.ones_like(den))
+    return torch.where(mask, quotient, torch.zeros_like(quotient))
 
 
 def is_constant(maps: Tensor) -> Tensor:

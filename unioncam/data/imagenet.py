@@ -10,6 +10,8 @@ wnids (``imagenet_wnids.txt``, shipped with the package). Accepted label sources
   devkit's ``data/meta.mat`` is required (found beside the txt, or given with ``meta=``).
 * the ImageFolder layout: ``DIR/<wnid>/*.JPEG`` (then ``labels`` is not needed).
 
+Both layouts take visible files ending in ``.jpeg``, ``.jpg`` or ``.png`` (any case), nothing else.
+
 Boxes (optional): the val XMLs (a folder of ``ILSVRC2012_val_XXXXXXXX.xml``) or the LOC csv.
 ImageNet boxes are inclusive pixel indices; we store ``[xmin, ymin, xmax + 1, ymax + 1]`` in
 continuous pixel coordinates (:mod:`unioncam.metrics`) of the original image, with each box's
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import csv
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from unioncam.data.annotations import read_xml_objects
 from unioncam.data.shards import Sample, clean_key
 
 
@@ -90,16 +92,17 @@ def read_loc_csv(path: Path) -> tuple[dict[str, str], dict[str, list[tuple[str, 
 
 def read_box_xml(path: Path) -> list[tuple[str, list[float]]]:
     """One ImageNet/VOC-style annotation XML → ``[(name, [xmin, ymin, xmax+1, ymax+1]), ...]``."""
-    root = ET.parse(path).getroot()
-    out = []
-    for obj in root.iter("object"):
-        bb = obj.find("bndbox")
-        name = obj.findtext("name", "").strip()
-        if bb is None:
-            continue
-        x0, y0, x1, y1 = (float(bb.findtext(t, "nan")) for t in ("xmin", "ymin", "xmax", "ymax"))
-        out.append((name, [x0, y0, x1 + 1, y1 + 1]))
-    return out
+    return [(obj.name, [obj.box[0], obj.box[1], obj.box[2] + 1, obj.box[3] + 1])
+            for obj in read_xml_objects(path) if obj.box is not None]
+
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")  # what both layouts take (case-insensitive)
+
+
+def _is_image(path: Path) -> bool:
+    """A visible file with an image suffix: ``.DS_Store``, macOS's ``._*`` resource forks, ``Thumbs.db``,
+    notes and folders are skipped."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def imagenet_samples(images: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None,
@@ -121,7 +124,7 @@ def imagenet_samples(images: str | os.PathLike[str], labels: str | os.PathLike[s
         bad = [d.name for d in folders if d.name not in _wnid_table()]
         if bad:
             raise ValueError(f"{root}: folders that are not ILSVRC2012 wnids: {', '.join(bad[:5])}")
-        files = [(f, d.name) for d in folders for f in sorted(d.iterdir()) if f.is_file()]
+        files = [(f, d.name) for d in folders for f in sorted(d.iterdir()) if _is_image(f)]
         table = {f.stem: w for f, w in files}
         source = "folders"
         paths = [f for f, _ in files]
@@ -133,7 +136,7 @@ def imagenet_samples(images: str | os.PathLike[str], labels: str | os.PathLike[s
         else:
             table = read_ground_truth(lab, Path(meta) if meta else None)
             source = "devkit ground truth + meta.mat"
-        paths = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        paths = sorted(f for f in root.iterdir() if _is_image(f))
     if boxes is not None:
         bpath = Path(boxes)
         if bpath.is_dir():

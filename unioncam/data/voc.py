@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unioncam.data.annotations import read_xml_objects
 from unioncam.data.shards import Sample, clean_key
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -25,17 +26,13 @@ VOC_CLASSES: tuple[str, ...] = (
 
 def read_voc_xml(path: Path) -> list[dict[str, Any]]:
     """Objects of one VOC annotation: ``name``, ``bbox`` (converted), ``difficult``, ``truncated``."""
-    root = ET.parse(path).getroot()
     objects = []
-    for obj in root.iter("object"):
-        name = obj.findtext("name", "").strip()
-        bb = obj.find("bndbox")
-        if name not in VOC_CLASSES or bb is None:
-            raise ValueError(f"{path.name}: bad object {name!r}")
-        x0, y0, x1, y1 = (float(bb.findtext(t, "nan")) for t in ("xmin", "ymin", "xmax", "ymax"))
-        objects.append({"name": name, "label": VOC_CLASSES.index(name), "bbox": [x0 - 1, y0 - 1, x1, y1],
-                        "difficult": obj.findtext("difficult", "0").strip() == "1",
-                        "truncated": obj.findtext("truncated", "0").strip() == "1"})
+    for obj in read_xml_objects(path):
+        if obj.name not in VOC_CLASSES or obj.box is None:
+            raise ValueError(f"{path.name}: bad object {obj.name!r}")
+        x0, y0, x1, y1 = obj.box
+        objects.append({"name": obj.name, "label": VOC_CLASSES.index(obj.name), "bbox": [x0 - 1, y0 - 1, x1, y1],
+                        "difficult": obj.difficult, "truncated": obj.truncated})
     return objects
 
 
@@ -43,21 +40,32 @@ def voc_samples(root: str | os.PathLike[str], split: str = "test") -> tuple[Iter
     """Samples of ``root`` (``VOCdevkit/VOC2007``) for ``ImageSets/Main/<split>.txt``, and info.
 
     An image whose annotation is missing or unreadable is written without ``.cls``, with the
-    reason in its ``.json``, so the reader reports it.
+    reason in its ``.json``, so the reader reports it. An image that is missing or unreadable does
+    not stop the conversion either: its sample has an empty ``.jpg``, no ``.cls`` and
+    ``{"file", "error": reason}`` as ``.json``, so the reader turns it into an error record for
+    its key; its id is listed in the info's (and so the manifest's) ``image_errors``.
     """
     root = Path(root)
     ids_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not ids_file.is_file():
         raise FileNotFoundError(f"no split file {ids_file}")
     ids = ids_file.read_text().split()
-    info = {"dataset": f"voc2007-{split}", "label_source": "Annotations/*.xml", "classes": list(VOC_CLASSES),
-            "boxes": "VOC 1-based inclusive → continuous 0-based [xmin-1, ymin-1, xmax, ymax]"}
+    info: dict[str, Any] = {"dataset": f"voc2007-{split}", "label_source": "Annotations/*.xml",
+                            "classes": list(VOC_CLASSES),
+                            "boxes": "VOC 1-based inclusive → continuous 0-based [xmin-1, ymin-1, xmax, ymax]",
+                            "image_errors": []}  # filled while the samples are generated
 
     def generate() -> Iterator[Sample]:
         for image_id in ids:
             image = root / "JPEGImages" / f"{image_id}.jpg"
-            if not image.is_file():
-                raise FileNotFoundError(f"split lists {image_id} but {image} does not exist")
+            try:
+                data = image.read_bytes()
+            except OSError as exc:  # missing or unreadable: the sample records why, the others go on
+                reason = (f"split lists {image_id} but {image.name} does not exist" if not image.exists()
+                          else f"cannot read {image.name}: {exc.strerror or exc}")
+                info["image_errors"].append(image_id)
+                yield Sample(clean_key(image_id), b"", "jpg", None, {"file": image.name, "error": reason})
+                continue
             meta: dict[str, Any] = {"file": image.name}
             label = None
             try:
@@ -69,6 +77,6 @@ def voc_samples(root: str | os.PathLike[str], split: str = "test") -> tuple[Iter
                     meta["boxes"] = [o["bbox"] for o in objects if o["label"] == label]
             except (OSError, ET.ParseError, ValueError) as exc:
                 meta["annotation_error"] = str(exc)
-            yield Sample(clean_key(image_id), image.read_bytes(), "jpg", label, meta)
+            yield Sample(clean_key(image_id), data, "jpg", label, meta)
 
     return generate(), info

@@ -69,6 +69,18 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def predict(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """``(classes, logits)``: the predicted class of each image (``B``, the logits' argmax) and the
+    ``B×C`` logits, from one forward in IEEE fp32 (:func:`ieee_fp32`) under inference mode.
+
+    The argmax is taken outside inference mode, so ``classes`` is an ordinary tensor that the
+    methods' backward may use as targets (an inference tensor cannot be saved for backward).
+    """
+    with torch.inference_mode(), ieee_fp32():
+        logits = model(images)
+    return logits.argmax(dim=1), logits
+
+
 def default_batch_size(device: torch.device) -> int:
     """Masked inputs per forward when not given: 4 on CPU (benchmarks/bench_unioncam.py: fastest
     per image for EfficientNet-Lite0 on two cores; 8 was 1.2-1.3× slower), 32 on accelerators

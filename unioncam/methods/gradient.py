@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from unioncam.methods.base import CAM, Details
+from unioncam.methods.integrative import generalized_alpha
+from unioncam.ops import safe_divide
 
 
 def weighted_sum(weights: Tensor, acts: Tensor) -> Tensor:
@@ -27,11 +29,10 @@ def gradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
 
 def gradcampp_alpha(acts: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM++ (Chattopadhay et al., 2018): ``α = g² / (2g² + Σ_ab A_kab g³)``, 0 where the
-    denominator is 0."""
-    g2 = grads.pow(2)
-    denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * grads.pow(3)
-    return torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
-                       torch.zeros_like(denom))
+    denominator is 0. It is Integrative CAM's :func:`generalized_alpha` with both φ factors
+    (``φ''`` and ``φ'''``) set to 1; multiplying by 1 is exact, so the two agree bit for bit."""
+    ones = torch.ones(grads.shape[0], dtype=grads.dtype, device=grads.device)
+    return generalized_alpha(acts, grads, ones, ones)
 
 
 def gradcampp_weights(acts: Tensor, grads: Tensor) -> Tensor:
@@ -41,10 +42,7 @@ def gradcampp_weights(acts: Tensor, grads: Tensor) -> Tensor:
 
 def xgradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
     """XGrad-CAM (Fu et al., 2020): ``w_k = Σ_ij (A_kij / Σ_ab A_kab) g_kij`` (0 where ``Σ A = 0``)."""
-    total = acts.sum(dim=(2, 3), keepdim=True)
-    safe = torch.where(total != 0, total, torch.ones_like(total))
-    return torch.where(total[..., 0, 0] != 0, (acts / safe * grads).sum(dim=(2, 3)),
-                       torch.zeros_like(total[..., 0, 0]))
+    return (safe_divide(acts, acts.sum(dim=(2, 3), keepdim=True)) * grads).sum(dim=(2, 3))
 
 
 class _ChannelWeightCAM(CAM):

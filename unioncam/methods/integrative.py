@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from unioncam.methods.base import CAM, Details, Explanation, find_layer
-from unioncam.ops import normalize, upsample
+from unioncam.ops import normalize, safe_divide, upsample
 
 Phi = Literal["exp", "softmax"]
 PHIS: tuple[str, ...] = ("exp", "softmax")
@@ -56,8 +56,7 @@ def generalized_alpha(acts: Tensor, grads: Tensor, d2: Tensor, d3: Tensor) -> Te
     d3 = d3.view(-1, 1, 1, 1)
     num = d2 * grads.pow(2)
     denom = 2 * num + acts.sum(dim=(2, 3), keepdim=True) * d3 * grads.pow(3)
-    safe = torch.where(denom != 0, denom, torch.ones_like(denom))
-    return torch.where(denom != 0, num / safe, torch.zeros_like(denom))
+    return safe_divide(num, denom)
 
 
 def effective_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> Tensor:
@@ -195,11 +194,10 @@ class IntegrativeCAM(CAM):
 
     def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
                 logits: Tensor) -> tuple[Tensor, Details]:
-        """The first hooked layer's map ``M_l`` alone, without fusion."""
-        assert grads is not None
-        assert self.entries is not None
-        d2, d3 = phi_derivatives(self.phi, logits, targets)
-        return layer_map(acts, grads, d2, d3, self._bias(self.entries[0])), {}
+        """Not used: Integrative CAM reads several layers, so the pipeline calls :meth:`compute_layers`.
+        Defined only because :meth:`CAM.compute` is abstract; a per-layer map is :func:`layer_map`."""
+        raise NotImplementedError("IntegrativeCAM fuses several layers: it implements compute_layers, not compute "
+                                  "(use unioncam.methods.integrative.layer_map for one layer's map)")
 
     def _bias(self, entry: ConvReLU) -> Tensor | None:
         """The layer's per-channel bias when the bias term is on and a conv produced the layer."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from unioncam.methods.base import CAM, Details, masked_scores
 from unioncam.methods.score import region_map
-from unioncam.ops import black_image_probs, normalize, upsample
+from unioncam.ops import black_image_probs, normalize, safe_divide, upsample
 
 Stage = Literal["amd", "amu", "ams"]
 STAGES: tuple[str, ...] = ("amd", "amu", "ams")
@@ -34,8 +34,7 @@ def pixel_average_alpha(denoised: Tensor) -> Tensor:
     """Eq. 3: ``α_kij = 1 / Σ_mn W_kmn·1[W_kmn > 0]`` where ``W_kij > 0``, else 0."""
     positive = denoised > 0
     total = (denoised * positive).sum(dim=(2, 3), keepdim=True)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(positive, 1.0 / safe, torch.zeros_like(denoised))
+    return safe_divide(1.0, total, positive)  # total > 0 wherever W_kij > 0
 
 
 def amd(acts: Tensor, grads: Tensor, size: tuple[int, int], theta: float = 10.0) -> Tensor:
@@ -87,8 +86,9 @@ class UnionCAM(CAM):
 
     Details: ``beta_den``, ``beta_reg``, ``beta_dereg`` (NaN for stages not run), ``selected``
     ("dereg" or "region"; "" before AMS), ``forwards`` (masked forwards per image), and
-    ``region_map`` (``L_Region``, ``B×H×W``, absent for ``stage="amd"``): Score-CAM's map before
-    the final normalization, so ``normalize(region_map)`` *is* Score-CAM's output and a caller
+    ``region_map`` (``L_Region``, ``B×H×W``, absent for ``stage="amd"``): Score-CAM's map, already
+    upsampled to the input size and normalized (:func:`unioncam.methods.score.region_map`). It *is*
+    Score-CAM's output (normalizing it again, as the pipeline does, changes nothing), so a caller
     wanting both methods need not run the channel forwards twice.
     """
 

@@ -39,10 +39,10 @@ from unioncam import storage
 from unioncam.data.shards import iter_samples, prefetched, shard_name
 from unioncam.data.voc import VOC_CLASSES
 from unioncam.methods import CAM, get_method
-from unioncam.methods.base import default_batch_size, gpu_plan
+from unioncam.methods.base import default_batch_size, gpu_plan, predict
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
-from unioncam.ops import autocast, ieee_fp32, normalize, resolve_precision
+from unioncam.ops import autocast, normalize, resolve_precision
 from unioncam.service.config import EvalConfig
 from unioncam.service.results import (
     MAP_DTYPE,
@@ -196,9 +196,7 @@ class ShardEvaluator:
         if self.cfg.target == "label":
             targets = torch.tensor([s["label"] for s in batch], device=self.device)
         else:
-            with torch.inference_mode(), ieee_fp32():
-                logits = self.model(x)
-            targets = logits.argmax(dim=1)  # outside inference mode: the methods' backward uses it
+            targets = predict(self.model, x)[0]  # an ordinary tensor: the methods' backward uses it
         outcomes = self._explain_all(x, targets)
         done = [(m, i) for m, per_image in outcomes.items() for i, o in enumerate(per_image) if not isinstance(o, str)]
         values = self._score_all(batch, x, targets, [outcomes[m][i][0] for m, i in done],  # type: ignore[index]
