@@ -32,6 +32,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check unioncam tests jobs benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) out

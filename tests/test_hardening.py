@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -115,6 +116,14 @@ def test_a_pool_the_cluster_cannot_hold_is_shrunk_or_refused():
         plan_resources(gpu, 3, {"CPU": 2.0})
     assert plan_resources(EvalConfig(shards="x/*.tar", out="o").resolved(), 8, {"CPU": 16.0, "GPU": 4.0}) == \
         (4, 1.0, 4.0)  # one worker per GPU
+    # An autoscaling cluster (no GPU node yet, up to 8 GPUs): GPU workers are planned against what it
+    # can grow to and waited for (start_timeout), not refused; beyond the ceiling they are shrunk.
+    ceiling = {"CPU": 66.0, "GPU": 8.0}
+    assert plan_resources(gpu, 3, {"CPU": 2.0}, ceiling) == (1, 1.0, 2.0)
+    many = EvalConfig(shards="x/*.tar", out="o", workers=12, gpus_per_worker=1, cpus_per_worker=4).resolved()
+    assert plan_resources(many, 20, {"CPU": 2.0}, ceiling) == (8, 1.0, 4.0)
+    with pytest.raises(ConfigError, match=r"the cluster can grow to 8 GPU and 66 CPU"):
+        plan_resources(replace(many, cpus_per_worker=80.0), 20, {"CPU": 2.0}, ceiling)
 
 
 def test_nan_weights_give_error_rows_not_zero_maps(tmp_path):

@@ -103,3 +103,27 @@ def test_a_shard_that_stays_unreadable_fails_and_a_rerun_completes_it(cluster, s
         rows = rows_of(out)
         assert len(rows) == 8 * 2 and rows.groupby(["key", "method"]).size().max() == 1
         assert rows["error"].isna().all()
+
+
+def test_a_redone_shard_unreadable_on_its_first_attempt_is_completed_to_the_clean_rows(cluster, s3):
+    """The damage matrix's last case (tests/test_integrity.py has the others): after a clean run, a
+    shard must be redone (its metrics file is gone) and the store refuses its first read: that rerun
+    records it failed, the next one restores exactly the clean rows and maps."""
+    out = f"s3://{BUCKET}/run-damage"
+    assert job(cluster, s3, out).returncode == 0
+    with environment(s3.env()):
+        clean, clean_maps = rows_of(out), read_saliency(out)
+        storage.delete(f"{out}/metrics/sample-imagenet-000000.parquet")
+    s3.faults.match, s3.faults.status, s3.faults.fail = "sample/imagenet/sample-imagenet-000000.tar", 403, -1
+    try:
+        refused = job(cluster, s3, out)
+    finally:
+        s3.faults.fail, s3.faults.status = 0, 500
+    assert refused.returncode == 1 and "FAILED shards ['sample-imagenet-000000']" in refused.stdout
+    healed = job(cluster, s3, out)
+    assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-3000:]
+    with environment(s3.env()):
+        rows, maps = rows_of(out), read_saliency(out)
+    cols = ["shard", "key", "method", "y", "o", "insertion_auc", "deletion_auc", "error"]
+    assert rows[cols].equals(clean[cols])
+    assert maps[0] == clean_maps[0] and maps[1] == clean_maps[1] and maps[2].tobytes() == clean_maps[2].tobytes()

@@ -79,7 +79,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options: dict[str, object] = {"precision": args.precision}
+    options: dict[str, Any] = {"precision": args.precision}
     if args.batch_size:
         options["batch_size"] = args.batch_size
     elif gpu:  # sized from the GPU's free memory, as the job does

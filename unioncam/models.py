@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,9 @@ class PixelModel(nn.Module):
     also for gradient-free methods, which run it under ``no_grad``.
     """
 
+    mean: Tensor  # buffers (register_buffer in __init__)
+    std: Tensor
+
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
                  target_layer: str | None = None) -> None:
         super().__init__()
@@ -60,7 +64,7 @@ class PixelModel(nn.Module):
         self._channels_last = True
         return self.to(memory_format=torch.channels_last)
 
-    def compile_inference(self, pad_to: int | None = None, **options: object) -> PixelModel:
+    def compile_inference(self, pad_to: int | None = None, **options: Any) -> PixelModel:
         """Run grad-free forwards through ``torch.compile(**options)`` (compiled on first use).
 
         ``pad_to``: every grad-free batch is run at exactly this many images (a smaller one is
@@ -71,7 +75,7 @@ class PixelModel(nn.Module):
         if pad_to is not None and pad_to < 1:
             raise ValueError(f"pad_to must be >= 1, got {pad_to}")
         options = {"dynamic": False, **options} if pad_to is not None else options
-        self._compiled = torch.compile(self._forward, **options)  # type: ignore[arg-type]
+        self._compiled = torch.compile(self._forward, **options)
         self._pad_to = pad_to
         return self
 

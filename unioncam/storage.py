@@ -113,7 +113,7 @@ def redact(location: str | os.PathLike[str]) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _filesystem(scheme: str, netloc: str):  # type: ignore[no-untyped-def]
+def _filesystem(scheme: str, netloc: str) -> Any:  # a pyarrow.fs.FileSystem
     import pyarrow.fs as pafs
 
     try:
@@ -226,8 +226,8 @@ def list_files(folder: str, suffix: str = "", recursive: bool = False, limit: in
                  if i.type == pafs.FileType.File and i.path.endswith(suffix))
     if not infos:  # an empty prefix is fine; a missing bucket is an error
         bucket = r.path.partition("/")[0]
-        found = retrying(f"cannot list {redact(folder)}", lambda: r.fs.get_file_info(bucket))  # type: ignore[attr-defined]
-        if found.type == pafs.FileType.NotFound:
+        bucket_info = retrying(f"cannot list {redact(folder)}", lambda: r.fs.get_file_info(bucket))  # type: ignore[attr-defined]
+        if bucket_info.type == pafs.FileType.NotFound:
             raise StorageError(f"cannot list {redact(folder)}: the bucket {bucket!r} does not exist")
     return out[:limit]
 
@@ -284,7 +284,7 @@ class _ResumingReader(io.RawIOBase):
         r = _remote(self.location)
         raw = r.fs.open_input_file(r.path)  # type: ignore[attr-defined]
         raw.seek(self.pos)
-        return pa.BufferedInputStream(raw, READ_BUFFER)  # type: ignore[return-value]
+        return pa.BufferedInputStream(raw, READ_BUFFER)
 
     def _open(self) -> None:
         self.handle = retrying(f"cannot open {redact(self.location)}", self._open_at)
@@ -334,7 +334,7 @@ def open_random(location: str) -> IO[bytes]:
     if not is_uri(location):
         return retrying(f"cannot open {location}", lambda: open(local_path(location), "rb"), retries=0)
     r = _remote(location)
-    return retrying(f"cannot open {redact(location)}", lambda: r.fs.open_input_file(r.path))  # type: ignore[attr-defined,no-any-return]
+    return retrying(f"cannot open {redact(location)}", lambda: r.fs.open_input_file(r.path))  # type: ignore[attr-defined]
 
 
 def read_bytes(location: str) -> bytes:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 
@@ -14,38 +14,117 @@ class ImageError(ValueError):
     """An image file that cannot be read or decoded."""
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: grayscale, palette, CMYK and 16-bit images included.
+#: What PIL may open an image as: raster formats PIL decodes itself (never EPS, which runs Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "WEBP", "TIFF", "GIF")
+#: The most pixels (width × height) an image may claim before it is decoded: PIL's own default
+#: ``Image.MAX_IMAGE_PIXELS`` (2**30 / 4 / 3, i.e. 256 MiB as 24-bit RGB), checked on the header, so a
+#: decompression bomb is refused without allocating it; PIL itself only warns up to twice this.
+MAX_PIXELS = 89_478_485
 
-    16-bit grayscale (``I;16``/``I``) is scaled by its bit depth, not clipped.
+_EIGHT_BIT = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LAB")  # PIL's convert("RGB")
+_STRAIGHT_ALPHA = ("LA", "PA", "RGBA")  # alpha composited on black
+_PREMULTIPLIED = ("La", "RGBa")  # colour already multiplied by alpha: that is the composite on black
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit: / 65535
+
+
+def check_pixels(img: Image.Image) -> None:
+    """Refuse an image whose header claims more than :data:`MAX_PIXELS` pixels (call before ``load()``).
+
+    Raises:
+        ValueError: the claimed size, the limit and why.
     """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
-        img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image of {width}×{height} = {width * height} pixels exceeds the limit of {MAX_PIXELS} "
+                         "pixels (a decompression bomb?); refused before decoding")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit PIL image (any mode of :func:`pil_to_tensor`'s table but ``I;16*``, ``I`` and ``F``) as
+    8-bit RGB, transparency composited on black.
+
+    Raises:
+        ValueError: a high-bit-depth or unknown mode (the message names it).
+    """
+    mode = img.mode
+    if mode in _PREMULTIPLIED:
+        arr = np.asarray(img)[..., :-1]
+        return Image.fromarray(np.ascontiguousarray(np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr))
+    if mode not in _EIGHT_BIT and mode not in _STRAIGHT_ALPHA:
+        raise ValueError(f"unsupported PIL image mode {mode!r} for 8-bit RGB conversion")
+    if mode in _STRAIGHT_ALPHA or "transparency" in img.info:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
 
 
+def _high_depth(img: Image.Image) -> np.ndarray:
+    """A ``I;16*``, ``I`` or ``F`` image as an ``H×W`` float32 array in ``[0, 1]`` (the table's rules)."""
+    if img.mode == "F":
+        floats = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(floats).all():
+            raise ValueError("non-finite pixel values (NaN or ±inf) in a mode F (float) image")
+        return np.clip(floats, 0.0, 1.0)
+    scaled = np.asarray(img).astype(np.float64) / 65535.0
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
 def pil_to_tensor(img: Image.Image, size: tuple[int, int]) -> Tensor:
-    """RGB PIL image → ``3×H×W`` float tensor in ``[0, 1]`` at ``size`` = (H, W), bilinear resize."""
-    img = to_rgb(img).resize((size[1], size[0]), Image.BILINEAR)
+    """A PIL image → ``3×H×W`` float tensor in ``[0, 1]`` at ``size`` = (H, W), bilinear resize.
+
+    One rule per PIL mode, never a guess from the pixel values:
+
+    =========================================  ====================================================================
+    mode                                       rule
+    =========================================  ====================================================================
+    ``L``, ``RGB``, ``RGBX``                   ``v / 255`` (``RGBX``: the pad band dropped)
+    ``1``                                      0 → 0, 1 → 1
+    ``P``                                      through its palette to RGB, ``/ 255``
+    ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``      PIL's conversion to 8-bit RGB (no ICC profile), ``/ 255``
+    ``RGBA``, ``LA``, ``PA``                   composited on black (``c · α``), ``/ 255``; so is a ``1``, ``L``,
+                                               ``P`` or ``RGB`` image with a transparency key (PNG ``tRNS``)
+    ``RGBa``, ``La`` (premultiplied alpha)     the colour bands as stored (already the composite on black)
+    ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``  unsigned 16-bit: ``v / 65535``
+    ``I`` (32-bit signed)                      ``v / 65535``, clipped to ``[0, 1]``: PIL opens 16-bit data as ``I``
+                                               (signed 16-bit TIFFs, 16-bit PNGs in older Pillow), so the range
+                                               is 16-bit whatever the values; true 32-bit data saturates
+    ``F`` (32-bit float)                       taken as already in ``[0, 1]``, clipped; NaN or ±inf: ``ValueError``
+    anything else                              ``ValueError`` naming the mode
+    =========================================  ====================================================================
+
+    Grayscale is replicated to 3 channels. 8-bit modes are resized as 8-bit RGB (PIL's bilinear);
+    ``I;16*``, ``I`` and ``F`` are resized as float (PIL's bilinear on mode ``F``), keeping their precision.
+
+    Raises:
+        ValueError: an unknown mode, or non-finite values in a float image.
+    """
+    if img.mode in (*_SIXTEEN_BIT, "I", "F"):
+        plane = Image.fromarray(_high_depth(img)).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        gray = torch.from_numpy(np.clip(np.asarray(plane, dtype=np.float32), 0.0, 1.0))
+        return gray.expand(3, -1, -1).contiguous()
+    img = to_rgb(img).resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_image(path: str | os.PathLike[str], size: tuple[int, int]) -> Tensor:
-    """Read an image file as a ``3×H×W`` tensor in ``[0, 1]`` resized to ``size``.
+def load_image(path: str | os.PathLike[str], size: int | tuple[int, int]) -> Tensor:
+    """Read an image file as a ``3×H×W`` tensor in ``[0, 1]`` resized to ``size`` (``224`` means
+    ``(224, 224)``), turned upright by its EXIF orientation (a phone photo shows as taken).
+
+    Only :data:`IMAGE_FORMATS` are opened. Shards are decoded as stored, without EXIF rotation, as
+    torchvision's dataset loaders do (:func:`unioncam.data.shards.decode_sample`), so dataset
+    numbers stay comparable with published ones.
 
     Raises:
         ImageError: missing file or undecodable data, with the path in the message.
     """
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
+            check_pixels(img)
             img.load()
-            return pil_to_tensor(img, size)
+            upright = ImageOps.exif_transpose(img)
+            return pil_to_tensor(upright if upright is not None else img, hw)
     except FileNotFoundError as exc:
         raise ImageError(f"no such image: {path}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

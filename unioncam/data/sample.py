@@ -91,8 +91,9 @@ def sample_samples(kind: str) -> Iterator[Sample]:
                          {"file": path.name, "source": SAMPLE_PHOTOS[name][0]})
     elif kind == "voc":
         for name, path in sample_photo_paths(list(VOC_BOXES)).items():
-            objects = [{"name": c, "label": VOC_CLASSES.index(c), "bbox": b, "difficult": False, "truncated": False}
-                       for c, b in VOC_BOXES[name]]
+            objects: list[dict[str, Any]] = [
+                {"name": c, "label": VOC_CLASSES.index(c), "bbox": b, "difficult": False, "truncated": False}
+                for c, b in VOC_BOXES[name]]
             meta: dict[str, Any] = {"file": path.name, "source": SAMPLE_PHOTOS[name][0], "objects": objects,
                                     "boxes": [o["bbox"] for o in objects if o["label"] == objects[0]["label"]]}
             yield Sample(clean_key(name), path.read_bytes(), path.suffix.lstrip(".").lower(), objects[0]["label"], meta)

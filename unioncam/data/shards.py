@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from unioncam import storage
-from unioncam.viz import pil_to_tensor
+from unioncam.viz import IMAGE_FORMATS, check_pixels, pil_to_tensor
 
 MANIFEST = "manifest.json"
 FORMAT = "unioncam-shards/1"
@@ -186,17 +186,17 @@ class _StrictTarInfo(tarfile.TarInfo):
     blocks of zeros (the proper end-of-archive marker) still end the archive."""
 
     @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _StrictTarInfo:
         try:
             return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]
             raise
-        except tarfile.EmptyHeaderError:
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
             if tar.offset == 0:
                 raise
             raise tarfile.ReadError(f"the archive ends at byte {tar.offset} without an end-of-archive marker "
                                     "(cut short?)") from None
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:  # type: ignore[attr-defined]
             if tar.offset == 0:
                 raise
             raise tarfile.ReadError(f"damaged member header at byte {tar.offset}: {exc}") from None
@@ -261,8 +261,10 @@ def _printable(text: str) -> str:
 
 
 def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> dict[str, Any]:
-    """Decode one sample's members: image resized to ``size`` (``3×H×W`` in ``[0, 1]``), label,
-    and boxes rescaled to the resized image. Raises ``ValueError`` with the reason on failure."""
+    """Decode one sample's members: image resized to ``size`` (``3×H×W`` in ``[0, 1]``, by the per-mode
+    rules of :func:`unioncam.viz.pil_to_tensor`), label, and boxes rescaled to the resized image. An image
+    whose header claims more than :data:`unioncam.viz.MAX_PIXELS` pixels is refused before it is decoded.
+    Raises ``ValueError`` with the reason on failure."""
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if ext is None:
         raise ValueError(f"no image member (have: {', '.join(sorted(parts)) or 'nothing'})")
@@ -272,13 +274,24 @@ def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> d
         raise ValueError(f"bad metadata {key}.json: {exc}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"bad metadata {key}.json: a {type(meta).__name__}, not an object")
+    if isinstance(meta.get("error"), str):  # the converter could not read the image (unioncam.data.voc)
+        raise ValueError(meta["error"])
     try:
-        with Image.open(io.BytesIO(parts[ext])) as img:
-            img.load()
-            width, height = img.size
-            image = pil_to_tensor(img, size)
+        # the header only, and only raster formats that decode in PIL itself (never EPS through Ghostscript)
+        img = Image.open(io.BytesIO(parts[ext]), formats=IMAGE_FORMATS)
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ValueError(f"cannot decode {key}.{ext}: {type(exc).__name__}: {exc}") from exc
+    with img:
+        width, height = img.size
+        try:
+            check_pixels(img)  # a decompression bomb is refused before any pixel is allocated
+        except ValueError as exc:
+            raise ValueError(f"{key}.{ext}: {exc}") from None
+        try:
+            img.load()
+            image = pil_to_tensor(img, size)
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise ValueError(f"cannot decode {key}.{ext}: {type(exc).__name__}: {exc}") from exc
     if "cls" not in parts:
         raise ValueError(f"missing label ({key}.cls)")
     text = parts["cls"].decode("utf-8", "replace").strip()
@@ -318,6 +331,8 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
             with storage.open_input(path) as stream, \
                     tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
                 for key, parts, problem in _group(tar):
+                    if not parts and not problem:  # only directory members (``tar cf`` adds them): not a sample
+                        continue
                     if problem:
                         yield {"key": key, "shard": name, "error": problem}
                         continue

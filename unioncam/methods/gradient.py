@@ -6,7 +6,6 @@ channel weights ``w`` of shape ``B×K``; a map is ``ReLU(Σ_k w_k A_k)`` unless 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -48,7 +47,7 @@ def xgradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
 class _ChannelWeightCAM(CAM):
     """``ReLU(Σ_k w_k A_k)`` with ``w = weights(A, g)``; subclasses set ``weights``."""
 
-    weights: ClassVar[Callable[[Tensor, Tensor], Tensor]]
+    weights: ClassVar[staticmethod[[Tensor, Tensor], Tensor]]
 
     def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
                 logits: Tensor) -> tuple[Tensor, Details]:

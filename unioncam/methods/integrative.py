@@ -65,7 +65,7 @@ def effective_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> Tensor:
     b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=conv.weight.device)
     if bn is None:
         return b.detach()
-    scale = (bn.weight if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]
+    scale = (bn.weight if bn.weight is not None else 1) / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator,arg-type]
     shift = bn.bias if bn.bias is not None else 0
     return (scale * (b - bn.running_mean) + shift).detach()  # type: ignore[operator]
 

@@ -66,6 +66,9 @@ class EvalConfig:
         address: Ray address; None: ``RAY_ADDRESS`` or a new local cluster on 127.0.0.1.
         max_restarts / max_task_retries: Ray actor fault tolerance (a dead worker is restarted
             and its shard redone).
+        start_timeout: seconds a worker may take to start (waiting for resources, e.g. for an
+            autoscaler to add a GPU node, then loading the model); shards go only to started
+            workers, one that has not started by then is given up, and none started is an error.
         overlays: images shown in the report's overlay grid.
     """
 
@@ -93,6 +96,7 @@ class EvalConfig:
     address: str | None = None
     max_restarts: int = 3
     max_task_retries: int = 3
+    start_timeout: float = 600.0
     progress_interval: float = 10.0
     overlays: int = 4
     report: bool = True
@@ -145,8 +149,9 @@ class EvalConfig:
         if c.gpus_per_worker is not None and c.gpus_per_worker > 1:
             raise ConfigError(f"gpus_per_worker {c.gpus_per_worker:g} > 1: a worker computes on one GPU (cuda:0), "
                               "so the others would sit idle; use more workers (one per GPU is the default)")
-        if not c.progress_interval > 0:
-            raise ConfigError(f"progress_interval must be > 0 seconds, got {c.progress_interval}")
+        for name in ("progress_interval", "start_timeout"):
+            if not getattr(c, name) > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(c, name)}")
         if c.out is not None and not storage.is_uri(c.out) and os.path.abspath(storage.local_path(c.out)) == "/":
             raise ConfigError("--out / would put the run's folders at the file system's root; choose a folder")
         if not c.max_gpu_memory > 0:
@@ -295,6 +300,8 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster on 127.0.0.1)")
     p.add_argument("--max-restarts", type=int, help="restarts of a dead worker (default 3)")
     p.add_argument("--max-task-retries", type=int, help="retries of a shard whose worker died (default 3)")
+    p.add_argument("--start-timeout", type=float, metavar="SECONDS",
+                   help="how long a worker may take to start, e.g. while an autoscaler adds a node (default 600)")
     p.add_argument("--progress-interval", type=float, help="seconds between progress lines (default 10)")
     p.add_argument("--overlays", type=int, help="images in the report's overlay grid (default 4)")
     return p

@@ -308,32 +308,49 @@ def _ensure_token() -> None:
             handle.write(secrets.token_hex(32))
 
 
-def plan_resources(cfg: EvalConfig, n_shards: int, resources: dict[str, float] | None = None
-                   ) -> tuple[int, float, float]:
-    """``(workers, gpus_per_worker, cpus_per_worker)`` from the config and the cluster's resources
-    (``resources``: ``ray.cluster_resources()`` when None).
+def cluster_ceiling() -> dict[str, float] | None:
+    """The most resources an autoscaling cluster may grow to (from the autoscaler's node groups, as
+    Ray records them in its GCS), or None for a fixed-size cluster."""
+    try:
+        from ray._private.state import state
 
-    A pool the cluster cannot hold is never scheduled to wait forever: more workers than fit are
-    shrunk to what fits (with a log line), and a single worker that cannot fit (``--gpus-per-worker
-    1`` without GPUs) is a :class:`ConfigError`.
+        found = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: absent or changed means "not known to autoscale"
+        return None
+    return {str(k): float(v) for k, v in found.items()} if found else None
+
+
+def plan_resources(cfg: EvalConfig, n_shards: int, resources: dict[str, float] | None = None,
+                   ceiling: dict[str, float] | None = None) -> tuple[int, float, float]:
+    """``(workers, gpus_per_worker, cpus_per_worker)`` from the config and the cluster's resources
+    (``resources``: ``ray.cluster_resources()`` when None; ``ceiling``: what an autoscaling cluster
+    may grow to, :func:`cluster_ceiling`).
+
+    A pool the cluster cannot hold is never scheduled to wait forever: more workers than fit (in the
+    ceiling, when the cluster autoscales) are shrunk to what fits, with a log line, and a single
+    worker that cannot fit (``--gpus-per-worker 1`` without GPUs) is a :class:`ConfigError`. Workers
+    that fit only once the autoscaler has added nodes are waited for up to ``cfg.start_timeout``.
     """
     res = ray.cluster_resources() if resources is None else resources
-    total_gpus, total_cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    limit = ceiling or res
+    have_gpus, total_gpus, total_cpus = float(res.get("GPU", 0)), float(limit.get("GPU", 0)), float(limit.get("CPU", 1))
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if total_gpus >= 1 else 0.0)
-    auto_workers = max(1, int(total_gpus // gpus)) if gpus > 0 else 1
+    auto_workers = max(1, int(have_gpus // gpus)) if gpus > 0 else 1
     workers = cfg.workers if cfg.workers is not None else auto_workers
     if cfg.cpus_per_worker is not None:
         cpus = cfg.cpus_per_worker
     else:
-        cpus = min(4.0, max(1.0, total_cpus // workers)) if gpus > 0 else max(1.0, total_cpus // workers)
+        now_cpus = float(res.get("CPU", 1))
+        cpus = min(4.0, max(1.0, now_cpus // workers)) if gpus > 0 else max(1.0, now_cpus // workers)
     workers = max(1, min(workers, n_shards))
+    where = "the cluster can grow to" if ceiling else "the cluster has"
     if gpus > total_gpus or cpus > total_cpus:
-        raise ConfigError(f"a worker asks for {gpus:g} GPU and {cpus:g} CPU but the cluster has {total_gpus:g} GPU "
+        raise ConfigError(f"a worker asks for {gpus:g} GPU and {cpus:g} CPU but {where} {total_gpus:g} GPU "
                           f"and {total_cpus:g} CPU; lower --gpus-per-worker / --cpus-per-worker")
     fit = int(min(total_gpus // gpus if gpus > 0 else workers, total_cpus // cpus if cpus > 0 else workers))
     if workers > fit:
-        log(f"{workers} workers × ({gpus:g} GPU, {cpus:g} CPU) exceed the cluster's {total_gpus:g} GPU / "
-            f"{total_cpus:g} CPU: running {fit}")
+        log(f"{workers} workers × ({gpus:g} GPU, {cpus:g} CPU) exceed the {total_gpus:g} GPU / {total_cpus:g} CPU "
+            f"{where}: running {fit}")
         workers = fit
     return workers, gpus, cpus
 
@@ -474,7 +491,7 @@ def _changed_sources(manifest: RunManifest, done: list[str], lock: RunLock) -> l
 
 def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: dict[str, int | None],
               counts: dict[str, int | None], lock: RunLock, line: ProgressLine) -> None:
-    workers, gpus, cpus = plan_resources(cfg, len(todo))
+    workers, gpus, cpus = plan_resources(cfg, len(todo), ceiling=cluster_ceiling())
     precision = resolve_precision(cfg.precision, "cuda" if gpus > 0 else "cpu")
     recorded = manifest.data.setdefault("precision", precision)
     if recorded != precision:
@@ -490,24 +507,62 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                                                  max_task_retries=cfg.max_task_retries, max_concurrency=2)
     progress_name = f"unioncam-progress-{manifest.run_id}-{os.getpid()}"
     progress = _Progress.options(name=progress_name).remote()  # type: ignore[attr-defined]
-    actors = [actor_cls.remote(cfg, manifest.run_id, progress_name) for _ in range(workers)]
+    manifest.data["workers"] = []  # the workers of this command, as each starts (info(): pid, host, GPUs)
+    actors: list[Any] = [None] * workers  # None: a slot given up (its worker never started)
+    starting: dict[ray.ObjectRef, tuple[int, float]] = {}  # a new worker's first call -> (slot, since)
     pending = deque(todo)
     inflight: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
+    started = 0
+
+    def start(i: int) -> None:
+        """A (new) worker in slot ``i``; it gets shards once it answers (so none waits on a worker that
+        never starts)."""
+        actors[i] = actor_cls.remote(cfg, manifest.run_id, progress_name)
+        starting[actors[i].info.remote()] = (i, time.monotonic())
 
     def submit(i: int) -> None:
-        if pending:
+        if pending and actors[i] is not None:
             path = pending.popleft()
             inflight[actors[i].run.remote(path, limits[path], counts.get(path))] = (i, path, actors[i])
 
-    for _ in range(2):  # two shards per worker: one computes while the other's files are written
-        for i in range(workers):
-            submit(i)
+    def give_up_slow_starters() -> None:
+        for ref, (i, since) in list(starting.items()):
+            if time.monotonic() - since < cfg.start_timeout:
+                continue
+            del starting[ref]
+            ray.kill(actors[i], no_restart=True)
+            actors[i] = None
+            if started == 0 and not starting:
+                raise WorkerStartError(
+                    f"no worker started within {cfg.start_timeout:g} s: each asks for {gpus:g} GPU and {cpus:g} "
+                    f"CPU, and the cluster has {_free()} free; raise --start-timeout (an autoscaler adding nodes) "
+                    "or ask for less per worker")
+            log(f"worker {i} did not start within {cfg.start_timeout:g} s (waiting for resources?): going on "
+                f"with {sum(a is not None for a in actors)} worker(s)")
+
+    for i in range(workers):
+        start(i)
     tally = {"done": 0, "failed": 0}
     graph_count: dict[int, int] = {}
     try:
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(cfg.progress_interval, 5.0))
+        while inflight or (pending and starting):
+            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=min(cfg.progress_interval, 5.0))
             for ref in ready:
+                if ref in starting:
+                    i, _ = starting.pop(ref)
+                    try:
+                        info = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        if exc.actor_init_failed:
+                            raise WorkerStartError(f"a worker could not start: {_reason(exc)}") from None
+                        log(f"worker {i} died while starting ({_reason(exc)}); going on without it")
+                        actors[i] = None
+                        continue
+                    started += 1
+                    manifest.data["workers"].append(info)  # saved with the next shard's record
+                    for _ in range(2):  # two shards per worker: one computes while the other's files are written
+                        submit(i)
+                    continue
                 i, path, actor = inflight.pop(ref)
                 name = shard_name(path)
                 try:
@@ -526,21 +581,34 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                     tally["failed"] += 1
                     if actors[i] is actor:  # its other in-flight shard fails too: replace the actor once
                         ray.kill(actor, no_restart=True)
-                        actors[i] = actor_cls.remote(cfg, manifest.run_id, progress_name)
+                        start(i)
+                    continue
                 except ray.exceptions.RayTaskError as exc:
                     manifest.record(name, status="failed", path=storage.redact(path), error=_reason(exc))
                     progress.update.remote(name, 0)
                     tally["failed"] += 1
-                submit(i)
+                if actors[i] is actor:
+                    submit(i)
+            give_up_slow_starters()
             line.show(ray.get(progress.total.remote()), tally["done"], tally["failed"], force=bool(ready))
             lock.heartbeat()
+        for path in pending:  # every worker is gone: these shards stay for a rerun
+            manifest.record(shard_name(path), status="failed", path=storage.redact(path),
+                            error="no worker was left to run it")
+            tally["failed"] += 1
     finally:
         for actor in actors:
-            ray.kill(actor, no_restart=True)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
         ray.kill(progress)
         for _, path, _ in inflight.values():  # shards cut short (Ctrl-C, an error): no worker holds them now
             with contextlib.suppress(OSError):
                 storage.delete(storage.join(cfg.out or ".", "running", f"{shard_name(path)}.json"))
+
+
+def _free() -> str:
+    free = ray.available_resources()
+    return f"{free.get('GPU', 0):g} GPU and {free.get('CPU', 0):g} CPU"
 
 
 def _reason(exc: BaseException) -> str:

@@ -102,7 +102,7 @@ class ShardEvaluator:
         start = time.perf_counter()
         x = torch.zeros((1, 3, *self.size), device=self.device)
         for precision in dict.fromkeys((self.precision, self.metrics_precision)):
-            with torch.inference_mode(), autocast(self.device, precision):  # type: ignore[arg-type]
+            with torch.inference_mode(), autocast(self.device, precision):
                 self.model(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -199,8 +199,8 @@ class ShardEvaluator:
             targets = predict(self.model, x)[0]  # an ordinary tensor: the methods' backward uses it
         outcomes = self._explain_all(x, targets)
         done = [(m, i) for m, per_image in outcomes.items() for i, o in enumerate(per_image) if not isinstance(o, str)]
-        values = self._score_all(batch, x, targets, [outcomes[m][i][0] for m, i in done],  # type: ignore[index]
-                                 [i for _, i in done])
+        to_score = [o[0] for per_image in outcomes.values() for o in per_image if not isinstance(o, str)]  # done's maps
+        values = self._score_all(batch, x, targets, to_score, [i for _, i in done])
         scored = dict(zip(done, values, strict=True))
         for method, per_image in outcomes.items():
             for i, (sample, outcome) in enumerate(zip(batch, per_image, strict=True)):
