@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -15,6 +16,7 @@ import torch
 from service_data import make_shards, softmax_prob
 
 from unioncam import explain, load, read_saliency
+from unioncam.data.shards import iter_samples
 from unioncam.service import ConfigError, EvalConfig, read_metrics
 from unioncam.service.config import build_parser
 from unioncam.service.report import write_report
@@ -177,20 +179,47 @@ def test_a_method_failing_on_one_image_costs_only_that_image(tmp_path, shard_dir
     assert rows[rows["method"] == "layercam"]["error"].notna().sum() == 3  # only the broken samples
 
 
-def test_label_targets_and_out_of_range_labels(tmp_path):
+def test_label_targets_and_voc_labels_refused_for_another_models_classes(tmp_path):
     make_shards(tmp_path / "shards", n_images=3, shard_size=3)
-    cfg = config(tmp_path, methods=["gradcam"], metrics=["ad"], target="label", dataset="voc")
+    cfg = config(tmp_path, methods=["gradcam"], metrics=["ad"], target="label")
+    ShardEvaluator(cfg).evaluate(str(tmp_path / "shards" / "t-000000.tar"), cfg.out)
+    rows = read_metrics(cfg.out).to_pandas().set_index("key")
+    assert (rows["target"] == rows["label"]).all() and rows["rank"].isna().all()
+    assert rows["label_name"].iloc[0] == "class_0" and rows["target_name"].iloc[0] == "class_0"
+    # VOC's label 7 is "cat"; an ImageNet model's class 7 is "cock": refused before anything runs.
+    with pytest.raises(ConfigError, match=r"--target label with VOC shards: vgg16 predicts ImageNet classes"):
+        EvalConfig(shards="x/*.tar", out="o", dataset="voc", target="label").resolved()
+    with pytest.raises(ValueError, match="needs a model of VOC's 20 classes; tiny_cnn has 10"):
+        ShardEvaluator(dataclasses.replace(cfg, dataset="voc"))
+
+
+def test_topk_targets_give_k_rows_per_image_with_ranks(tmp_path):
+    make_shards(tmp_path / "shards", n_images=2, shard_size=2)
+    cfg = config(tmp_path, methods=["gradcam", "scorecam"], metrics=["ad"], target="topk:3")
     ev = ShardEvaluator(cfg)
     ev.evaluate(str(tmp_path / "shards" / "t-000000.tar"), cfg.out)
-    rows = read_metrics(cfg.out).to_pandas().set_index("key")
-    assert (rows["target"] == rows["label"]).all() and rows["label_name"].iloc[0] == "aeroplane"
+    rows = read_metrics(cfg.out).to_pandas()
+    assert len(rows) == 2 * 2 * 3 and rows["error"].isna().all()
+    for (_key, _method), part in rows.groupby(["key", "method"]):
+        assert part["rank"].tolist() == [1, 2, 3]
+    for key, part in rows[rows["method"] == "gradcam"].groupby("key"):
+        x = next(s for s in iter_samples(str(tmp_path / "shards" / "t-000000.tar"), (64, 64)) if s["key"] == key)
+        with torch.no_grad():
+            expected = ev.model(x["image"][None])[0].topk(3).indices.tolist()
+        assert part.sort_values("rank")["target"].tolist() == expected
+        assert part.sort_values("rank")["y"].is_monotonic_decreasing  # Y is the softmax of the k-th class
+    keys, _, maps = read_saliency(cfg.out, method="gradcam")  # rank 1 by default
+    assert len(keys) == 2 and maps.shape == (2, 64, 64)
+    assert len(read_saliency(cfg.out, method="gradcam", rank=None)[0]) == 6
+    with pytest.raises(ConfigError, match="'topk:K' with K >= 1, got 'topk:0'"):
+        EvalConfig(shards="x/*.tar", out="o", target="topk:0").resolved()
 
 
 def test_provenance_in_schema_metadata(tmp_path, shard_dir):
     cfg = config(tmp_path, methods=["gradcam"], metrics=["ad"])
     ShardEvaluator(cfg, run_id="run42").evaluate(str(shard_dir[0]), cfg.out)
     meta = provenance_of(tmp_path / "run" / "metrics" / "t-000000.parquet")
-    assert meta["schema_version"] == 1 and meta["run_id"] == "run42" and meta["model"] == "tiny_cnn"
+    assert meta["schema_version"] == 2 and meta["run_id"] == "run42" and meta["model"] == "tiny_cnn"
     assert meta["target_layer"] == "features.4" and meta["input_size"] == [64, 64] and meta["precision"] == "fp32"
     assert meta["torch_version"] == torch.__version__ and meta["weights_sha256"] is None
     maps_meta = provenance_of(tmp_path / "run" / "maps" / "t-000000.parquet")

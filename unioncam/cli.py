@@ -20,7 +20,8 @@ from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
-from unioncam.models import MODELS, WeightsError, load
+from unioncam.models import WeightsError, load
+from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, resolve_precision
 from unioncam.registry import UnknownNameError
 from unioncam.viz import ImageError, load_image, overlay
@@ -72,7 +73,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     gpu = device.type == "cuda"
     compile_ = args.compile if args.compile is not None else gpu  # GPU default: compiled (README, Performance)
-    loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=compile_)
+    try:
+        loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=compile_,
+                      allow_download=args.allow_download)
+    except WeightsError:
+        raise
+    except ValueError as exc:  # an unknown model name or family
+        raise UsageError(str(exc)) from None
     if args.target is not None and not 0 <= args.target < len(loaded.class_names):
         raise UsageError(f"--target {args.target} is not a class of {loaded.name} (0..{len(loaded.class_names) - 1})")
     model = loaded.model.to(device)
@@ -198,16 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("explain", help="write a heat-map overlay PNG per image and method")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(MODELS.names())}")
+    p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(model_names())}")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let torchvision/timm download missing weights into their own caches (default: never)")
     p.add_argument("--weights", default=None, help="state-dict file (weights_only); default: see README")
     p.add_argument("--method", default="unioncam", help=f"'all' or comma-separated: {', '.join(METHODS.names())}")
     p.add_argument("--out", required=True, help="output folder for the overlay PNGs")
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: predicted)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="masked inputs per forward")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="masked inputs per forward (default, as the job: 4 on CPU, sized from the GPU's free memory)")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="the methods' masked forwards (auto: fp16 on CUDA, fp32 on CPU); metrics always fp32")
-    p.add_argument("--channels-last", action="store_true", help="NHWC conv weights (faster on CPU and cuDNN)")
+    # the speed options' defaults are the evaluation job's (EvalConfig): channels_last on, compile on with CUDA
+    p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True, default=True,
+                   help="NHWC conv weights, faster on CPU and cuDNN (the default, as in the job)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                   help="keep conv weights NCHW")
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the forward-only passes (default: on with CUDA, off on CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="never compile")

@@ -7,9 +7,11 @@ Conventions follow ``REFERENCE.md`` ("Conventions (all methods)").
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -183,3 +185,50 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         raise ValueError(f"batch size must be >= 1, got {size}")
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+# -- token reshapes ---------------------------------------------------------------------------------
+# A transformer layer outputs tokens, not a B×K×h×w grid. CAM (unioncam.methods.base) captures the raw
+# output (the gradient is taken with respect to the raw tokens), then applies the reshape to both the
+# activations and the gradients, as pytorch-grad-cam's reshape_transform does:
+# - ViT / DeiT (B×N×C, class and distillation tokens first): vit_reshape(1) for ViT's blocks[-1].norm1,
+#   vit_reshape(2) for distilled DeiT (timm's net.num_prefix_tokens);
+# - Swin (timm): a stage's or block's output and a block's norm1 are B×H×W×C (nhwc_to_nchw); a block's
+#   norm2 sees the flattened B×(H·W)×C tokens (vit_reshape(0)).
+@dataclass(frozen=True)
+class TokenGrid:
+    """``B×N×C`` tokens to ``B×C×√n×√n`` after dropping the first ``prefix_tokens`` (``n = N − prefix``).
+
+    A dataclass rather than a closure, so a CAM carrying it can be pickled (e.g. sent to a Ray worker).
+    """
+
+    prefix_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.prefix_tokens < 0:
+            raise ValueError(f"prefix_tokens must be >= 0, got {self.prefix_tokens}")
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        if tokens.dim() != 3:
+            raise ValueError(f"vit_reshape expects B×N×C tokens, got shape {tuple(tokens.shape)}")
+        b, n, c = tokens.shape
+        n -= self.prefix_tokens
+        side = math.isqrt(max(n, 0))
+        if n <= 0 or side * side != n:
+            raise ValueError(f"{tokens.shape[1]} tokens less {self.prefix_tokens} prefix token(s) leave {n}, "
+                             "not a square grid; check prefix_tokens (timm: net.num_prefix_tokens)")
+        return tokens[:, self.prefix_tokens:].reshape(b, side, side, c).permute(0, 3, 1, 2)
+
+
+def vit_reshape(prefix_tokens: int = 1) -> TokenGrid:
+    """A reshape for ViT-style ``B×N×C`` tokens: drop the first ``prefix_tokens`` (class /
+    distillation tokens), lay the rest out on a square ``√n×√n`` grid, ``B×C×√n×√n``. A token
+    count that is not a square after the prefix raises ``ValueError``."""
+    return TokenGrid(prefix_tokens)
+
+
+def nhwc_to_nchw(x: Tensor) -> Tensor:
+    """``B×H×W×C`` (Swin's stages and blocks in timm) to ``B×C×H×W``."""
+    if x.dim() != 4:
+        raise ValueError(f"nhwc_to_nchw expects a B×H×W×C tensor, got shape {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2)

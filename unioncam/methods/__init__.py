@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-from unioncam.methods.base import CAM, Explanation, find_layer
+from unioncam.methods.base import CAM, Explanation, Reshape, find_layer
 from unioncam.methods.gradient import GradCAM, GradCAMPP, LayerCAM, XGradCAM
 from unioncam.methods.integrative import IntegrativeCAM
 from unioncam.methods.score import ScoreCAM
 from unioncam.methods.union import UnionCAM
 from unioncam.models import LoadedModel
-from unioncam.registry import Registry
+from unioncam.ops import nhwc_to_nchw, vit_reshape
+from unioncam.registry import Registry, parse_names
 
 METHODS: Registry[type[CAM]] = Registry("method")
 for _cls in (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM, IntegrativeCAM):
@@ -24,24 +26,20 @@ def get_method(name: str) -> type[CAM]:
     return METHODS.get(name)
 
 
-def parse_methods(spec: str) -> list[str]:
-    """``"all"`` or a comma-separated list of method names, validated and in canonical spelling.
+def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    """``"all"`` or a comma-separated list (or a list) of method names, validated and in canonical
+    spelling (:func:`unioncam.registry.parse_names`, the parser the metric names use too).
 
     Raises:
         UnknownNameError: a name is not registered (the message suggests the closest).
         ValueError: the list is empty.
     """
-    if spec.strip().lower() == "all":
-        return METHODS.names()
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise ValueError("no method given")
-    return list(dict.fromkeys(METHODS.canonical(n) for n in names))
+    return parse_names(spec, METHODS.names(), "method")
 
 
 def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "unioncam",
             target_layer: str | nn.Module | None = None, targets: Tensor | list[int] | None = None,
-            **options: Any) -> Explanation:
+            *, reshape: Reshape | None = None, **options: Any) -> Explanation:
     """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) with ``method``.
 
     Args:
@@ -49,11 +47,15 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
         method: a registered method name (see ``METHODS.names()``).
         target_layer: dotted module name or module; None: the model's default.
         targets: classes to explain; None: the predicted class of each image.
+        reshape: the target layer's output to ``B×K×h×w`` for transformers
+            (:func:`unioncam.ops.vit_reshape`, :func:`unioncam.ops.nhwc_to_nchw`); None:
+            ``model.reshape_transform`` if any (see :class:`CAM`).
         **options: method options (``batch_size``, ``precision``, ``theta``, ``stage``, ...).
     """
     net = model.model if isinstance(model, LoadedModel) else model
-    with get_method(method)(net, target_layer, **options) as cam:
+    with get_method(method)(net, target_layer, reshape=reshape, **options) as cam:
         return cam(images, targets)
 
 
-__all__ = ["CAM", "METHODS", "Explanation", "explain", "find_layer", "get_method", "parse_methods"]
+__all__ = ["CAM", "METHODS", "Explanation", "explain", "find_layer", "get_method", "nhwc_to_nchw", "parse_methods",
+           "vit_reshape"]

@@ -1,17 +1,21 @@
-"""The CAM base class: hooks as a resource, one forward (and backward), a fixed pipeline.
+"""The CAM base class: hooks scoped to a call, one forward (and backward), a fixed pipeline.
 
-``CAM.__call__`` validates the input, runs the model once with the target layer hooked, takes
-``g = ∂S_c/∂A`` with ``torch.autograd.grad`` (so parameters never get ``.grad`` and in-place
-ReLUs such as VGG16's are harmless), asks the subclass for its raw saliency (:meth:`CAM.compute`),
-then upsamples (bilinear) and min-max normalizes it to ``B×H×W`` in ``[0, 1]``.
+``CAM.__call__`` validates the input, puts the model in eval mode, hooks the target layer for the
+one explaining forward (the hooks are removed right after it, and in ``finally``: the model carries
+no unioncam hook between calls), takes ``g = ∂S_c/∂A`` with ``torch.autograd.grad`` (so parameters
+never get ``.grad`` and in-place ReLUs such as VGG16's are harmless), applies the optional token
+reshape (transformers, :func:`unioncam.ops.vit_reshape`) to ``A`` and ``g``, asks the subclass for
+its raw saliency (:meth:`CAM.compute`), then upsamples (bilinear) and min-max normalizes it to
+``B×H×W`` in ``[0, 1]``. Every submodule's training flag is restored exactly afterwards.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -60,6 +64,23 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
                 continue
     names = [n for n, _ in model.named_modules() if n]
     raise ValueError(f"no layer {layer!r} in the model; some valid names: {', '.join(names[-8:])}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside the block; afterwards (also on an exception) every submodule's
+    ``training`` flag is set back to exactly what it was, so a model in training mode with some
+    modules frozen in eval mode (``model.train(); model.features[0].eval()``) comes back as it was."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+Reshape = Callable[[Tensor], Tensor]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -189,10 +210,13 @@ def masked_scores(model: nn.Module, images: Tensor, targets: Tensor, index: Tens
 
 
 class CAM(abc.ABC):
-    """Base class: owns a forward hook on the target layer; use as a context manager.
+    """Base class: resolves the target layer once and hooks it during each call only.
 
     Subclasses set ``name`` and ``uses_gradients`` and implement :meth:`compute`. A method that
-    reads several layers overrides :meth:`_resolve_layers` and :meth:`compute_layers`.
+    reads several layers overrides :meth:`_resolve_layers` and :meth:`compute_layers`. Each call
+    registers its forward hooks when it starts and removes them when its explaining forward ends
+    (and in ``finally``), so the model carries no hook of ours between calls and a CAM object can
+    be kept for many calls. It is still usable as a context manager (closing marks it closed).
 
     Args:
         model: a classifier taking pixel-space images (e.g. a :class:`unioncam.models.PixelModel`).
@@ -201,14 +225,21 @@ class CAM(abc.ABC):
         precision: "auto" (fp16 on CUDA, fp32 elsewhere), "fp32", "tf32", "bf16" or "fp16" (slow on
             CPU) for the masked forward-only passes (:func:`unioncam.ops.resolve_precision`).
             Everything else (the explaining forward and backward) runs in IEEE fp32, TF32 off.
+        reshape: for a layer whose output is not ``B×K×h×w`` (a transformer's tokens), a function
+            from the layer's raw output to ``B×K×h×w`` (:func:`unioncam.ops.vit_reshape`:
+            ``vit_reshape(1)`` for ViT, ``nhwc_to_nchw`` for Swin's ``B×H×W×C``), as
+            pytorch-grad-cam's ``reshape_transform``. The raw output is captured and differentiated;
+            the reshape is applied to the activations and to the gradients afterwards. None:
+            ``model.reshape_transform`` when the model has one, else no reshape (4-D outputs only).
     """
 
     name: ClassVar[str]
     uses_gradients: ClassVar[bool] = True
-    _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # until __init__ registers hooks
+    _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # the hooks of the call in progress
+    _closed = False
 
     def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 batch_size: int | None = None, precision: str = "auto") -> None:
+                 batch_size: int | None = None, precision: str = "auto", reshape: Reshape | None = None) -> None:
         self.model = model
         self.device = model_device(model)
         self.layers = self._resolve_layers(target_layer)
@@ -216,17 +247,27 @@ class CAM(abc.ABC):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.precision: Precision = resolve_precision(precision, self.device)
-        self._capturing = False
-        self._closed = False
-        self._install_hooks()
+        self.reshape: Reshape | None = reshape if reshape is not None else getattr(model, "reshape_transform", None)
+        if self.reshape is not None and not callable(self.reshape):
+            raise TypeError(f"reshape must be a function of the layer's output, got {type(self.reshape).__name__}")
+        self._acts: list[Tensor | None] = [None] * len(self.layers)
 
-    def _install_hooks(self) -> None:
-        """Hook every module in ``self.layers`` (after removing any earlier hooks)."""
+    def _install_hooks(self) -> tuple[torch.utils.hooks.RemovableHandle, ...]:
+        """Hook every module in ``self.layers`` for one explaining forward (see :meth:`__call__`)."""
+        self._acts = [None] * len(self.layers)
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for i, layer in enumerate(self.layers):
+                handles.append(layer.register_forward_hook(functools.partial(self._hook, i)))
+        finally:  # recorded even if one registration fails, so __call__'s finally removes them
+            self._handles = tuple(handles)
+        return self._handles
+
+    def _uninstall_hooks(self) -> None:
+        """Remove the hooks of the call in progress (idempotent)."""
         for handle in self._handles:
             handle.remove()
-        self._acts: list[Tensor | None] = [None] * len(self.layers)
-        self._handles = tuple(layer.register_forward_hook(functools.partial(self._hook, i))
-                              for i, layer in enumerate(self.layers))
+        self._handles = ()
 
     def _resolve_layers(self, target_layer: str | nn.Module | None) -> list[nn.Module]:
         """The modules to hook; one target layer unless a subclass reads several."""
@@ -234,20 +275,22 @@ class CAM(abc.ABC):
 
     # -- hooks ------------------------------------------------------------------------------
     def _hook(self, i: int, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-        """Capture layer ``i``'s output ``A`` during the explaining forward only.
+        """Capture layer ``i``'s output ``A`` during the explaining forward (the only forward
+        that runs while the hooks exist).
 
         The network continues on a clone of ``A``, so an in-place op after the layer cannot modify
         it. ``A`` stays in the autograd graph when it already is (so with several hooked layers,
         ``∂S_c/∂A`` of an early layer includes the paths through later ones); otherwise it becomes
-        a leaf that requires grad, so frozen parameters need no graph below it.
+        a leaf that requires grad, so frozen parameters need no graph below it. With a ``reshape``,
+        ``A`` is the raw output (any shape); the reshape is applied after the backward.
         """
-        if not self._capturing:
-            return None
         if self._acts[i] is not None:
             raise RuntimeError(f"layer {module} ran twice in one forward; choose a module used once")
-        if not isinstance(output, Tensor) or output.dim() != 4:
+        if not isinstance(output, Tensor) or (self.reshape is None and output.dim() != 4):
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise RuntimeError(f"a target layer's output must be a B×K×h×w tensor, got {shape}")
+            hint = "; pass reshape=... for transformer token outputs (unioncam.ops.vit_reshape)" \
+                if isinstance(output, Tensor) else ""
+            raise RuntimeError(f"a target layer's output must be a B×K×h×w tensor, got {shape}{hint}")
         if not self.uses_gradients:
             self._acts[i] = output.detach().clone()
             return None
@@ -256,10 +299,10 @@ class CAM(abc.ABC):
         return act.clone()
 
     def remove_hooks(self) -> None:
-        """Remove the hooks (idempotent); the instance cannot explain afterwards."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = ()
+        """Close the instance (idempotent): it cannot explain afterwards. Hooks exist only during a
+        call, so between calls there is nothing left to remove; kept for the context manager,
+        ``__del__`` and existing callers."""
+        self._uninstall_hooks()
         self._closed = True
 
     def __enter__(self) -> CAM:
@@ -292,19 +335,30 @@ class CAM(abc.ABC):
             raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got {t.tolist()}")
         return t
 
+    def _grid(self, x: Tensor, batch: int) -> Tensor:
+        """``x`` through :attr:`reshape` (when given), checked to be ``batch×K×h×w``."""
+        if self.reshape is None:
+            return x
+        out = self.reshape(x)
+        if not isinstance(out, Tensor) or out.dim() != 4 or out.shape[0] != batch:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise RuntimeError(f"reshape must turn the layer's output {tuple(x.shape)} into a {batch}×K×h×w "
+                               f"tensor, got {shape}")
+        return out
+
     def __call__(self, images: Tensor, targets: Tensor | list[int] | None = None) -> Explanation:
         """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) for ``targets`` (None: predicted class)."""
         if self._closed:
-            raise RuntimeError(f"{type(self).__name__} was closed (its hooks were removed)")
+            raise RuntimeError(f"{type(self).__name__} was closed (remove_hooks() or the end of its with block)")
         images = self._check_images(images)
-        was_training = self.model.training
-        self.model.eval()
-        with ieee_fp32():  # TF32 off: the explaining pass is fp32 whatever `precision` is
+        with ieee_fp32(), eval_mode(self.model):  # TF32 off: the explaining pass is fp32 whatever `precision` is
             try:
-                self._capturing = True
-                with torch.set_grad_enabled(self.uses_gradients):
-                    logits = self.model(images)
-                self._capturing = False
+                self._install_hooks()
+                try:
+                    with torch.set_grad_enabled(self.uses_gradients):
+                        logits = self.model(images)
+                finally:  # the methods' masked forwards (in compute) run without our hooks
+                    self._uninstall_hooks()
                 acts = [a for a in self._acts if a is not None]
                 if len(acts) != len(self.layers):
                     raise RuntimeError("a target layer did not run in the forward pass")
@@ -315,16 +369,19 @@ class CAM(abc.ABC):
                     grads = list(torch.autograd.grad(score, acts, allow_unused=True))
                     grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads, strict=True)]
                 with torch.no_grad():
-                    raw, details = self.compute_layers(images, t, [a.detach() for a in acts], grads, logits.detach())
+                    b = images.shape[0]
+                    grids = [self._grid(a.detach(), b) for a in acts]
+                    if grads is not None:
+                        grads = [self._grid(g, b) for g in grads]
+                    raw, details = self.compute_layers(images, t, grids, grads, logits.detach())
                     if not bool(torch.isfinite(raw).all()) or not bool(torch.isfinite(logits).all()):
                         # normalize() would turn NaN into a plausible all-zero map: refuse instead
                         raise FloatingPointError(f"{self.name}: non-finite logits or saliency (NaN/inf in the "
                                                  "model's weights or activations)")
                     maps = normalize(upsample(raw, (images.shape[-2], images.shape[-1])))
             finally:
-                self._capturing = False
+                self._uninstall_hooks()
                 self._acts = [None] * len(self.layers)
-                self.model.train(was_training)
         return Explanation(maps=maps, targets=t, details=details)
 
     def compute_layers(self, images: Tensor, targets: Tensor, acts: list[Tensor], grads: list[Tensor] | None,
@@ -338,6 +395,7 @@ class CAM(abc.ABC):
         """Raw saliency ``B×h×w`` (any resolution; the base upsamples and normalizes) and details.
 
         Args:
-            images: ``B×3×H×W`` input. targets: ``B`` classes. acts: ``A``, ``B×K×h×w``.
-            grads: ``g = ∂S_c/∂A`` (None when ``uses_gradients`` is False). logits: ``B×C``.
+            images: ``B×3×H×W`` input. targets: ``B`` classes. acts: ``A``, ``B×K×h×w`` (through
+            :attr:`reshape` when one is set). grads: ``g = ∂S_c/∂A`` (taken w.r.t. the layer's raw
+            output, then reshaped likewise; None when ``uses_gradients`` is False). logits: ``B×C``.
         """

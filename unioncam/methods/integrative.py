@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unioncam.methods.base import CAM, Details, Explanation, find_layer
+from unioncam.methods.base import CAM, Details, Explanation, eval_mode, find_layer
 from unioncam.ops import normalize, safe_divide, upsample
 
 Phi = Literal["exp", "softmax"]
@@ -132,6 +132,11 @@ class IntegrativeCAM(CAM):
     """Integrative CAM. Options: ``layers`` (module names; default every ReLU after a conv),
     ``bias`` (add ``B_l``, default True), ``phi`` ("exp" or "softmax").
 
+    It fuses several layers of its own choosing, so it takes no ``target_layer``: passing one
+    raises ``ValueError`` (it used to be ignored silently). To explain one layer, pass
+    ``layers=[name]`` (with ``bias=False`` and ``phi="exp"`` that is Grad-CAM++ at that layer).
+    The model's default ``target_layer`` attribute is not read either.
+
     Details: ``layer_weights`` (``B×L`` tensor of λ) and ``layers`` (their names).
     """
 
@@ -139,6 +144,10 @@ class IntegrativeCAM(CAM):
 
     def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
                  layers: list[str] | None = None, bias: bool = True, phi: Phi = "exp", **kwargs: object) -> None:
+        if target_layer is not None:
+            shown = target_layer if isinstance(target_layer, str) else type(target_layer).__name__
+            raise ValueError(f"integrativecam reads its own layers (every ReLU after a conv) and takes no "
+                             f"target_layer (got {shown!r}); pass layers=[...] to choose them")
         if phi not in PHIS:
             raise ValueError(f"unknown phi {phi!r}; valid: {', '.join(PHIS)}")
         self.phi: Phi = phi
@@ -153,12 +162,8 @@ class IntegrativeCAM(CAM):
         return []
 
     def _discover(self, probe: Tensor) -> list[ConvReLU]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             found = relu_after_conv_layers(self.model, probe)
-        finally:
-            self.model.train(was_training)
         if self._layer_names is None:
             if not found:
                 raise ValueError("no ReLU directly after a conv found; pass layers=[...] explicitly")
@@ -177,7 +182,6 @@ class IntegrativeCAM(CAM):
         if self.entries is None and not self._closed:
             self.entries = self._discover(self._check_images(images)[:1])
             self.layers = [e.relu for e in self.entries]
-            self._install_hooks()
         return super().__call__(images, targets)
 
     def compute_layers(self, images: Tensor, targets: Tensor, acts: list[Tensor], grads: list[Tensor] | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -21,8 +22,10 @@ from typing import Any, Literal
 from unioncam import storage
 from unioncam.methods import METHODS, parse_methods
 from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB
-from unioncam.models import MODELS
+from unioncam.models import canonical as canonical_model
+from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, check_precision
+from unioncam.registry import parse_names
 
 Dataset = Literal["imagenet", "voc"]
 METRIC_NAMES: tuple[str, ...] = ("ad", "ai", "insdel", "epg")
@@ -42,7 +45,10 @@ class EvalConfig:
         shards: shard list, glob or brace pattern, local or a URI (``s3://bucket/val-*.tar``);
             None: the bundled sample.
         out: the run directory, local or a URI (``metrics/``, ``maps/``, ``report/``, ``manifest.json``).
-        model / weights: a registered model name and an optional state-dict file (path or URI).
+        model / weights: a model name (``vgg16``, ``torchvision:resnet50``, ``timm:convnext_tiny``; see
+            :func:`unioncam.models.load`) and an optional weights file (path or URI).
+        allow_download: let torchvision/timm download missing weights into their caches (never by
+            default: everything else is offline).
         methods: method names; metrics: any of ``ad, ai, insdel, epg`` (ad and ai share Y and O).
         workers / gpus_per_worker / cpus_per_worker: None picks from the cluster's resources.
         batch_size: masked inputs per forward (None: 4 on CPU, 32 on GPU).
@@ -61,7 +67,9 @@ class EvalConfig:
             memory as a second cap; :func:`unioncam.methods.base.gpu_plan`); explicit batch sizes win.
         limit: evaluate at most this many images (in shard order); None: all.
         insdel_steps: insertion/deletion steps (REFERENCE.md: 224 at 224²).
-        target: "predicted" (REFERENCE.md default) or "label".
+        target: "predicted" (REFERENCE.md default), "label" (the dataset's label; refused for VOC
+            shards, whose 20 labels are not the model's ImageNet classes), or "topk:K" (K rows per
+            image, one per predicted class, with ``rank`` 1..K).
         save_maps: write ``maps/<shard>.parquet``.
         address: Ray address; None: ``RAY_ADDRESS`` or a new local cluster on 127.0.0.1.
         max_restarts / max_task_retries: Ray actor fault tolerance (a dead worker is restarted
@@ -77,6 +85,7 @@ class EvalConfig:
     out: str | None = None
     model: str | None = None
     weights: str | None = None
+    allow_download: bool = False
     methods: list[str] = field(default_factory=lambda: METHODS.names())
     metrics: list[str] = field(default_factory=lambda: list(METRIC_NAMES))
     workers: int | None = None
@@ -91,7 +100,7 @@ class EvalConfig:
     max_gpu_memory: float = DEFAULT_GPU_MEMORY_GIB
     limit: int | None = None
     insdel_steps: int | None = None
-    target: Literal["predicted", "label"] = "predicted"
+    target: str = "predicted"
     save_maps: bool = True
     address: str | None = None
     max_restarts: int = 3
@@ -121,23 +130,26 @@ class EvalConfig:
             c.insdel_steps = 32 if c.insdel_steps is None else c.insdel_steps
         elif not c.out:
             raise ConfigError("--out RUN_DIR is required with --shards")
-        c.model = MODELS.canonical(c.model or "vgg16")
+        try:
+            c.model = canonical_model(c.model or "vgg16")
+        except ValueError as exc:  # unknown name, family or architecture; the message lists the choices
+            raise ConfigError(str(exc)) from None
         c.insdel_steps = 224 if c.insdel_steps is None else c.insdel_steps
         try:
-            c.methods = parse_methods(",".join(c.methods))
+            c.methods = parse_methods(c.methods)
+            c.metrics = parse_names(c.metrics, METRIC_NAMES, "metric", empty_ok=True)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        c.metrics = [m.strip().lower() for m in c.metrics if m.strip()]
-        bad = [m for m in c.metrics if m not in METRIC_NAMES]
-        if bad:
-            raise ConfigError(f"unknown metric(s) {', '.join(bad)}; valid: {', '.join(METRIC_NAMES)}")
         try:
             check_precision(c.precision)
             check_precision(c.metrics_precision)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if c.target not in ("predicted", "label"):
-            raise ConfigError(f"target must be 'predicted' or 'label', got {c.target!r}")
+        if c.target not in ("predicted", "label") and top_k(c.target) is None:
+            raise ConfigError(f"target must be 'predicted', 'label' or 'topk:K' with K >= 1, got {c.target!r}")
+        if c.dataset == "voc" and c.target == "label":
+            raise ConfigError(f"--target label with VOC shards: {c.model} predicts ImageNet classes, so VOC label 7 "
+                              "'cat' would be explained as ImageNet class 7 'cock'; use --target predicted or topk:K")
         for name in ("workers", "batch_size", "limit"):
             value = getattr(c, name)
             if value is not None and value < 1:
@@ -229,6 +241,12 @@ class EvalConfig:
         return dataclasses.replace(base, **given).resolved()
 
 
+def top_k(target: str) -> int | None:
+    """K of a ``"topk:K"`` target (K >= 1), else None."""
+    match = re.fullmatch(r"topk:([0-9]{1,4})", target) if isinstance(target, str) else None
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
+
+
 MAX_CONFIG_BYTES = 1 << 20
 _HINTS = typing.get_type_hints(EvalConfig)
 def _check_type(key: str, value: Any) -> None:
@@ -258,10 +276,14 @@ def _check_type(key: str, value: Any) -> None:
 
 
 def _names(key: str, spec: str) -> list[str]:
-    """``"all"`` (every method / metric) or a comma-separated list of ``key``'s names."""
-    if spec.strip().lower() == "all":
-        return METHODS.names() if key == "methods" else list(METRIC_NAMES)
-    return [s.strip() for s in spec.split(",") if s.strip()]
+    """``"all"`` (every method / metric) or a comma-separated list of ``key``'s names, parsed by
+    :func:`unioncam.registry.parse_names` (the parser of :func:`unioncam.methods.parse_methods`)."""
+    try:
+        if key == "methods":
+            return parse_methods(spec)
+        return parse_names(spec, METRIC_NAMES, "metric", empty_ok=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
@@ -271,7 +293,9 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (flags given here override it)")
     p.add_argument("--shards", help="shard list/glob/brace pattern (default: the bundled sample)")
     p.add_argument("--out", help="run directory (default for the sample: runs/sample-<dataset>)")
-    p.add_argument("--model", help=f"one of {', '.join(MODELS.names())} (default vgg16; sample: efficientnet_lite0)")
+    p.add_argument("--model", help=f"one of {', '.join(model_names())} (default vgg16; sample: efficientnet_lite0)")
+    p.add_argument("--allow-download", action="store_const", const=True,
+                   help="let torchvision/timm download missing weights into their own caches (default: never)")
     p.add_argument("--weights", help="state-dict file for the model")
     p.add_argument("--methods", help=f"'all' (default) or comma-separated: {', '.join(METHODS.names())}")
     p.add_argument("--metrics", help=f"'all' (default) or comma-separated: {', '.join(METRIC_NAMES)}")
@@ -294,7 +318,8 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
                    help="GPU memory per worker that batch sizes are derived from (default 4 GiB)")
     p.add_argument("--limit", type=int, help="evaluate at most N images")
     p.add_argument("--insdel-steps", type=int, help="insertion/deletion steps (default 224; sample: 32)")
-    p.add_argument("--target", choices=("predicted", "label"), help="class to explain (default: predicted)")
+    p.add_argument("--target", metavar="predicted|label|topk:K",
+                   help="class(es) to explain: the predicted class (default), the label, or the top K predictions")
     p.add_argument("--no-maps", dest="save_maps", action="store_const", const=False, help="skip maps/*.parquet")
     p.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the report")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster on 127.0.0.1)")

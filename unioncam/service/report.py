@@ -209,6 +209,9 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     run_dir = storage.absolute(run_dir)
     out = storage.join(run_dir, "report")
     df = load_rows(run_dir)
+    top = int(df["rank"].max()) if df["rank"].notna().any() else 1
+    if top > 1:  # --target topk:K: the tables describe the predicted class, as in a plain run
+        df = df[df["rank"].isna() | (df["rank"] == 1)]
     manifest = load_manifest(run_dir) if storage.is_file(storage.join(run_dir, "manifest.json")) else {}
     methods = manifest.get("config", {}).get("methods") or list(dict.fromkeys(df["method"]))
     methods = [m for m in methods if m in set(df["method"])]
@@ -230,7 +233,8 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
              "weights sha256": prov.get("weights_sha256") or "(seeded/random)",
              "target layer": prov.get("target_layer"),
              "input size": prov.get("input_size"), "precision (methods)": prov.get("precision"),
-             "target": prov.get("target"), "insertion/deletion steps": prov.get("insdel_steps"),
+             "target": prov.get("target") if top == 1 else f"{prov.get('target')} (the tables use rank 1, the "
+             f"predicted class; metrics/ holds all {top} ranks)", "insertion/deletion steps": prov.get("insdel_steps"),
              "shards done / failed": f"{counts.get('shards_done', '?')} / {counts.get('shards_failed', '?')}",
              "images": df["key"].nunique(), "error rows": int(df["error"].notna().sum()),
              "versions": f"unioncam {prov.get('unioncam_version')}, torch {prov.get('torch_version')}, "

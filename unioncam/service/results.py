@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from unioncam import storage
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: a rank column (--target topk:K)
 MAP_DTYPE = "float16"
 
 METRICS_SCHEMA = pa.schema([
@@ -31,6 +31,7 @@ METRICS_SCHEMA = pa.schema([
     pa.field("method", pa.string(), nullable=False),
     pa.field("target", pa.int32()),
     pa.field("target_name", pa.string()),
+    pa.field("rank", pa.int32()),  # the target's rank among the predictions (1: predicted); null for labels
     pa.field("label", pa.int32()),
     pa.field("label_name", pa.string()),
     pa.field("y", pa.float64()),  # f_c(I0)
@@ -49,6 +50,7 @@ METRICS_SCHEMA = pa.schema([
 MAPS_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("method", pa.string(), nullable=False),
+    pa.field("rank", pa.int32()),
     pa.field("map", pa.binary(), nullable=False),
 ])
 
@@ -223,16 +225,19 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> pa.Table:
 
 
 def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
-                  keys: Iterable[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+                  keys: Iterable[str] | None = None, rank: int | None = 1) -> tuple[list[str], list[str], np.ndarray]:
     """Saliency maps of a run, for downstream studies.
 
     Args:
         run_dir: the job's ``--out`` (a folder or a URI such as ``s3://bucket/run``).
         method: keep only this method (None: all).
         keys: keep only these image keys (None: all).
+        rank: with ``--target topk:K``, the maps of the ``rank``-th predicted class (1: the
+            predicted class, the default; None: every rank, so keys repeat). Label-target runs
+            have no rank and are always returned whole.
     Returns:
         ``(keys, methods, maps)``: row-aligned lists and an ``N×H×W`` float32 array in ``[0, 1]``,
-        sorted by (key, method).
+        sorted by (key, method, rank).
     Raises:
         FileNotFoundError: the run has no maps (or was run with ``--no-maps``).
         KeyError: some requested keys have no map (the message lists a few).
@@ -242,20 +247,23 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
     if not files:
         raise FileNotFoundError(f"no maps/*.parquet under {storage.redact(run_dir)} (run without --no-maps)")
     wanted = None if keys is None else set(keys)
-    found: list[tuple[str, str, np.ndarray]] = []
+    found: list[tuple[str, str, int, np.ndarray]] = []
     for f in files:
         with storage.open_random(f) as handle:  # one open per file: provenance and rows
             parquet = pq.ParquetFile(handle)
             meta = _provenance(parquet.schema_arrow)
             table = parquet.read(columns=MAPS_SCHEMA.names)
         shape = tuple(meta["map_shape"])
-        for key, meth, blob in zip(*(table.column(c).to_pylist() for c in ("key", "method", "map")), strict=True):
-            if (method is None or meth == method) and (wanted is None or key in wanted):
-                found.append((key, meth, np.frombuffer(blob, dtype=meta.get("map_dtype", MAP_DTYPE)).reshape(shape)))
+        columns = (table.column(c).to_pylist() for c in ("key", "method", "rank", "map"))
+        for key, meth, r, blob in zip(*columns, strict=True):
+            if (method is None or meth == method) and (wanted is None or key in wanted) \
+                    and (rank is None or r is None or r == rank):
+                found.append((key, meth, r or 0,
+                              np.frombuffer(blob, dtype=meta.get("map_dtype", MAP_DTYPE)).reshape(shape)))
     if wanted is not None:
-        missing = sorted(wanted - {k for k, _, _ in found})
+        missing = sorted(wanted - {k for k, _, _, _ in found})
         if missing:
             raise KeyError(f"{len(missing)} key(s) have no map{' for ' + method if method else ''}: {missing[:5]}")
-    found.sort(key=lambda r: (r[0], r[1]))
-    maps = np.stack([m.astype(np.float32) for _, _, m in found]) if found else np.zeros((0, 0, 0), np.float32)
-    return [k for k, _, _ in found], [m for _, m, _ in found], maps
+    found.sort(key=lambda r: (r[0], r[1], r[2]))
+    maps = np.stack([m.astype(np.float32) for *_, m in found]) if found else np.zeros((0, 0, 0), np.float32)
+    return [k for k, *_ in found], [m for _, m, *_ in found], maps

@@ -43,7 +43,7 @@ from unioncam.methods.base import default_batch_size, gpu_plan, predict
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, normalize, resolve_precision
-from unioncam.service.config import EvalConfig
+from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.results import (
     MAP_DTYPE,
     MAPS_SCHEMA,
@@ -68,10 +68,15 @@ class ShardEvaluator:
                  free_memory: int | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.loaded = load(cfg.model or "vgg16", cfg.weights, channels_last=cfg.channels_last)
+        self.loaded = load(cfg.model or "vgg16", cfg.weights, channels_last=cfg.channels_last,
+                           allow_download=cfg.allow_download)
         self.model = self.loaded.model.to(self.device)
         self.size = self.loaded.input_size
         self.label_names = VOC_CLASSES if cfg.dataset == "voc" else self.loaded.class_names
+        if cfg.dataset == "voc" and cfg.target == "label" and tuple(self.loaded.class_names) != tuple(VOC_CLASSES):
+            raise ValueError(f"--target label with VOC shards needs a model of VOC's 20 classes; {self.loaded.name} "
+                             f"has {len(self.loaded.class_names)} others, so a VOC label would be explained as "
+                             "another class (VOC 7 'cat' as ImageNet 7 'cock')")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.metrics_precision = resolve_precision(cfg.metrics_precision, self.device)
         gpu = self.device.type == "cuda"
@@ -193,10 +198,20 @@ class ShardEvaluator:
             if not batch:
                 return
         x = torch.stack([s["image"] for s in batch]).to(self.device, non_blocking=True)
+        ranks: list[int | None]
         if self.cfg.target == "label":
             targets = torch.tensor([s["label"] for s in batch], device=self.device)
+            ranks = [None] * len(batch)
+        elif (k := top_k(self.cfg.target)) is not None:  # K rows per image: its K most probable classes
+            k = min(k, len(self.loaded.class_names))
+            logits = predict(self.model, x)[1]
+            targets = logits.topk(k, dim=1).indices.flatten().clone()  # cloned: an ordinary tensor for backward
+            batch = [s for s in batch for _ in range(k)]
+            x = x.repeat_interleave(k, dim=0)
+            ranks = [r for _ in range(x.shape[0] // k) for r in range(1, k + 1)]
         else:
             targets = predict(self.model, x)[0]  # an ordinary tensor: the methods' backward uses it
+            ranks = [1] * len(batch)
         outcomes = self._explain_all(x, targets)
         done = [(m, i) for m, per_image in outcomes.items() for i, o in enumerate(per_image) if not isinstance(o, str)]
         to_score = [o[0] for per_image in outcomes.values() for o in per_image if not isinstance(o, str)]  # done's maps
@@ -205,7 +220,7 @@ class ShardEvaluator:
         for method, per_image in outcomes.items():
             for i, (sample, outcome) in enumerate(zip(batch, per_image, strict=True)):
                 target = int(targets[i])
-                common = {"target": target, "target_name": self.loaded.class_names[target]}
+                common = {"target": target, "target_name": self.loaded.class_names[target], "rank": ranks[i]}
                 value = scored.get((method, i))
                 if isinstance(outcome, str) or isinstance(value, str):
                     rows.append(self._row(sample, method, error=outcome if isinstance(outcome, str) else value,
@@ -215,7 +230,7 @@ class ShardEvaluator:
                 kept = {k: v for k, v in details.items() if k in METRICS_SCHEMA.names}
                 rows.append(self._row(sample, method, seconds=seconds, **common, **(value or {}), **kept))
                 if self.cfg.save_maps:
-                    maps.append({"key": sample["key"], "method": method,
+                    maps.append({"key": sample["key"], "method": method, "rank": ranks[i],
                                  "map": encode_map(saliency.detach().float().cpu().numpy())})
 
     def _explain_all(self, x: Tensor, targets: Tensor) -> dict[str, list[tuple[Tensor, Row, float] | str]]:
