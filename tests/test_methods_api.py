@@ -380,3 +380,34 @@ def test_cli_explain_loads_channels_last_by_default(tmp_path, monkeypatch):
         assert cli.main(argv) == 0
     assert [c["channels_last"] for c in calls] == [True, False]
     assert [c["compile"] for c in calls] == [False, False]  # CPU
+
+
+# -- targets as callables on the logits (pytorch-grad-cam's idiom) ------------------------------------
+def test_callable_targets_in_pytorch_grad_cams_idiom():
+    from pytorch_grad_cam import GradCAM as TheirGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget as TheirSoftmax
+
+    from unioncam import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+    loaded = unioncam.load("tiny_cnn")
+    x = images(2)
+    plain = unioncam.explain(loaded, x, "gradcam", targets=[3, 7])
+    as_logit = unioncam.explain(loaded, x, "gradcam", targets=[ClassifierOutputTarget(3), ClassifierOutputTarget(7)])
+    assert torch.equal(as_logit.maps, plain.maps) and as_logit.targets.tolist() == [3, 7]
+    # The softmax target explains ∂p_c/∂A: equal to pytorch-grad-cam's with its own softmax target.
+    ours = unioncam.explain(loaded, x, "gradcam", targets=[ClassifierOutputSoftmaxTarget(3)] * 2).maps
+    layer = loaded.model.net.get_submodule(loaded.target_layer)
+    with TheirGradCAM(model=loaded.model, target_layers=[layer]) as cam:
+        theirs = cam(input_tensor=x.clone().requires_grad_(True), targets=[TheirSoftmax(3)] * 2)
+    for i in range(2):
+        assert np.corrcoef(ours[i].numpy().ravel(), theirs[i].ravel())[0, 1] >= 0.999
+    # Any callable for the gradient methods (its class is unknown: -1) ...
+    contrast = unioncam.explain(loaded, x, "gradcam", targets=[lambda z: z[3] - z[7]] * 2)
+    assert contrast.targets.tolist() == [-1, -1] and not torch.equal(contrast.maps, plain.maps)
+    # ... while the score-based methods need the class whose softmax probability they score.
+    with pytest.raises(ValueError, match="scorecam scores the target class's softmax probability"):
+        unioncam.explain(loaded, x, "scorecam", targets=[lambda z: z[3]] * 2)
+    score = unioncam.explain(loaded, x, "scorecam", targets=[ClassifierOutputTarget(3)] * 2)
+    assert torch.equal(score.maps, unioncam.explain(loaded, x, "scorecam", targets=[3, 3]).maps)
+    with pytest.raises(ValueError, match="one callable per image"):
+        unioncam.explain(loaded, x, "gradcam", targets=[ClassifierOutputTarget(3)])

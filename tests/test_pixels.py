@@ -360,3 +360,23 @@ def test_image_at_the_limit_is_not_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_pixels(Image.new("L", (4, 4)))
+
+
+def test_load_image_takes_an_int_size_and_turns_photos_upright(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to view) is
+    explained as it is shown; ``load_image(path, 32)`` means 32×32."""
+    from unioncam.viz import load_image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high: left half red, right half blue
+    stored[:, :20, 0] = 255
+    stored[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(stored).save(path, quality=100, exif=exif)
+    shown = load_image(path, (40, 20))  # upright: 20 wide, 40 high; rotated clockwise, red is on top
+    assert shown.shape == (3, 40, 20)
+    assert shown[0, :15].mean() > 0.9 and shown[2, :15].mean() < 0.1
+    assert shown[2, 25:].mean() > 0.9 and shown[0, 25:].mean() < 0.1
+    square = load_image(path, 32)
+    assert square.shape == (3, 32, 32) and square[0, :12].mean() > 0.9

@@ -129,10 +129,12 @@ def test_killed_worker_is_restarted_and_every_image_is_evaluated_once(cluster, t
 
 
 def run_four_one_image_shards(tmp_path, **resources) -> dict:
-    """Four one-image shards through two workers with ``resources``; returns the run manifest."""
+    """Four one-image shards through two workers with ``resources``; returns the run manifest. Each
+    shard takes a few seconds (many insertion/deletion steps), so both workers start and pull shards."""
     make_shards(tmp_path / "shards", n_images=4, shard_size=1)
     return run(EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=str(tmp_path / "run"), model="tiny_cnn",
-                          methods=["gradcam"], metrics=["ad"], workers=2, report=False, **resources).resolved())
+                          methods=["gradcam"], metrics=["insdel"], insdel_steps=800, batch_size=1, workers=2,
+                          report=False, **resources).resolved())
 
 
 def test_one_worker_per_gpu_by_default_each_on_its_own_gpu(cluster, tmp_path):
@@ -155,9 +157,10 @@ def test_one_worker_per_gpu_by_default_each_on_its_own_gpu(cluster, tmp_path):
 def test_second_node_takes_shards(cluster, tmp_path):
     # Each node has 2 CPUs and each worker takes 2, so the two workers must sit on different nodes.
     manifest = run_four_one_image_shards(tmp_path, gpus_per_worker=0, cpus_per_worker=2)
-    nodes = {s["worker"]["node_id"] for s in manifest["shards"].values()}
+    nodes = {w["node_id"] for w in manifest["workers"]}
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2 and nodes <= alive
+    assert {s["worker"]["node_id"] for s in manifest["shards"].values()} <= nodes
     assert manifest["counts"]["images"] == 4 and len(rows_of(tmp_path / "run")) == 4
 
 

@@ -7,10 +7,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from unioncam.methods.base import CAM, Explanation, Reshape, find_layer
+from unioncam.methods.base import CAM, Explanation, Reshape, Targets, find_layer
 from unioncam.methods.gradient import GradCAM, GradCAMPP, LayerCAM, XGradCAM
 from unioncam.methods.integrative import IntegrativeCAM
 from unioncam.methods.score import ScoreCAM
+from unioncam.methods.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from unioncam.methods.union import UnionCAM
 from unioncam.models import LoadedModel
 from unioncam.ops import nhwc_to_nchw, vit_reshape
@@ -38,7 +39,7 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 
 
 def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "unioncam",
-            target_layer: str | nn.Module | None = None, targets: Tensor | list[int] | None = None,
+            target_layer: str | nn.Module | None = None, targets: Targets = None,
             *, reshape: Reshape | None = None, **options: Any) -> Explanation:
     """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) with ``method``.
 
@@ -46,7 +47,8 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
         model: a pixel-space classifier or a :class:`~unioncam.models.LoadedModel`.
         method: a registered method name (see ``METHODS.names()``).
         target_layer: dotted module name or module; None: the model's default.
-        targets: classes to explain; None: the predicted class of each image.
+        targets: classes to explain, or one callable per image on its logits
+            (:class:`~unioncam.methods.targets.ClassifierOutputTarget`, ...); None: the predicted class.
         reshape: the target layer's output to ``B×K×h×w`` for transformers
             (:func:`unioncam.ops.vit_reshape`, :func:`unioncam.ops.nhwc_to_nchw`); None:
             ``model.reshape_transform`` if any (see :class:`CAM`).
@@ -57,5 +59,5 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
         return cam(images, targets)
 
 
-__all__ = ["CAM", "METHODS", "Explanation", "explain", "find_layer", "get_method", "nhwc_to_nchw", "parse_methods",
-           "vit_reshape"]
+__all__ = ["CAM", "METHODS", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "Explanation", "explain",
+           "find_layer", "get_method", "nhwc_to_nchw", "parse_methods", "vit_reshape"]

@@ -15,16 +15,18 @@ import abc
 import contextlib
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from unioncam.methods.targets import Target
 from unioncam.ops import Precision, autocast, chunks, ieee_fp32, normalize, resolve_precision, upsample
 
 Details = dict[str, Any]
+Targets = Tensor | Sequence[int] | Sequence[Target] | None  # classes, or callables on one image's logits
 
 
 @dataclass
@@ -235,6 +237,7 @@ class CAM(abc.ABC):
 
     name: ClassVar[str]
     uses_gradients: ClassVar[bool] = True
+    class_targets: ClassVar[bool] = True  # compute() uses the target class (False: only the gradient of the score)
     _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # the hooks of the call in progress
     _closed = False
 
@@ -325,15 +328,30 @@ class CAM(abc.ABC):
             raise ValueError("images is an empty batch")
         return images.to(self.device)
 
-    def _check_targets(self, targets: Tensor | list[int] | None, logits: Tensor) -> Tensor:
+    def _check_targets(self, targets: Targets, logits: Tensor) -> tuple[Tensor, list[Target] | None]:
+        """``(classes, scorers)``: the ``B`` class indices explained (-1 for a callable without a
+        ``category``) and, for callable targets, the callables (:mod:`unioncam.methods.targets`)."""
         if targets is None:
-            return logits.argmax(dim=1)
+            return logits.argmax(dim=1), None
+        if not isinstance(targets, Tensor) and any(callable(t) for t in targets):
+            scorers = list(targets)
+            if len(scorers) != logits.shape[0] or not all(callable(t) for t in scorers):
+                raise ValueError(f"callable targets: one callable per image is needed, got {len(scorers)} "
+                                 f"items for {logits.shape[0]} images")
+            classes = [getattr(t, "category", None) for t in scorers]
+            if self.class_targets and None in classes:
+                raise ValueError(f"{self.name} scores the target class's softmax probability: a callable target "
+                                 "must name its class (a 'category' attribute, e.g. ClassifierOutputTarget(281))")
+            t = torch.tensor([-1 if c is None else int(c) for c in classes], dtype=torch.long, device=logits.device)
+            if bool((t >= logits.shape[1]).any()):
+                raise ValueError(f"target categories must lie in [0, {logits.shape[1]}), got {t.tolist()}")
+            return t, scorers  # type: ignore[return-value]
         t = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
         if t.numel() != logits.shape[0]:
             raise ValueError(f"got {t.numel()} targets for {logits.shape[0]} images")
         if bool(((t < 0) | (t >= logits.shape[1])).any()):
             raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got {t.tolist()}")
-        return t
+        return t, None
 
     def _grid(self, x: Tensor, batch: int) -> Tensor:
         """``x`` through :attr:`reshape` (when given), checked to be ``batch×K×h×w``."""
@@ -346,8 +364,9 @@ class CAM(abc.ABC):
                                f"tensor, got {shape}")
         return out
 
-    def __call__(self, images: Tensor, targets: Tensor | list[int] | None = None) -> Explanation:
-        """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) for ``targets`` (None: predicted class)."""
+    def __call__(self, images: Tensor, targets: Targets = None) -> Explanation:
+        """Explain ``images`` (``B×3×H×W`` in ``[0, 1]``) for ``targets``: None (the predicted class),
+        class indices, or one callable per image on its logits (:mod:`unioncam.methods.targets`)."""
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} was closed (remove_hooks() or the end of its with block)")
         images = self._check_images(images)
@@ -362,10 +381,11 @@ class CAM(abc.ABC):
                 acts = [a for a in self._acts if a is not None]
                 if len(acts) != len(self.layers):
                     raise RuntimeError("a target layer did not run in the forward pass")
-                t = self._check_targets(targets, logits)
+                t, scorers = self._check_targets(targets, logits)
                 grads = None
-                if self.uses_gradients:
-                    score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
+                if self.uses_gradients:  # samples are independent in eval mode: one backward of the sum
+                    score = logits.gather(1, t[:, None]).sum() if scorers is None else \
+                        torch.stack([f(logits[i]) for i, f in enumerate(scorers)]).sum()
                     grads = list(torch.autograd.grad(score, acts, allow_unused=True))
                     grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads, strict=True)]
                 with torch.no_grad():

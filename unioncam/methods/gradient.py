@@ -48,6 +48,7 @@ class _ChannelWeightCAM(CAM):
     """``ReLU(Σ_k w_k A_k)`` with ``w = weights(A, g)``; subclasses set ``weights``."""
 
     weights: ClassVar[staticmethod[[Tensor, Tensor], Tensor]]
+    class_targets = False  # any callable target: only the gradient of its score is used
 
     def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
                 logits: Tensor) -> tuple[Tensor, Details]:
@@ -80,6 +81,7 @@ class LayerCAM(CAM):
     """LayerCAM (Jiang et al., 2021): ``ReLU(Σ_k ReLU(g_k) ⊙ A_k)``."""
 
     name = "layercam"
+    class_targets = False
 
     def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
                 logits: Tensor) -> tuple[Tensor, Details]:

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unioncam.methods.base import CAM, Details, Explanation, eval_mode, find_layer
+from unioncam.methods.base import CAM, Details, Explanation, Targets, eval_mode, find_layer
 from unioncam.ops import normalize, safe_divide, upsample
 
 Phi = Literal["exp", "softmax"]
@@ -178,7 +178,7 @@ class IntegrativeCAM(CAM):
             chosen.append(by_module.get(module) or ConvReLU(name, module, None, None))
         return chosen
 
-    def __call__(self, images: Tensor, targets: Tensor | list[int] | None = None) -> Explanation:
+    def __call__(self, images: Tensor, targets: Targets = None) -> Explanation:
         if self.entries is None and not self._closed:
             self.entries = self._discover(self._check_images(images)[:1])
             self.layers = [e.relu for e in self.entries]
