@@ -40,8 +40,24 @@ def test_yaml_values_are_checked_in_one_place(tmp_path, text, message):
 
 
 def test_oversized_config_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="at most"):
+    with pytest.raises(ConfigError, match="over 1048576 bytes"):
         yaml_config(tmp_path, "# x\n" * 300_000)
+    with pytest.raises(ConfigError, match="over 1048576 bytes"):  # a file that never ends: read up to the cap
+        EvalConfig.from_yaml("/dev/zero")
+
+
+def test_nan_and_negative_resources_are_refused_before_ray_starts():
+    cases = (("cpus_per_worker", float("nan"), "finite"), ("gpus_per_worker", float("nan"), "finite"),
+             ("max_restarts", -5, ">= 0"), ("max_task_retries", -2, ">= 0"), ("start_timeout", float("inf"), "finite"))
+    for key, value, message in cases:
+        with pytest.raises(ConfigError, match=f"{key} must be .*{message}"):
+            EvalConfig(shards="x/*.tar", out="o", **{key: value}).resolved()
+
+
+def test_a_config_for_another_dataset_is_refused(tmp_path):
+    (tmp_path / "job.yaml").write_text("dataset: imagenet\n")
+    with pytest.raises(ConfigError, match="says dataset: imagenet, but this entry point evaluates voc"):
+        EvalConfig.from_argv(["--config", str(tmp_path / "job.yaml"), "--shards", "x/*.tar", "--out", "o"], "voc")
 
 
 def test_eval_voc_with_a_config_without_dataset_stays_voc(tmp_path):

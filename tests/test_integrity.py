@@ -188,3 +188,65 @@ def test_members_that_are_not_files_each_leave_an_error_record(tmp_path):
     assert "is a link" in errors["sym"] and "is a link" in errors["hard"]
     for stem in ("chr", "blk", "fifo"):
         assert "special file" in errors[stem]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _photo_members(tmp_path: Path) -> dict[str, bytes]:
+    shard = make_shards(tmp_path / "src", n_images=1, shard_size=1)[0]
+    with tarfile.open(shard) as tar:
+        return {m.name.partition(".")[2]: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_a_key_that_comes_back_later_is_an_error_record_of_its_own(tmp_path):
+    """``a.jpg a.cls b.jpg b.cls a.jpg a.cls``: not two samples ``a`` (duplicate rows), but ``a``, ``b``
+    and an error record ``a:repeat1``."""
+    parts = _photo_members(tmp_path)
+    path = _tar(tmp_path / "again.tar", [("a.jpg", parts["jpg"]), ("a.cls", b"1"), ("b.jpg", parts["jpg"]),
+                                         ("b.cls", b"2"), ("a.jpg", parts["jpg"]), ("a.cls", b"3")])
+    records = list(iter_samples(str(path), size=(32, 32)))
+    assert [r["key"] for r in records] == ["a", "b", "a:repeat1"]
+    assert records[0]["label"] == 1 and "error" not in records[1]
+    assert "appears again after other samples" in records[2]["error"]
+
+
+def test_a_zeroed_member_header_is_damage_not_the_end_of_the_archive(tmp_path):
+    """One zero block where sample 3's header was (a shard without a dataset manifest): tarfile would
+    stop there as at a proper end; the reader reports the damage instead."""
+    parts = _photo_members(tmp_path)
+    members = [(f"s{i}.{ext}", data) for i in range(4) for ext, data in (("jpg", parts["jpg"]), ("cls", b"1"))]
+    path = _tar(tmp_path / "zeroed.tar", members)
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        third = next(m for m in tar.getmembers() if m.name == "s2.jpg").offset
+    raw[third:third + 512] = bytes(512)
+    path.write_bytes(bytes(raw))
+    records = list(iter_samples(str(path), size=(32, 32)))
+    # s1 may have had more members after the zeroed header: the sample the damage cut gets the error
+    assert [r["key"] for r in records] == ["s0", "s1"] and "error" not in records[0]
+    assert f"zeroed member header at byte {third}" in records[1]["error"]
+    # a proper end (two zero blocks, then the record padding) is still the end
+    assert len(list(iter_samples(str(_tar(tmp_path / "ok.tar", members)), size=(32, 32)))) == 4
+
+
+def test_metadata_with_a_lone_surrogate_is_an_error_row_not_a_failed_shard(tmp_path):
+    from unioncam.service.worker import ShardEvaluator
+
+    parts = _photo_members(tmp_path)
+    bad_json = b'{"error": "x\\ud800y"}'
+    shard = _tar(tmp_path / "shards" / "t-000000.tar", [("a.jpg", parts["jpg"]), ("a.cls", b"1"), ("a.json", bad_json),
+                                                        ("b.jpg", parts["jpg"]), ("b.cls", b"2")])
+    cfg = EvalConfig(shards=str(shard), out=str(tmp_path / "run"), model="tiny_cnn", methods=["gradcam"],
+                     metrics=["ad"], report=False).resolved()
+    result = ShardEvaluator(cfg, "cpu", run_id="r").evaluate(str(shard), cfg.out)
+    assert result["rows"] == 2 and result["errors"] == 1
+    rows = read_metrics(cfg.out).to_pandas().set_index("key")
+    assert "not valid Unicode" in rows.loc["a", "error"] and pd.isna(rows.loc["b", "error"])

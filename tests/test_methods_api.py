@@ -411,3 +411,13 @@ def test_callable_targets_in_pytorch_grad_cams_idiom():
     assert torch.equal(score.maps, unioncam.explain(loaded, x, "scorecam", targets=[3, 3]).maps)
     with pytest.raises(ValueError, match="one callable per image"):
         unioncam.explain(loaded, x, "gradcam", targets=[ClassifierOutputTarget(3)])
+
+
+def test_images_outside_pixel_range_are_refused_with_the_reason():
+    loaded = unioncam.load("tiny_cnn")
+    x = images(1)
+    for bad, shown in ((x * 255, ", 255]"), ((x - 0.45) / 0.225, "[-2")):
+        with pytest.raises(ValueError, match=r"images must be pixels in \[0, 1\]") as refused:
+            unioncam.explain(loaded, bad, "gradcam")
+        assert shown in str(refused.value)
+    assert unioncam.explain(loaded, x.clamp(0, 1), "gradcam").maps.shape == (1, 64, 64)

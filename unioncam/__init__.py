@@ -13,4 +13,5 @@ from unioncam.service.results import read_saliency
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "Explanation", "LoadedModel", "__version__", "explain", "get_method", "load", "read_saliency"]
+__all__ = ["METHODS", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "Explanation", "LoadedModel",
+           "__version__", "explain", "get_method", "load", "read_saliency"]

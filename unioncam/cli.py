@@ -85,7 +85,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; the overlays need a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out}: {exc}") from None
     options: dict[str, Any] = {"precision": args.precision}
     if args.batch_size:
         options["batch_size"] = args.batch_size
@@ -145,8 +150,10 @@ def cmd_shards(args: argparse.Namespace) -> int:
             prefix = f"voc2007-{args.split}"
         size = 1000 if args.shard_size is None else args.shard_size
         manifest = write_shards(samples, args.out, prefix, size, info)
-    except (OSError, KeyError, ValueError) as exc:
-        raise UsageError(str(exc).strip("'\"")) from exc
+    except KeyError as exc:  # str(KeyError) quotes its message
+        raise UsageError(str(exc.args[0]) if exc.args else repr(exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
     print(f"{manifest['count']} samples ({manifest['labelled']} labelled) in {len(manifest['shards'])} shards"
           f" → {args.out}")
     for key in info.get("unlabelled", [])[:10]:
@@ -184,7 +191,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = 0
     for name, entry in sorted(manifest["shards"].items()):
         if entry.get("status") == "done":
-            why = verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps) or source_changed(name, entry)
+            why = verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps)
+            try:
+                why = why or source_changed(name, entry)
+            except storage.StorageError as exc:
+                print(f"??   {name}  its source cannot be read now: {exc}")
         else:
             why = f"{entry.get('status')}: {entry.get('error', '')}".strip()
         bad += why is not None

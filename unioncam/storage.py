@@ -421,9 +421,12 @@ def put_file(local: str, location: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         try:
             os.replace(local, dest)
-        except OSError:  # another file system: copy under a temporary name, then rename
-            shutil.copyfile(local, f"{dest}.tmp-{os.getpid()}")
-            os.replace(f"{dest}.tmp-{os.getpid()}", dest)
+        except OSError:  # another file system: copy under a temporary name, fsync, then rename
+            tmp = f"{dest}.tmp-{os.getpid()}"
+            shutil.copyfile(local, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, dest)
             os.unlink(local)
         _fsync_dir(os.path.dirname(os.path.abspath(dest)))
         return

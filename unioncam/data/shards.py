@@ -190,6 +190,12 @@ class _StrictTarInfo(tarfile.TarInfo):
         try:
             return super().fromtarfile(tar)
         except tarfile.EOFHeaderError:  # type: ignore[attr-defined]
+            # A zero block. The proper end of an archive is two of them; one zero block followed by more
+            # data is a member header that was zeroed (data would silently stop there).
+            at = tar.offset
+            following = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if following.strip(b"\0") and at > 0:
+                raise tarfile.ReadError(f"a zeroed member header at byte {at}, followed by more data") from None
             raise
         except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
             if tar.offset == 0:
@@ -218,9 +224,11 @@ def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], str | 
         DamagedShardError: the archive is truncated or corrupt; complete samples before it were yielded.
         storage.StorageError: the shard could not be read (I/O, after retries): not damage in the data.
     """
-    key: str | None = None
+    key: str | None = None  # the key yielded for the current sample
+    raw: str | None = None  # its members' key
     parts: dict[str, bytes] = {}
     problems: list[str] = []
+    seen: dict[str, int] = {}  # keys already yielded, and how often: a key that comes back is an error
     members = iter(tar)
     while True:
         try:
@@ -229,10 +237,15 @@ def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], str | 
                 break
             shown = _printable(member.name)
             k, ext = member_key(shown)
-            if k != key and key is not None:
-                yield key, parts, "; ".join(problems) or None
-                parts, problems = {}, []
-            key = k
+            if k != raw:
+                if key is not None:
+                    yield key, parts, "; ".join(problems) or None
+                    parts, problems = {}, []
+                raw, key, n = k, k, seen.get(k, 0)
+                seen[k] = n + 1
+                if n:  # under a key of its own, so rows stay unique per key: "<key>:repeat1", ...
+                    key = f"{k}:repeat{n}"
+                    problems.append(f"key {k} appears again after other samples (its members are not consecutive)")
             if shown != member.name:
                 problems.append(f"member name {shown} is not valid UTF-8")
             if not member.isfile():
@@ -274,6 +287,10 @@ def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> d
         raise ValueError(f"bad metadata {key}.json: {exc}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"bad metadata {key}.json: a {type(meta).__name__}, not an object")
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 writer (Arrow) takes
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"bad metadata {key}.json: text that is not valid Unicode (a lone surrogate)") from None
     if isinstance(meta.get("error"), str):  # the converter could not read the image (unioncam.data.voc)
         raise ValueError(meta["error"])
     try:

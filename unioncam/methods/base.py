@@ -26,6 +26,7 @@ from unioncam.methods.targets import Target
 from unioncam.ops import Precision, autocast, chunks, ieee_fp32, normalize, resolve_precision, upsample
 
 Details = dict[str, Any]
+PIXEL_SLACK = 1e-3  # resampling may overshoot [0, 1] by a rounding error
 Targets = Tensor | Sequence[int] | Sequence[Target] | None  # classes, or callables on one image's logits
 
 
@@ -326,6 +327,10 @@ class CAM(abc.ABC):
             raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch")
+        lo, hi = images.aminmax()
+        if float(lo) < -PIXEL_SLACK or float(hi) > 1 + PIXEL_SLACK:  # e.g. 0-255 values, or already normalized
+            raise ValueError(f"images must be pixels in [0, 1] (the model normalizes them itself), got values in "
+                             f"[{float(lo):.3g}, {float(hi):.3g}]: divide 8-bit images by 255, do not apply mean/std")
         return images.to(self.device)
 
     def _check_targets(self, targets: Targets, logits: Tensor) -> tuple[Tensor, list[Target] | None]:

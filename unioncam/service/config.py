@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import types
@@ -154,7 +155,11 @@ class EvalConfig:
             value = getattr(c, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        for name in ("gpus_per_worker", "cpus_per_worker"):
+        for name in ("gpus_per_worker", "cpus_per_worker", "max_gpu_memory", "progress_interval", "start_timeout"):
+            value = getattr(c, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+        for name in ("gpus_per_worker", "cpus_per_worker", "max_restarts", "max_task_retries"):
             value = getattr(c, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
@@ -216,9 +221,10 @@ class EvalConfig:
         import yaml
 
         try:
-            text = Path(path).read_bytes()
+            with open(path, "rb") as handle:  # never more than the cap (a path such as /dev/zero never ends)
+                text = handle.read(MAX_CONFIG_BYTES + 1)
             if len(text) > MAX_CONFIG_BYTES:
-                raise ConfigError(f"config {path} is {len(text)} bytes; at most {MAX_CONFIG_BYTES} are read")
+                raise ConfigError(f"config {path} is over {MAX_CONFIG_BYTES} bytes, the most that is read")
             if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None)
                    for e in yaml.parse(text, Loader=yaml.SafeLoader)):
                 raise ConfigError(f"config {path} uses YAML anchors or aliases (&x / *x); write values out")
@@ -234,6 +240,9 @@ class EvalConfig:
         """Parse the job's command line (see :func:`build_parser`); flags override ``--config``."""
         args = build_parser(dataset).parse_args(argv)
         base = cls.from_yaml(args.config, dataset) if args.config else cls(dataset=dataset)
+        if base.dataset != dataset:
+            raise ConfigError(f"config {args.config} says dataset: {base.dataset}, but this entry point evaluates "
+                              f"{dataset} (use jobs/eval_{base.dataset}.py or jobs/eval.py --dataset {base.dataset})")
         given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
         for key in ("methods", "metrics"):
             if key in given:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unioncam import storage
+from unioncam.data.shards import shard_name
 
 SCHEMA_VERSION = "2"  # 2: a rank column (--target topk:K)
 MAP_DTYPE = "float16"
@@ -158,11 +159,17 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
         owner = kv.get("unioncam.run_id")
         if owner != run_id:
             return f"{folder}/{name}.parquet belongs to run {owner!r}, not {run_id!r}"
+        source = kv.get("unioncam.shard_path")
+        if source is not None and shard_name(source) != name:
+            return f"{folder}/{name}.parquet holds the rows of shard {shard_name(source)!r}, not {name!r}"
         if kv.get("unioncam.schema_version") != SCHEMA_VERSION:
             return f"{folder}/{name}.parquet has schema version {kv.get('unioncam.schema_version')!r}"
         missing = [f.name for f in schema if f.name not in arrow.names]
         if missing:
             return f"{folder}/{name}.parquet lacks columns {missing[:5]}"
+        retyped = [f.name for f in schema if not arrow.field(f.name).type.equals(f.type)]
+        if retyped:
+            return f"{folder}/{name}.parquet has other types for columns {retyped[:5]}"
         if rows is not None and meta.num_rows != rows:
             return f"{folder}/{name}.parquet has {meta.num_rows} rows, the manifest recorded {rows}"
     return None
@@ -174,6 +181,9 @@ def source_changed(name: str, entry: dict[str, Any], path: str | None = None) ->
     source fingerprints (no ``source``) are not checked.
 
     The fingerprint is :func:`unioncam.storage.fingerprint`'s: size plus sha256 (files) or ETag (S3).
+
+    Raises:
+        storage.StorageError: the source cannot be read now (nothing is known about a change).
     """
     recorded = entry.get("source")
     if not isinstance(recorded, dict):
@@ -185,10 +195,7 @@ def source_changed(name: str, entry: dict[str, Any], path: str | None = None) ->
         path = uri
     elif uri != storage.redact(path):
         return f"{name} was computed from {uri}, this run names {storage.redact(path)}"
-    try:
-        now = storage.fingerprint(path)
-    except storage.StorageError as exc:
-        return f"the source of {name} cannot be checked ({exc})"
+    now = storage.fingerprint(path)  # a StorageError (unreadable now) is the caller's to report
     for field in ("bytes", "sha256", "etag"):
         if field in recorded and recorded[field] != now.get(field):
             was, new = recorded[field], now.get(field)

@@ -161,8 +161,30 @@ class RunManifest:
         return verify_shard(self.out, name, self.run_id, entry, save_maps)
 
     def changed_source(self, name: str, path: str) -> str | None:
-        """None when done shard ``name`` was computed from ``path``'s current content, else what changed."""
-        return source_changed(name, self.data["shards"][name], path)
+        """None when done shard ``name`` was computed from ``path``'s current content (or the source
+        cannot be read now: its rows are kept, with a log line), else what changed."""
+        try:
+            return source_changed(name, self.data["shards"][name], path)
+        except storage.StorageError as exc:
+            log(f"cannot check the source of {name} now ({exc}); keeping its rows")
+            return None
+
+    def check_shard_set(self, current: dict[str, str]) -> None:
+        """A run directory holds one shard set (name → URI without credentials): the first command
+        records it; a later one that names other shards, or the same names elsewhere, is refused once
+        any shard is done (before that, the new set is taken)."""
+        recorded = self.data.get("shard_set")
+        done = any(e.get("status") == "done" for e in self.data["shards"].values())
+        if isinstance(recorded, dict) and recorded != current and done:
+            new = sorted(set(current) - set(recorded))
+            missing = sorted(set(recorded) - set(current))
+            moved = sorted(n for n in current if n in recorded and recorded[n] != current[n])
+            example = (f"{moved[0]} was {recorded[moved[0]]}, now {current[moved[0]]}" if moved
+                       else f"e.g. {(new or missing)[0]}")
+            raise ConfigError(f"{storage.redact(self.out)} holds a run of {len(recorded)} shards; this command names "
+                              f"{len(current)} ({len(new)} new, {len(missing)} not named, {len(moved)} from another "
+                              f"location: {example}). A run directory holds one shard set: use a new --out")
+        self.data["shard_set"] = current
 
     def record(self, name: str, **entry: Any) -> None:
         previous = self.data["shards"].get(name, {})
@@ -413,6 +435,7 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
                 limits: dict[str, int | None], sha: str | None, lock: RunLock) -> dict[str, Any]:
     shown = storage.redact(out)
     manifest = RunManifest(out, {**cfg.identity(), "weights_sha256": sha})
+    manifest.check_shard_set({shard_name(p): storage.redact(p) for p in paths})
     todo, done = [], []
     for p in paths:
         lock.heartbeat()  # verifying thousands of shards on a store takes a while
@@ -451,14 +474,11 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     entries = {n: e for n, e in manifest.data["shards"].items() if n in ours}
     finished = [e for e in entries.values() if e["status"] == "done"]
     failed = sorted(n for n, e in entries.items() if e["status"] == "failed")
-    others = manifest.data["counts"]["shards_done"] - len(finished)
     manifest.data["last_command"] = {"shards": len(paths), "done": len(finished), "failed": failed}
     manifest.save()
     log(f"done: {len(finished)}/{len(paths)} shards, {sum(e.get('images', 0) for e in finished)} images, "
         f"{sum(e.get('errors', 0) for e in finished)} error rows"
-        + (f"; FAILED shards {failed} (rerun the same command to retry them)" if failed else "")
-        + (f"; {shown} also holds {others} done shard(s) of earlier commands, which the report includes"
-           if others > 0 else ""))
+        + (f"; FAILED shards {failed} (rerun the same command to retry them)" if failed else ""))
     if cfg.report:
         from unioncam.service.report import write_report
 
@@ -467,6 +487,8 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
             log(f"report: {storage.redact(paths_out['html'])}")
         except Exception as exc:  # the rows are safe; the report can be redone with `unioncam report`
             log(f"report failed ({type(exc).__name__}: {exc}); rerun `unioncam report {shown}`")
+            manifest.data["last_command"]["report"] = f"failed: {type(exc).__name__}: {exc}"[:500]
+            manifest.save()
     return manifest.data
 
 
@@ -619,8 +641,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None, dataset: str) -> int:
-    """Entry point of ``jobs/eval_<dataset>.py``: exit 0 when every shard is done, 1 when some
-    failed (rerun to retry), 2 on bad options."""
+    """Entry point of ``jobs/eval_<dataset>.py``: exit 0 when every shard is done and reported, 1 when
+    some failed or the report failed (rerun to retry), 2 on bad options, 130 on Ctrl-C."""
+    cfg: EvalConfig | None = None
     try:
         cfg = EvalConfig.from_argv(argv, dataset)  # type: ignore[arg-type]
         shown = {k: storage.redact(v) if isinstance(v, str) else v for k, v in asdict(cfg).items() if v is not None}
@@ -630,7 +653,11 @@ def main(argv: list[str] | None, dataset: str) -> int:
         print(f"unioncam: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print("unioncam: interrupted; finished shards are kept (see manifest.json): rerun the same command "
+        done = ""
+        with contextlib.suppress(Exception):  # what is done, when the manifest can be read
+            counts = load_manifest(storage.absolute(cfg.out or "."))["counts"] if cfg is not None else {}
+            done = f" with {counts['shards_done']} shards ({counts['images']} images) done"
+        print(f"unioncam: interrupted{done}; finished shards are kept (manifest.json): rerun the same command "
               "to resume", file=sys.stderr, flush=True)
         return 130
-    return 1 if manifest["last_command"]["failed"] else 0
+    return 1 if manifest["last_command"]["failed"] or manifest["last_command"].get("report") else 0
