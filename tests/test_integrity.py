@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,16 @@ def test_every_damage_is_repaired_to_the_clean_rows_or_refused(cluster, tmp_path
     # 3. A metrics file of another run (same settings, same shard) is foreign: redone.
     shutil.copy(other / "metrics" / "t-000002.parquet", out / "metrics" / "t-000002.parquet")
     assert rerun()["shards"]["t-000002"]["attempts"] == 2
+    # 3b. Another shard's files of the same run (same row count) copied over a shard's: redone.
+    for folder in ("metrics", "maps"):
+        shutil.copy(out / folder / "t-000002.parquet", out / folder / "t-000000.parquet")
+    assert rerun()["shards"]["t-000000"]["attempts"] == 3
+    # 4a. The same shard names in another folder: a run directory holds one shard set; refused.
+    make_shards(tmp_path / "elsewhere", n_images=6, shard_size=2)
+    with pytest.raises(ConfigError) as refused:
+        run(replace(cfg(out), shards=str(tmp_path / "elsewhere" / "*.tar")))
+    assert "\n" not in str(refused.value) and "3 from another location" in str(refused.value)
+    assert "holds one shard set: use a new --out" in str(refused.value)
     # 4. A source shard whose content changed is refused in one line that names it; nothing is touched.
     original = shards[1].read_bytes()
     make_shards(tmp_path / "changed", n_images=4, shard_size=2, prefix="t")

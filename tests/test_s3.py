@@ -80,6 +80,7 @@ def test_job_on_s3_end_to_end_rerun_and_no_secret(cluster, s3):
         assert SECRET not in text
 
 
+@pytest.mark.slow  # ~70 s: our retries × pyarrow's own, then two more jobs
 def test_a_shard_that_stays_unreadable_fails_and_a_rerun_completes_it(cluster, s3):
     out = f"s3://{BUCKET}/run-faults"
     s3.faults.match, s3.faults.fail = "sample/imagenet/sample-imagenet-000001.tar", -1
@@ -105,6 +106,7 @@ def test_a_shard_that_stays_unreadable_fails_and_a_rerun_completes_it(cluster, s
         assert rows["error"].isna().all()
 
 
+@pytest.mark.slow  # four jobs
 def test_a_redone_shard_unreadable_on_its_first_attempt_is_completed_to_the_clean_rows(cluster, s3):
     """The damage matrix's last case (tests/test_integrity.py has the others): after a clean run, a
     shard must be redone (its metrics file is gone) and the store refuses its first read: that rerun
@@ -127,3 +129,16 @@ def test_a_redone_shard_unreadable_on_its_first_attempt_is_completed_to_the_clea
     cols = ["shard", "key", "method", "y", "o", "insertion_auc", "deletion_auc", "error"]
     assert rows[cols].equals(clean[cols])
     assert maps[0] == clean_maps[0] and maps[1] == clean_maps[1] and maps[2].tobytes() == clean_maps[2].tobytes()
+    with environment(s3.env()):
+        assert not storage.list_files(f"{out}/running")  # the failed attempt left no marker
+    # A store that fails only the first reads (500s): retried within the same rerun, which completes.
+    with environment(s3.env()):
+        storage.delete(f"{out}/metrics/sample-imagenet-000001.parquet")
+    s3.faults.match, s3.faults.status, s3.faults.fail = "sample/imagenet/sample-imagenet-000001.tar", 500, 2
+    try:
+        retried = job(cluster, s3, out)
+    finally:
+        s3.faults.fail = 0
+    assert retried.returncode == 0, retried.stdout[-3000:] + retried.stderr[-3000:]
+    with environment(s3.env()):
+        assert rows_of(out)[cols].equals(clean[cols])
