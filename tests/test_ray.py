@@ -178,17 +178,17 @@ def test_a_worker_that_never_starts_is_given_up_and_none_started_is_an_error(clu
     ray.get(second.ping.remote())
     head = None
     try:
-        make_shards(tmp_path / "shards", n_images=4, shard_size=1)
-        # Slow shards (~5 s each), so the run outlasts the timeout.
+        make_shards(tmp_path / "shards", n_images=8, shard_size=1)
+        # Slow shards (~3-5 s each: 25 s or more in all), so the run outlasts the timeout.
         base = EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), model="tiny_cnn", methods=["gradcam"],
                           metrics=["insdel"], insdel_steps=1500, batch_size=1, cpus_per_worker=2, gpus_per_worker=0,
-                          report=False, start_timeout=15)
+                          report=False, start_timeout=12)
         manifest = run(replace(base, out=str(tmp_path / "run"), workers=2).resolved())
-        assert manifest["counts"]["shards_done"] == 4 and manifest["last_command"]["failed"] == []
+        assert manifest["counts"]["shards_done"] == 8 and manifest["last_command"]["failed"] == []
         assert manifest["counts"]["error_rows"] == 0, rows_of(tmp_path / "run")["error"].tolist()
         assert len(manifest["workers"]) == 1  # the one that started did every shard
         assert {s["worker"]["pid"] for s in manifest["shards"].values()} == {manifest["workers"][0]["pid"]}
-        assert "did not start within 15 s" in capsys.readouterr().out
+        assert "did not start within 12 s" in capsys.readouterr().out
         head = Hold.remote()  # now the head's 2 CPUs too: no worker can start
         ray.get(head.ping.remote())
         with pytest.raises(WorkerStartError, match=r"no worker started within 3 s: each asks for 0 GPU and 2 CPU"):

@@ -150,18 +150,62 @@ def overlay(image: Tensor, cam: Tensor, alpha: float = 0.5) -> Image.Image:
     return Image.fromarray(arr, mode="RGB")
 
 
-def grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
-    """Tile equal-sized images in rows and columns, with labels above columns and left of rows."""
+#: The width in pixels of the colour bar :func:`grid` draws under the tiles (the jet scale, 0 → 1).
+COLORBAR_WIDTH = 256
+
+
+def colorbar(width: int = COLORBAR_WIDTH, height: int = 12) -> Image.Image:
+    """The jet scale as a ``width×height`` RGB strip: column ``j`` is ``jet(j / (width − 1))``, so
+    the left end is a map's 0 and the right end its 1 (the colours :func:`overlay` blends in)."""
+    ramp = jet(torch.linspace(0.0, 1.0, width)[None].expand(height, width))
+    arr = (ramp * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+
+
+def grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
+         colorbar_label: str | None = None) -> Image.Image:
+    """Tile images in rows and columns, with labels above columns and left of rows (a label may hold
+    several lines, separated by ``\\n``).
+
+    Each image keeps its size (so each keeps its aspect ratio): a column is as wide as its widest
+    image, a row as tall as its tallest, and each image is centred in its slot. ``colorbar_label``
+    adds the jet colour bar (:func:`colorbar`, :data:`COLORBAR_WIDTH` wide) under the tiles, with
+    "0" and "1" at its ends and the label beside it.
+    """
     from PIL import ImageDraw
 
-    h, w = cells[0][0].height, cells[0][0].width
-    left, top = 110, 18
-    canvas = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size_of(text: str) -> tuple[int, int]:
+        box = measure.multiline_textbbox((0, 0), text, spacing=2) if text else (0, 0, 0, 0)
+        return int(box[2] - box[0]), int(box[3] - box[1])
+
+    col_w = [max(row[j].width for row in cells) for j in range(len(col_labels))]
+    col_w = [max(w, size_of(label)[0] + 8) for w, label in zip(col_w, col_labels, strict=True)]
+    row_h = [max(max(c.height for c in row), size_of(label)[1] + 8)
+             for row, label in zip(cells, row_labels, strict=True)]
+    left = max([110, *(size_of(label)[0] + 12 for label in row_labels)])
+    top = max([18, *(size_of(label)[1] + 8 for label in col_labels)])
+    bar_h = 12 if colorbar_label is not None else 0
+    bottom = bar_h + 26 if colorbar_label is not None else 0
+    width = left + sum(col_w)
+    if colorbar_label is not None:
+        width = max(width, left + 16 + COLORBAR_WIDTH + 16 + size_of(colorbar_label)[0] + 8)
+    canvas = Image.new("RGB", (width, top + sum(row_h) + bottom), "white")
     draw = ImageDraw.Draw(canvas)
+    xs = [left + sum(col_w[:j]) for j in range(len(col_w))]
     for j, label in enumerate(col_labels):
-        draw.text((left + j * w + 4, 3), label, fill="black")
-    for i, (label, row) in enumerate(zip(row_labels, cells, strict=True)):
-        draw.text((4, top + i * h + h // 2), label, fill="black")
+        draw.multiline_text((xs[j] + 4, 3), label, fill="black", spacing=2)
+    y = top
+    for label, row, h in zip(row_labels, cells, row_h, strict=True):
+        draw.multiline_text((4, y + max(0, (h - size_of(label)[1]) // 2)), label, fill="black", spacing=2)
         for j, cell in enumerate(row):
-            canvas.paste(cell.resize((w, h)), (left + j * w, top + i * h))
+            canvas.paste(cell, (xs[j] + (col_w[j] - cell.width) // 2, y + (h - cell.height) // 2))
+        y += h
+    if colorbar_label is not None:
+        bar_y = y + 10
+        draw.text((left, bar_y), "0", fill="black")
+        canvas.paste(colorbar(COLORBAR_WIDTH, bar_h), (left + 12, bar_y))
+        draw.text((left + 16 + COLORBAR_WIDTH, bar_y), "1", fill="black")
+        draw.text((left + 28 + COLORBAR_WIDTH, bar_y), colorbar_label, fill="black")
     return canvas

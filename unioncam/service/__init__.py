@@ -4,6 +4,7 @@ Ray is imported only by :mod:`unioncam.service.runner`; reading results back nee
 """
 
 from unioncam.service.config import ConfigError, EvalConfig
+from unioncam.service.dataset import SaliencyDataset
 from unioncam.service.results import read_metrics, read_saliency
 
-__all__ = ["ConfigError", "EvalConfig", "read_metrics", "read_saliency"]
+__all__ = ["ConfigError", "EvalConfig", "SaliencyDataset", "read_metrics", "read_saliency"]

@@ -1,8 +1,8 @@
 """The run's Parquet artifacts: explicit schemas, atomic writes, and reading back.
 
 ``RUN_DIR/metrics/<shard>.parquet`` holds one row per image × method (:data:`METRICS_SCHEMA`);
-``RUN_DIR/maps/<shard>.parquet`` one saliency map per image × method as float16 bytes
-(:data:`MAPS_SCHEMA`; the map's shape and dtype are in the schema metadata). Both carry provenance
+``RUN_DIR/maps/<shard>.parquet`` one saliency map per image × method (:func:`maps_schema`:
+``FixedSizeList<float16>[H·W]``, the shape in the field and schema metadata). Both carry provenance
 in their schema metadata (``unioncam.*`` keys: schema version, run id, model, weights sha256,
 target layer, input size, precision, library versions). Each file is written once, whole, under its
 final name (:func:`unioncam.storage.write_bytes`: rename locally, one PUT on object stores), so a
@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from unioncam import storage
 from unioncam.data.shards import shard_name
 
-SCHEMA_VERSION = "2"  # 2: a rank column (--target topk:K)
-MAP_DTYPE = "float16"
+SCHEMA_VERSION = "2"  # 2: a rank column (--target topk:K), maps as FixedSizeList<float16>[H·W]
+MAP_DTYPE = "float16"  # recorded in the maps file's provenance
 
 METRICS_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -48,12 +48,34 @@ METRICS_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
 ])
 
-MAPS_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("method", pa.string(), nullable=False),
-    pa.field("rank", pa.int32()),
-    pa.field("map", pa.binary(), nullable=False),
-])
+MAPS_COLUMNS = ("key", "method", "rank", "map")
+MAPS_ROW_GROUP = 256  # maps per Parquet row group (224² float16 maps: ~25 MB): what a reader holds at once
+
+
+def maps_schema(shape: tuple[int, int] | list[int]) -> pa.Schema:
+    """The maps table for ``H×W`` maps: ``map`` is a ``FixedSizeList<float16>[H·W]`` (row-major) with
+    ``shape`` in its field metadata, so pandas, DuckDB, Ray Data and Hugging Face ``datasets`` see
+    arrays (not bytes); :func:`read_saliency` reshapes them."""
+    h, w = (int(v) for v in shape)
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("rank", pa.int32()),
+        pa.field("map", pa.list_(pa.float16(), h * w), nullable=False, metadata={"shape": json.dumps([h, w])}),
+    ])
+
+
+def maps_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Maps rows (``key``, ``method``, ``rank``, ``map``: an ``H×W`` array) as an Arrow table of
+    ``schema`` (:func:`maps_schema`), built columnar (no per-value Python objects)."""
+    size = schema.field("map").type.list_size
+    flat = np.concatenate([np.asarray(r["map"], dtype=np.float16).reshape(-1) for r in rows]) if rows \
+        else np.zeros(0, np.float16)
+    if flat.size != size * len(rows):
+        raise ValueError(f"maps of {flat.size // max(len(rows), 1)} values for a {size}-value map column")
+    maps = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), size)
+    columns = [pa.array([r[c] for r in rows], type=schema.field(c).type) for c in ("key", "method", "rank")]
+    return pa.Table.from_arrays([*columns, maps], schema=schema)
 
 
 def with_provenance(schema: pa.Schema, provenance: dict[str, Any]) -> pa.Schema:
@@ -86,17 +108,19 @@ def _parquet_schema(location: str) -> pa.Schema:
         return pq.ParquetFile(handle).schema_arrow
 
 
-def parquet_bytes(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> bytes:
-    """``rows`` as a Parquet file's bytes (validated against ``schema`` by Arrow)."""
-    table = pa.Table.from_pylist(list(rows), schema=schema)
+def parquet_bytes(rows: Sequence[dict[str, Any]] | pa.Table, schema: pa.Schema, row_group_size: int | None = None
+                  ) -> bytes:
+    """``rows`` (dicts, or a table) as a Parquet file's bytes (validated against ``schema`` by Arrow)."""
+    table = rows.cast(schema) if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=row_group_size)
     return bytes(sink.getvalue())
 
 
-def write_parquet(rows: Sequence[dict[str, Any]], schema: pa.Schema, location: str | os.PathLike[str]) -> None:
+def write_parquet(rows: Sequence[dict[str, Any]] | pa.Table, schema: pa.Schema,
+                  location: str | os.PathLike[str], row_group_size: int | None = None) -> None:
     """Write ``rows`` as the Parquet file ``location``, all or nothing (:func:`unioncam.storage.write_bytes`)."""
-    storage.write_bytes(os.fspath(location), parquet_bytes(rows, schema))
+    storage.write_bytes(os.fspath(location), parquet_bytes(rows, schema, row_group_size))
 
 
 def read_parquet(location: str, schema: pa.Schema | None = None) -> pa.Table:
@@ -140,11 +164,12 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
     A shard is finished when ``metrics/<name>.parquet`` opens, carries ``run_id`` and
     :data:`SCHEMA_VERSION`, has every column of :data:`METRICS_SCHEMA` and the row count the manifest
     recorded (``entry["rows"]``), and, when maps are saved, ``maps/<name>.parquet`` passes the same
-    checks against :data:`MAPS_SCHEMA` (``entry["maps"]`` rows). Resume and ``unioncam verify`` use this.
+    checks against :func:`maps_schema` of its recorded shape (``entry["maps"]`` rows). Resume and
+    ``unioncam verify`` use this.
     """
-    checks = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
+    checks: list[tuple[str, pa.Schema | None, Any]] = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
     if save_maps:
-        checks.append(("maps", MAPS_SCHEMA, entry.get("maps")))
+        checks.append(("maps", None, entry.get("maps")))  # its schema follows the map shape it records
     for folder, schema, rows in checks:
         location = storage.join(run_dir, folder, f"{name}.parquet")
         try:
@@ -156,6 +181,11 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
             return f"{folder}/{name}.parquet is missing"
         except (OSError, pa.ArrowException, ValueError) as exc:
             return f"{folder}/{name}.parquet is damaged ({type(exc).__name__}: {str(exc)[:200]})"
+        if schema is None:
+            try:
+                schema = maps_schema(json.loads(kv.get("unioncam.map_shape", "")))
+            except (ValueError, TypeError):
+                return f"{folder}/{name}.parquet records no valid map shape"
         owner = kv.get("unioncam.run_id")
         if owner != run_id:
             return f"{folder}/{name}.parquet belongs to run {owner!r}, not {run_id!r}"
@@ -205,9 +235,6 @@ def source_changed(name: str, entry: dict[str, Any], path: str | None = None) ->
     return None
 
 
-def encode_map(saliency: np.ndarray) -> bytes:
-    """A map as little-endian float16 bytes (:data:`MAP_DTYPE`)."""
-    return np.ascontiguousarray(saliency, dtype="<f2").tobytes()
 
 
 def run_files(run_dir: str, folder: str) -> list[str]:
@@ -232,7 +259,8 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> pa.Table:
 
 
 def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
-                  keys: Iterable[str] | None = None, rank: int | None = 1) -> tuple[list[str], list[str], np.ndarray]:
+                  keys: Iterable[str] | None = None, rank: int | None = 1,
+                  shards: Iterable[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """Saliency maps of a run, for downstream studies.
 
     Args:
@@ -242,35 +270,78 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
         rank: with ``--target topk:K``, the maps of the ``rank``-th predicted class (1: the
             predicted class, the default; None: every rank, so keys repeat). Label-target runs
             have no rank and are always returned whole.
+        shards: read only these shards' maps files (None: all the run's); with ``keys``, pass the
+            shards that hold them (the metrics rows say which) so no other file is opened.
     Returns:
         ``(keys, methods, maps)``: row-aligned lists and an ``N×H×W`` float32 array in ``[0, 1]``,
         sorted by (key, method, rank).
     Raises:
         FileNotFoundError: the run has no maps (or was run with ``--no-maps``).
-        KeyError: some requested keys have no map (the message lists a few).
+        KeyError: an unknown method, or requested keys that have no map (the message lists a few).
+
+    Memory: each file is read one row group at a time (the job writes :data:`MAPS_ROW_GROUP` maps
+    per group), the small ``key``/``method``/``rank`` columns first, and the ``map`` column only of
+    row groups that hold a wanted row, so picking a few keys out of a large run stays cheap.
     """
+    import pyarrow.compute as pc
+
     run_dir = os.fspath(run_dir)
     files = run_files(run_dir, "maps")
+    if shards is not None:
+        chosen = set(shards)
+        files = [f for f in files if storage.basename(f).removesuffix(".parquet") in chosen]
     if not files:
         raise FileNotFoundError(f"no maps/*.parquet under {storage.redact(run_dir)} (run without --no-maps)")
-    wanted = None if keys is None else set(keys)
-    found: list[tuple[str, str, int, np.ndarray]] = []
+    wanted = None if keys is None else pa.array(sorted(set(keys)), type=pa.string())
+    parts: list[pa.Table] = []
+    shape: tuple[int, int] = (0, 0)
+    methods: set[str] = set()
     for f in files:
-        with storage.open_random(f) as handle:  # one open per file: provenance and rows
+        with storage.open_random(f) as handle:
             parquet = pq.ParquetFile(handle)
-            meta = _provenance(parquet.schema_arrow)
-            table = parquet.read(columns=MAPS_SCHEMA.names)
-        shape = tuple(meta["map_shape"])
-        columns = (table.column(c).to_pylist() for c in ("key", "method", "rank", "map"))
-        for key, meth, r, blob in zip(*columns, strict=True):
-            if (method is None or meth == method) and (wanted is None or key in wanted) \
-                    and (rank is None or r is None or r == rank):
-                found.append((key, meth, r or 0,
-                              np.frombuffer(blob, dtype=meta.get("map_dtype", MAP_DTYPE)).reshape(shape)))
+            h, w = _provenance(parquet.schema_arrow)["map_shape"]
+            shape = (int(h), int(w))
+            for group in range(parquet.num_row_groups):
+                index = parquet.read_row_group(group, columns=["key", "method", "rank"])
+                methods.update(index.column("method").unique().to_pylist())
+                mask = pa.array(np.ones(index.num_rows, dtype=bool))
+                if method is not None:
+                    mask = pc.and_(mask, pc.equal(index.column("method"), method))
+                if wanted is not None:
+                    mask = pc.and_(mask, pc.is_in(index.column("key"), wanted))
+                if rank is not None:
+                    same = pc.or_kleene(pc.is_null(index.column("rank")), pc.equal(index.column("rank"), rank))
+                    mask = pc.and_(mask, same)
+                if pc.any(mask).as_py():
+                    maps = parquet.read_row_group(group, columns=["map"]).column("map")
+                    parts.append(index.append_column("map", maps).filter(mask))
+    if method is not None and method not in methods:
+        raise KeyError(f"no maps for method {method!r}; the run has {', '.join(sorted(methods))}")
+    if not parts:
+        found = pa.table({c: pa.array([], type=pa.string()) for c in ("key", "method")})
+        got: list[str] = []
+    else:
+        found = pa.concat_tables(parts).sort_by([("key", "ascending"), ("method", "ascending"),
+                                                 ("rank", "ascending")])
+        got = found.column("key").to_pylist()
     if wanted is not None:
-        missing = sorted(wanted - {k for k, _, _, _ in found})
+        missing = sorted(set(wanted.to_pylist()) - set(got))
         if missing:
             raise KeyError(f"{len(missing)} key(s) have no map{' for ' + method if method else ''}: {missing[:5]}")
-    found.sort(key=lambda r: (r[0], r[1], r[2]))
-    maps = np.stack([m.astype(np.float32) for *_, m in found]) if found else np.zeros((0, 0, 0), np.float32)
-    return [k for k, *_ in found], [m for _, m, *_ in found], maps
+    return got, found.column("method").to_pylist(), map_array(found, shape) if got else np.zeros((0, *shape))
+
+
+def read_maps_file(location: str) -> tuple[pa.Table, tuple[int, int]]:
+    """One maps file (local or a URI): its table (:data:`MAPS_COLUMNS`) and the maps' ``(H, W)``."""
+    with storage.open_random(location) as handle:  # one open: provenance and rows
+        parquet = pq.ParquetFile(handle)
+        h, w = _provenance(parquet.schema_arrow)["map_shape"]
+        return parquet.read(columns=list(MAPS_COLUMNS)), (int(h), int(w))
+
+
+def map_array(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
+    """The ``map`` column of a maps table as an ``N×H×W`` float32 array (one copy, no Python loop)."""
+    if table.num_rows == 0:
+        return np.zeros((0, *shape), np.float32)
+    values = table.column("map").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32).reshape(table.num_rows, *shape)

@@ -46,9 +46,10 @@ from unioncam.ops import autocast, normalize, resolve_precision
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.results import (
     MAP_DTYPE,
-    MAPS_SCHEMA,
+    MAPS_ROW_GROUP,
     METRICS_SCHEMA,
-    encode_map,
+    maps_schema,
+    maps_table,
     with_provenance,
     write_parquet,
 )
@@ -172,7 +173,9 @@ class ShardEvaluator:
         prov = {**self.provenance, "shard_path": source["uri"], "source": source}
         if self.cfg.save_maps:
             meta = {**prov, "map_shape": list(self.size), "map_dtype": MAP_DTYPE}
-            write_parquet(maps, with_provenance(MAPS_SCHEMA, meta), storage.join(out, "maps", f"{name}.parquet"))
+            schema = with_provenance(maps_schema(self.size), meta)
+            write_parquet(maps_table(maps, schema), schema, storage.join(out, "maps", f"{name}.parquet"),
+                          row_group_size=MAPS_ROW_GROUP)
         write_parquet(rows, with_provenance(METRICS_SCHEMA, prov), storage.join(out, "metrics", f"{name}.parquet"))
         return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0, "source": source,
                 "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start,
@@ -231,7 +234,7 @@ class ShardEvaluator:
                 rows.append(self._row(sample, method, seconds=seconds, **common, **(value or {}), **kept))
                 if self.cfg.save_maps:
                     maps.append({"key": sample["key"], "method": method, "rank": ranks[i],
-                                 "map": encode_map(saliency.detach().float().cpu().numpy())})
+                                 "map": saliency.detach().to(torch.float16).cpu().numpy()})
 
     def _explain_all(self, x: Tensor, targets: Tensor) -> dict[str, list[tuple[Tensor, Row, float] | str]]:
         """Per method, per image: ``(map, details, seconds)`` or an error message."""
