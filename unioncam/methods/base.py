@@ -167,6 +167,16 @@ def gpu_plan(model: nn.Module, size: tuple[int, int], precision: str, max_gib: f
     return GPUPlan(batch, max(1, min(32, batch // 8)), budget, fixed, per_input)
 
 
+_masked_inputs = 0  # masked inputs this process has run through batched_probs (see masked_inputs())
+
+
+def masked_inputs() -> int:
+    """How many masked inputs this process has run through :func:`batched_probs` so far (every
+    score-based method and every metric forward): a progress count *within* an image, whose
+    methods and metrics may need thousands of forwards."""
+    return _masked_inputs
+
+
 def batched_probs(model: nn.Module, targets: Tensor, inputs: Callable[[slice], Tensor], n: int,
                   batch_size: int, precision: Precision = "fp32") -> Tensor:
     """``f_{targets[j]}(inputs(j))`` for ``j < n``: inputs built and run ``batch_size`` at a time.
@@ -178,9 +188,11 @@ def batched_probs(model: nn.Module, targets: Tensor, inputs: Callable[[slice], T
     Returns:
         ``n`` softmax probabilities on the targets' device, without any host synchronization.
     """
+    global _masked_inputs
     out: Tensor | None = None
     for sl in chunks(n, batch_size):
         x = inputs(sl)
+        _masked_inputs += x.shape[0]
         with torch.inference_mode(), autocast(x.device, precision):
             logits = model(x)
         if out is None:

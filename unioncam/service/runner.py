@@ -46,16 +46,21 @@ class WorkerStartError(RuntimeError):
 
 @ray.remote(num_cpus=0)
 class _Progress:
-    """Images done per shard in this run (set, not added, so a redone shard is not counted twice)."""
+    """Images done per shard in this run (set, not added, so a redone shard is not counted twice),
+    and masked forwards per worker process (within-image progress)."""
 
     def __init__(self) -> None:
         self.done: dict[str, int] = {}
+        self.forwards: dict[int, int] = {}
 
     def update(self, shard: str, n: int) -> None:
         self.done[shard] = n
 
-    def total(self) -> int:
-        return sum(self.done.values())
+    def update_forwards(self, worker: int, n: int) -> None:
+        self.forwards[worker] = n
+
+    def total(self) -> tuple[int, int]:
+        return sum(self.done.values()), sum(self.forwards.values())
 
 
 def log(message: str) -> None:
@@ -69,27 +74,45 @@ def _fmt_seconds(s: float) -> str:
 
 
 class ProgressLine:
-    """Driver-side progress over images and shards: ``done/total images, img/s, ETA``."""
+    """Driver-side progress over images and shards: ``done/total images, masked forwards, img/s, ETA``.
+
+    A line is printed when something changed (images, shards, failures or the workers' masked
+    forwards, which move within a long image) and at least ``interval`` seconds after the last one,
+    or unchanged every ``6 × interval`` seconds as a heartbeat; a finished shard always prints. The
+    rate is an exponential moving average of the rate between lines (weight :data:`ALPHA` on the
+    newest), so the ETA does not jump with each image.
+    """
+
+    ALPHA = 0.3
 
     def __init__(self, total_images: int, total_shards: int, already: int, already_shards: int,
                  interval: float) -> None:
         self.total, self.shards, self.already, self.interval = total_images, total_shards, already, interval
         self.already_shards = already_shards
-        self.start = time.monotonic()
-        self.last = 0.0
+        self.start = self.last = self.last_sample = time.monotonic()
+        self.shown: tuple[int, ...] = ()
+        self.rate: float | None = None  # images/s, smoothed
+        self.sampled = 0
 
-    def show(self, done_now: int, shards_done: int, failed: int, force: bool = False) -> None:
+    def show(self, done_now: int, shards_done: int, failed: int, force: bool = False, forwards: int = 0) -> None:
         now = time.monotonic()
-        if not force and now - self.last < self.interval:
+        state = (done_now, shards_done, failed, forwards)
+        quiet = now - self.last < self.interval
+        if not force and (quiet or (state == self.shown and now - self.last < 6 * self.interval)):
             return
-        self.last = now
+        if done_now != self.sampled:  # a new rate sample: images since the last sample, over its time
+            rate = (done_now - self.sampled) / max(now - self.last_sample, 1e-9)
+            self.rate = rate if self.rate is None else self.ALPHA * rate + (1 - self.ALPHA) * self.rate
+            self.sampled, self.last_sample = done_now, now
+        self.last, self.shown = now, state
         done = self.already + done_now
-        rate = done_now / max(now - self.start, 1e-9)
-        eta = _fmt_seconds((self.total - done) / rate) if rate > 0 and done < self.total else "-"
+        eta = _fmt_seconds((self.total - done) / self.rate) if self.rate and done < self.total else "-"
         pct = 100.0 * done / self.total if self.total else 100.0
+        rate = self.rate or 0.0
         speed = f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
-        log(f"{done}/{self.total} images ({pct:.0f}%) | {self.already_shards + shards_done}/{self.shards} shards"
-            f"{f' | {failed} failed' if failed else ''} | {speed} | ETA {eta}")
+        inner = f" | {forwards} masked forwards" if forwards else ""
+        log(f"{done}/{self.total} images ({pct:.0f}%){inner} | {self.already_shards + shards_done}/{self.shards} "
+            f"shards{f' | {failed} failed' if failed else ''} | {speed} | ETA {eta}")
 
 
 def shard_counts(paths: list[str]) -> dict[str, int | None]:
@@ -612,7 +635,8 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                 if actors[i] is actor:
                     submit(i)
             give_up_slow_starters()
-            line.show(ray.get(progress.total.remote()), tally["done"], tally["failed"], force=bool(ready))
+            images, forwards = ray.get(progress.total.remote())
+            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards)
             lock.heartbeat()
         for path in pending:  # every worker is gone: these shards stay for a rerun
             manifest.record(shard_name(path), status="failed", path=storage.redact(path),

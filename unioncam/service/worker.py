@@ -39,7 +39,7 @@ from unioncam import storage
 from unioncam.data.shards import iter_samples, prefetched, shard_name
 from unioncam.data.voc import VOC_CLASSES
 from unioncam.methods import CAM, get_method
-from unioncam.methods.base import default_batch_size, gpu_plan, predict
+from unioncam.methods.base import default_batch_size, gpu_plan, masked_inputs, predict
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, normalize, resolve_precision
@@ -56,6 +56,7 @@ from unioncam.service.results import (
 
 Row = dict[str, Any]
 MARKER_INTERVAL = 5.0  # seconds between updates of running/<shard>.json
+FORWARDS_INTERVAL = 2.0  # seconds between reports of a worker's masked-forward count
 
 
 def _error_text(exc: BaseException) -> str:
@@ -366,6 +367,17 @@ class ShardWorker:
         self.progress = ray.get_actor(progress) if progress else None  # a name: handles in args break restarts
         self.out = cfg.out or "."
         self.computing = threading.Lock()
+        if self.progress is not None:  # within-image progress: this process's masked forwards, every few s
+            threading.Thread(target=self._report_forwards, name="unioncam-forwards", daemon=True).start()
+
+    def _report_forwards(self) -> None:
+        sent = -1
+        while True:
+            n = masked_inputs()
+            if n != sent and self.progress is not None:
+                self.progress.update_forwards.remote(os.getpid(), n)
+                sent = n
+            time.sleep(FORWARDS_INTERVAL)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: pid, host, Ray node, GPU ids, torch device, threads."""

@@ -1,0 +1,66 @@
+"""Progress on long work: a line when something changed (images, shards, the workers' masked
+forwards within an image), a heartbeat otherwise, and an ETA from a smoothed rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unioncam.methods.base import masked_inputs
+from unioncam.service import runner
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(runner.time, "monotonic", c)
+    return c
+
+
+def lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("[unioncam]")]
+
+
+def test_a_line_only_when_something_changed_or_as_a_heartbeat(clock, capsys):
+    line = runner.ProgressLine(total_images=8, total_shards=2, already=0, already_shards=0, interval=10)
+    for _ in range(60):  # the first image runs for 5 minutes: no new image, forwards moving
+        clock.now += 5
+        line.show(0, 0, 0, forwards=0)
+    assert len(lines(capsys)) == 60 * 5 // 60  # nothing changed: a heartbeat every 6 × 10 s
+    for i in range(60):
+        clock.now += 5
+        line.show(0, 0, 0, forwards=100 * (i + 1))
+    shown = lines(capsys)
+    assert len(shown) == 30 and "masked forwards" in shown[-1]  # changes, at most every 10 s
+    clock.now += 1
+    line.show(1, 0, 0, force=True, forwards=7000)  # a finished shard always prints
+    assert "1/8 images (12%) | 7000 masked forwards | 0/2 shards" in lines(capsys)[-1]
+
+
+def test_the_eta_comes_from_a_smoothed_rate(clock, capsys):
+    line = runner.ProgressLine(total_images=100, total_shards=1, already=0, already_shards=0, interval=1)
+    clock.now += 10
+    line.show(10, 0, 0)  # 1 img/s
+    assert "1.00 img/s | ETA 1m30s" in lines(capsys)[-1]
+    clock.now += 1
+    line.show(20, 0, 0)  # a burst of 10 img/s moves the estimate by ALPHA only: 0.3 × 10 + 0.7 × 1 = 3.7
+    assert "3.70 img/s" in lines(capsys)[-1]
+    assert line.rate == pytest.approx(runner.ProgressLine.ALPHA * 10 + (1 - runner.ProgressLine.ALPHA) * 1)
+
+
+def test_masked_forwards_are_counted_within_an_image():
+    import unioncam
+
+    loaded = unioncam.load("tiny_cnn")
+    before = masked_inputs()
+    torch.manual_seed(0)
+    unioncam.explain(loaded, torch.rand(1, 3, 64, 64), "scorecam", batch_size=4, skip_constant=False)
+    assert masked_inputs() - before == 16  # one masked input per channel of features.4
