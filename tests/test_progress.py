@@ -64,3 +64,10 @@ def test_masked_forwards_are_counted_within_an_image():
     torch.manual_seed(0)
     unioncam.explain(loaded, torch.rand(1, 3, 64, 64), "scorecam", batch_size=4, skip_constant=False)
     assert masked_inputs() - before == 16  # one masked input per channel of features.4
+
+
+def test_a_shard_whose_count_is_unknown_never_shows_more_done_than_total(clock, capsys):
+    line = runner.ProgressLine(total_images=0, total_shards=1, already=0, already_shards=0, interval=1)
+    clock.now += 2
+    line.show(1, 1, 0, force=True)  # a non-tar shard: counted 0, its one error record is "done"
+    assert "1/1 images (100%)" in lines(capsys)[-1]

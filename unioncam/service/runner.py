@@ -106,12 +106,13 @@ class ProgressLine:
             self.sampled, self.last_sample = done_now, now
         self.last, self.shown = now, state
         done = self.already + done_now
-        eta = _fmt_seconds((self.total - done) / self.rate) if self.rate and done < self.total else "-"
-        pct = 100.0 * done / self.total if self.total else 100.0
+        total = max(self.total, done)  # a shard its count could not read (not a tar) still yields records
+        eta = _fmt_seconds((total - done) / self.rate) if self.rate and done < total else "-"
+        pct = 100.0 * done / total if total else 100.0
         rate = self.rate or 0.0
         speed = f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
         inner = f" | {forwards} masked forwards" if forwards else ""
-        log(f"{done}/{self.total} images ({pct:.0f}%){inner} | {self.already_shards + shards_done}/{self.shards} "
+        log(f"{done}/{total} images ({pct:.0f}%){inner} | {self.already_shards + shards_done}/{self.shards} "
             f"shards{f' | {failed} failed' if failed else ''} | {speed} | ETA {eta}")
 
 
