@@ -117,3 +117,24 @@ def test_a_torch_dataset_over_a_run(run_dir):
     assert item["label"] == rows.loc[(item["key"], "gradcam"), "label"]
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_maps_are_streamed_in_row_groups_and_read_back_whole(tmp_path):
+    from unioncam.service.results import MAPS_ROW_GROUP, MapsWriter, maps_schema, with_provenance
+
+    rng = np.random.default_rng(0)
+    n = 2 * MAPS_ROW_GROUP + 7
+    maps = rng.random((n, 8, 6)).astype(np.float16)
+    schema = with_provenance(maps_schema((8, 6)), {"run_id": "r", "map_shape": [8, 6], "map_dtype": "float16"})
+    writer = MapsWriter(schema)
+    for i in range(n):
+        writer.append({"key": f"k{i:04d}", "method": "gradcam", "rank": 1, "map": maps[i]})
+        assert len(writer.pending) < MAPS_ROW_GROUP  # never more than one row group held
+    (tmp_path / "maps").mkdir()
+    writer.commit(str(tmp_path / "maps" / "s.parquet"))
+    assert pq.ParquetFile(tmp_path / "maps" / "s.parquet").num_row_groups == 3
+    keys, _, back = read_saliency(tmp_path)
+    assert keys == [f"k{i:04d}" for i in range(n)]
+    np.testing.assert_array_equal(back, maps.astype(np.float32))
+    few = read_saliency(tmp_path, keys=["k0003", "k0600"])
+    np.testing.assert_array_equal(few[2], maps[[3, 600]].astype(np.float32))

@@ -358,12 +358,19 @@ def write_bytes(location: str, data: bytes) -> None:
     if not is_uri(location):
         retrying(f"cannot write {location}", lambda: _write_local(local_path(location), data), retries=0)
         return
+    _upload(location, lambda: iter((data,)))
+
+
+def _upload(location: str, chunks: Callable[[], Iterator[bytes]]) -> None:
+    """Upload ``chunks()`` (called again on each retry) as the object ``location``: pyarrow sends one
+    PUT, or a multipart upload for large objects, which the store makes visible only once complete."""
     r = _remote(location)
 
     def put() -> None:
         stream = r.fs.open_output_stream(r.path)  # type: ignore[attr-defined]
         try:
-            stream.write(data)  # one write of the whole object, then close: one PUT (or one completed upload)
+            for chunk in chunks():
+                stream.write(chunk)
             stream.close()
         except OSError:
             # pyarrow has no abort: if closing completed a partial upload, remove it (resume would
@@ -430,8 +437,12 @@ def put_file(local: str, location: str) -> None:
             os.unlink(local)
         _fsync_dir(os.path.dirname(os.path.abspath(dest)))
         return
-    with open(local, "rb") as handle:
-        write_bytes(location, handle.read())
+    def chunks() -> Iterator[bytes]:  # streamed: a large file is never held in memory whole
+        with open(local, "rb") as handle:
+            while block := handle.read(READ_BUFFER):
+                yield block
+
+    _upload(location, chunks)
     os.unlink(local)
 
 

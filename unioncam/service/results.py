@@ -248,6 +248,52 @@ def run_files(run_dir: str, folder: str) -> list[str]:
             if shards[name]["status"] == "done" and (folder != "maps" or shards[name].get("maps", 0) > 0)]
 
 
+class MapsWriter:
+    """Maps rows streamed to a local temporary Parquet file, :data:`MAPS_ROW_GROUP` per row group, so a
+    worker holds one row group of maps, not a shard's (1,000 images × 7 maps × 224² × 2 B ≈ 700 MB).
+    :meth:`commit` moves the finished file into place (:func:`unioncam.storage.put_file`: a rename,
+    or one upload); :meth:`discard` removes it."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        import tempfile
+
+        self.schema = schema
+        fd, self.path = tempfile.mkstemp(prefix="unioncam-maps-", suffix=".parquet")
+        os.close(fd)
+        self.writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, schema)
+        self.pending: list[dict[str, Any]] = []
+        self.count = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.pending.append(row)
+        self.count += 1
+        if len(self.pending) >= MAPS_ROW_GROUP:
+            self._flush()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _flush(self) -> None:
+        if self.pending and self.writer is not None:
+            self.writer.write_table(maps_table(self.pending, self.schema), row_group_size=MAPS_ROW_GROUP)
+            self.pending = []
+
+    def commit(self, location: str) -> None:
+        """Finish the file and put it at ``location`` (all or nothing)."""
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        storage.put_file(self.path, location)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
 def read_metrics(run_dir: str | os.PathLike[str]) -> pa.Table:
     """Every metrics row of a run (all its done shards, :func:`run_files`; ``run_dir`` a folder or a
     URI), as one Arrow table."""

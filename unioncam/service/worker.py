@@ -46,10 +46,9 @@ from unioncam.ops import autocast, normalize, resolve_precision
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.results import (
     MAP_DTYPE,
-    MAPS_ROW_GROUP,
     METRICS_SCHEMA,
+    MapsWriter,
     maps_schema,
-    maps_table,
     with_provenance,
     write_parquet,
 )
@@ -134,8 +133,20 @@ class ShardEvaluator:
         start = time.perf_counter()
         name = shard_name(shard)
         source = storage.fingerprint(storage.absolute(shard))  # before reading: what these rows were computed from
+        prov = {**self.provenance, "shard_path": source["uri"], "source": source}
         rows: list[Row] = []
-        maps: list[Row] = []
+        maps = MapsWriter(with_provenance(maps_schema(self.size), {**prov, "map_shape": list(self.size),
+                                                                   "map_dtype": MAP_DTYPE}))
+        try:
+            seen = self._compute(shard, name, limit, on_progress, expected, rows, maps)
+        except BaseException:
+            maps.discard()
+            raise
+        return {"name": name, "shard": shard, "rows": rows, "maps": maps, "images": seen, "start": start,
+                "source": source, "provenance": prov}
+
+    def _compute(self, shard: str, name: str, limit: int | None, on_progress: Callable[[int], None] | None,
+                 expected: int | None, rows: list[Row], maps: MapsWriter) -> int:
         batch: list[dict[str, Any]] = []
         seen = 0
         for record in prefetched(iter_samples(shard, self.size), depth=2 * self.images_per_batch):
@@ -162,21 +173,19 @@ class ShardEvaluator:
             on_progress(seen)
         for row in rows:
             row["shard"] = name
-        return {"name": name, "shard": shard, "rows": rows, "maps": maps, "images": seen, "start": start,
-                "source": source}
+        return seen
 
     def write(self, computed: dict[str, Any], out: str) -> dict[str, Any]:
         """Write what :meth:`compute` returned as ``out/metrics/<name>.parquet`` (and the maps file);
         returns the counts. Separate from computing so a worker can write one shard while the GPU
         computes the next (:class:`ShardWorker`)."""
-        name, rows, maps, seen, start, source = (computed[k] for k in ("name", "rows", "maps", "images", "start",
-                                                                       "source"))
-        prov = {**self.provenance, "shard_path": source["uri"], "source": source}
-        if self.cfg.save_maps:
-            meta = {**prov, "map_shape": list(self.size), "map_dtype": MAP_DTYPE}
-            schema = with_provenance(maps_schema(self.size), meta)
-            write_parquet(maps_table(maps, schema), schema, storage.join(out, "maps", f"{name}.parquet"),
-                          row_group_size=MAPS_ROW_GROUP)
+        name, rows, maps, seen, start, source, prov = (
+            computed[k] for k in ("name", "rows", "maps", "images", "start", "source", "provenance"))
+        try:
+            if self.cfg.save_maps:
+                maps.commit(storage.join(out, "maps", f"{name}.parquet"))
+        finally:
+            maps.discard()
         write_parquet(rows, with_provenance(METRICS_SCHEMA, prov), storage.join(out, "metrics", f"{name}.parquet"))
         return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0, "source": source,
                 "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start,
@@ -191,7 +200,7 @@ class ShardEvaluator:
         row.update(values)
         return row
 
-    def _evaluate_batch(self, batch: list[dict[str, Any]], rows: list[Row], maps: list[Row]) -> None:
+    def _evaluate_batch(self, batch: list[dict[str, Any]], rows: list[Row], maps: MapsWriter) -> None:
         if self.cfg.target == "label":  # explain the labels in range; the others get error rows
             n_classes = len(self.loaded.class_names)
             for s in batch:
