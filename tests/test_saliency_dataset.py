@@ -136,5 +136,5 @@ def test_maps_are_streamed_in_row_groups_and_read_back_whole(tmp_path):
     keys, _, back = read_saliency(tmp_path)
     assert keys == [f"k{i:04d}" for i in range(n)]
     np.testing.assert_array_equal(back, maps.astype(np.float32))
-    few = read_saliency(tmp_path, keys=["k0003", "k0600"])
-    np.testing.assert_array_equal(few[2], maps[[3, 600]].astype(np.float32))
+    few = read_saliency(tmp_path, keys=["k0003", "k0518"])
+    np.testing.assert_array_equal(few[2], maps[[3, 518]].astype(np.float32))

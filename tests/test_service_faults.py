@@ -163,7 +163,7 @@ def test_a_worker_that_cannot_start_fails_in_one_line_and_leaves_the_run_open(cl
     with pytest.raises(WorkerStartError) as failed:
         run(cfg.resolved())
     assert time.monotonic() - started < 120  # not the 600 s start timeout
-    message = str(failed.value); open("/tmp/dbg_msg.txt", "w").write(repr(message))
+    message = str(failed.value)
     assert message.startswith("a worker could not start: ")
     assert "\n" not in message, message
     assert "cannot read weights file" in message and "corrupt.pth" in message, message
@@ -179,6 +179,32 @@ def test_a_worker_that_cannot_start_fails_in_one_line_and_leaves_the_run_open(cl
     assert again["config"]["weights_sha256"] is None
     assert again["counts"] == {"shards_done": 2, "shards_failed": 0, "images": 4, "error_rows": 0}
     assert len(read_metrics(out)) == 4 and markers(out) == []
+
+
+def test_a_worker_start_error_is_the_root_cause_without_rays_traceback(tmp_path):
+    """The exception Ray raises in the driver when ``ShardWorker.__init__`` fails, built as Ray builds it
+    (a RayTaskError of the creation task inside an ActorDiedError): the reason shown is the worker's
+    own error, not Ray's colored header and the traceback's ``File ...`` lines and ``^^^`` carets."""
+    exceptions = pytest.importorskip("ray.exceptions")
+    import traceback
+
+    from unioncam.models import WeightsError
+    from unioncam.models.base import read_state_dict
+    from unioncam.service.runner import _reason
+
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a weights file, only bytes " * 64)
+    try:
+        read_state_dict(bad)
+    except WeightsError as exc:
+        cause, tb = exc, traceback.format_exc()
+    task = exceptions.RayTaskError("ShardWorker.__init__", tb, cause, proctitle="ray::ShardWorker.__init__",
+                                   pid=1234, ip="127.0.0.1", actor_repr="<ShardWorker>", actor_id="ab12")
+    died = exceptions.ActorDiedError(task)
+    assert died.actor_init_failed and "cannot read weights file" in str(died)
+    reason = _reason(died)
+    assert "\x1b[" not in reason and 'File "' not in reason and "^^^" not in reason, reason
+    assert reason.startswith(f"WeightsError: cannot read weights file {bad} (corrupt or not a state dict)"), reason
 
 
 # -- 15.17: progress of shards that failed ----------------------------------------------------------

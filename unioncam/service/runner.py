@@ -659,9 +659,20 @@ def _free() -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    """The root cause of a Ray error, on one line."""
+    """The root cause of a Ray error, on one line: its ``cause`` when Ray kept one, else the last
+    ``SomeError: message`` line of the traceback text Ray baked into the message (an actor whose
+    creation task failed), without Ray's colour codes and frames."""
     cause = getattr(exc, "cause", None)
-    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(exc)
+    if isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
+        text = " ".join(lines)
+        for i in range(len(lines) - 1, -1, -1):
+            found = re.match(r"^(?:\w+\.)*(\w+(?:Error|Exception|Exit)): ?(.*)$", lines[i].strip())
+            if found:
+                text = " ".join([f"{found.group(1)}: {found.group(2)}", *lines[i + 1:]])
+                break
     return re.sub(r"\s+", " ", text).strip()
 
 
