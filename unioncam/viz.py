@@ -180,9 +180,9 @@ def grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels: list
         box = measure.multiline_textbbox((0, 0), text, spacing=2) if text else (0, 0, 0, 0)
         return int(box[2] - box[0]), int(box[3] - box[1])
 
-    col_w = [max(row[j].width for row in cells) for j in range(len(col_labels))]
+    col_w = [max(row[j].width for row in cells) + 4 for j in range(len(col_labels))]  # 4 px between images
     col_w = [max(w, size_of(label)[0] + 8) for w, label in zip(col_w, col_labels, strict=True)]
-    row_h = [max(max(c.height for c in row), size_of(label)[1] + 8)
+    row_h = [max(max(c.height for c in row) + 4, size_of(label)[1] + 8)
              for row, label in zip(cells, row_labels, strict=True)]
     left = max([110, *(size_of(label)[0] + 12 for label in row_labels)])
     top = max([18, *(size_of(label)[1] + 8 for label in col_labels)])

@@ -1,16 +1,27 @@
-"""The run report: ``report/summary.csv``, ``per_class.csv``, ``report.md``, ``report.html`` and plots.
+"""The run report: ``report/summary.csv``, ``per_class.csv``, ``per_predicted.csv``, ``ams.csv``,
+``ams_beta.csv``, ``report.md``, ``report.html`` (self-contained: its figures are embedded) and plots.
 
 Everything is recomputed from the Parquet rows (REFERENCE.md stores ``Y`` and ``O`` per image and
 method): per-image drop ``100·max(0, Y−O)/Y`` and increase ``100·1[Y<O]``; Average Drop / Increase
 are their means with a seeded 95% percentile bootstrap CI (:func:`unioncam.metrics.summarize`).
 Error rows are counted, never averaged.
+
+The tables show one format per column (:data:`COLUMN_FORMATS`): percentages with 2 decimals, AUCs
+and EPG with 3, seconds with 3 significant digits, β's with 4. ``per_class.csv`` groups by the
+dataset label (``label_name``), ``per_predicted.csv`` by the class the maps explain (``target_name``,
+the predicted class); ``ams.csv`` counts UnionCAM's AMS branch per run and class, ``ams_beta.csv``
+gives the β's quantiles.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import io
+import math
 import os
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +35,8 @@ CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 
 table.t{border-collapse:collapse;margin:1em 0;font-size:14px}
 table.t th,table.t td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
 table.t th{background:#f3f3f3}table.t td:first-child,table.t th:first-child{text-align:left}
-img{max-width:100%;margin:0.5em 0}"""
+img{max-width:100%;margin:0.5em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#555}
+ul.notes{font-size:14px;color:#333}"""
 
 SUMMARY_COLUMNS = ["method", "n", "errors", "average_drop", "ad_ci_low", "ad_ci_high", "average_increase",
                    "ai_ci_low", "ai_ci_high", "insertion_auc", "deletion_auc", "epg", "n_epg", "seconds_per_image"]
@@ -65,13 +77,83 @@ def summary_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.Data
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method and labelled class: n, Average Drop and Increase with 95% CIs."""
+class OverlayKeyError(ValueError):
+    """``overlay_keys`` names images the run cannot draw (the message lists a few valid keys)."""
+
+
+# -- number formats: one per column ------------------------------------------------------------
+def _missing(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt_int(v: Any) -> str:
+    """A count: ``5``."""
+    return "–" if _missing(v) else f"{int(v)}"
+
+
+def fmt_pct(v: Any) -> str:
+    """A percentage (Average Drop, Increase, their CIs, shares): 2 decimals, ``10.40``."""
+    return "–" if _missing(v) else f"{float(v):.2f}"
+
+
+def fmt_auc(v: Any) -> str:
+    """An AUC or an EPG value in [0, 1]: 3 decimals, ``0.000``."""
+    return "–" if _missing(v) else f"{float(v):.3f}"
+
+
+def fmt_sig3(v: Any) -> str:
+    """Seconds: 3 significant digits, never an exponent (``0.0283``, ``1.25``, ``10.4``, ``1230``)."""
+    if _missing(v):
+        return "–"
+    r = float(f"{float(v):.2e}")  # rounded to 3 significant digits first (9.996 → 10.0, not 10.00)
+    if r == 0:
+        return "0.00"
+    return f"{r:.{max(0, 2 - math.floor(math.log10(abs(r))))}f}"
+
+
+def fmt_beta(v: Any) -> str:
+    """A β (a difference of probabilities, in [−1, 1]): 4 decimals, ``0.0123``."""
+    return "–" if _missing(v) else f"{float(v):.4f}"
+
+
+def fmt_text(v: Any) -> str:
+    return "–" if _missing(v) else str(v)
+
+
+#: The display format of each column of the CSVs (the md and html tables show these).
+COLUMN_FORMATS: dict[str, Callable[[Any], str]] = {
+    **dict.fromkeys(("n", "errors", "n_epg", "dereg", "region"), fmt_int),
+    **dict.fromkeys(("average_drop", "ad_ci_low", "ad_ci_high", "average_increase", "ai_ci_low", "ai_ci_high",
+                     "dereg_pct", "region_pct"), fmt_pct),
+    **dict.fromkeys(("insertion_auc", "deletion_auc", "epg"), fmt_auc),
+    "seconds_per_image": fmt_sig3,
+    **dict.fromkeys(("mean", "min", "q05", "q25", "median", "q75", "q95", "max"), fmt_beta),
+}
+FORMATS_NOTE = ("Formats: percentages (Average Drop, Average Increase, their CIs, shares) with 2 decimals; "
+                "insertion/deletion AUC and EPG with 3; s/image with 3 significant digits; β with 4.")
+
+
+def _formatted(frame: pd.DataFrame, formats: dict[str, Callable[[Any], str]] | None = None) -> pd.DataFrame:
+    """``frame`` as text, each column in its format (:data:`COLUMN_FORMATS` unless ``formats`` names it)."""
+    formats = {**COLUMN_FORMATS, **(formats or {})}
+    return pd.DataFrame({c: [formats.get(str(c), fmt_text)(v) for v in frame[c]] for c in frame.columns},
+                        columns=frame.columns)
+
+
+# -- tables ------------------------------------------------------------------------------------
+def per_class_table(df: pd.DataFrame, by: str = "label_name") -> pd.DataFrame:
+    """Per method and class: n, Average Drop and Increase with 95% CIs. ``by``: ``label_name`` (the
+    dataset label, ``per_class.csv``) or ``target_name`` (the class the maps explain, ``per_predicted.csv``)."""
     rows = []
-    ok = df[df["error"].isna() & df["drop"].notna() & df["label_name"].notna()]
+    ok = df[df["error"].isna() & df["drop"].notna() & df[by].notna()]
     for method, part in ok.groupby("method", sort=False):
-        drops = summarize(part["drop"].to_numpy(), part["label_name"].tolist())[1:]
-        incs = summarize(part["increase"].to_numpy(), part["label_name"].tolist())[1:]
+        drops = summarize(part["drop"].to_numpy(), part[by].tolist())[1:]
+        incs = summarize(part["increase"].to_numpy(), part[by].tolist())[1:]
         for d, i in zip(drops, incs, strict=True):
             rows.append({"method": method, "class": d.group, "n": d.n, "average_drop": d.mean, "ad_ci_low": d.ci_low,
                          "ad_ci_high": d.ci_high, "average_increase": i.mean, "ai_ci_low": i.ci_low,
@@ -90,19 +172,137 @@ def _class_pivot(per_class: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return table[["class", "n", *present]]
 
 
+AMS_COLUMNS = ["by", "class", "n", "dereg", "region", "dereg_pct", "region_pct"]
+BETA_COLUMNS = ["beta", "n", "mean", "min", "q05", "q25", "median", "q75", "q95", "max"]
+
+
+def _ams_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """UnionCAM's error-free rows with an AMS decision (``selected`` is ``dereg`` or ``region``)."""
+    return df[(df["method"] == "unioncam") & df["error"].isna() & df["selected"].isin(["dereg", "region"])]
+
+
+def ams_table(df: pd.DataFrame, predicted: bool = True) -> pd.DataFrame:
+    """UnionCAM's AMS branch counts: ``by`` = ``run`` (class ``all``), ``label`` (per dataset label)
+    and, when ``predicted``, ``predicted`` (per explained class): n, dereg, region and their shares (%)."""
+    u = _ams_rows(df)
+    groups: list[tuple[str, str, pd.DataFrame]] = [("run", "all", u)] if len(u) else []
+    for by, col in (("label", "label_name"), ("predicted", "target_name"))[:2 if predicted else 1]:
+        groups += [(by, str(c), part) for c, part in sorted(u[u[col].notna()].groupby(col), key=lambda g: str(g[0]))]
+    rows = []
+    for by, cls, part in groups:
+        n, dereg = len(part), int((part["selected"] == "dereg").sum())
+        rows.append({"by": by, "class": cls, "n": n, "dereg": dereg, "region": n - dereg,
+                     "dereg_pct": 100.0 * dereg / n, "region_pct": 100.0 * (n - dereg) / n})
+    return pd.DataFrame(rows, columns=AMS_COLUMNS)
+
+
+def beta_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The distribution of UnionCAM's β's (``beta_den``, ``beta_reg``, ``beta_dereg``) and of the AMS
+    margin ``beta_dereg − beta_reg`` (AMS picks L_Dereg when it is > 0): n, mean, min, quantiles, max."""
+    u = df[(df["method"] == "unioncam") & df["error"].isna()]
+    series = {c: u[c].astype(float) for c in ("beta_den", "beta_reg", "beta_dereg")}
+    series["beta_dereg_minus_reg"] = series["beta_dereg"] - series["beta_reg"]
+    rows = []
+    for name, values in series.items():
+        v = values.dropna().to_numpy()
+        if len(v):
+            q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+            rows.append({"beta": name, "n": len(v), "mean": float(v.mean()), "min": float(v.min()), "q05": q[0],
+                         "q25": q[1], "median": q[2], "q75": q[3], "q95": q[4], "max": float(v.max())})
+    return pd.DataFrame(rows, columns=BETA_COLUMNS)
+
+
+def identical_methods(df: pd.DataFrame, a: str = "gradcam", b: str = "xgradcam", rtol: float = 1e-5,
+                      atol: float = 1e-6) -> int:
+    """How many images ``a`` and ``b`` were compared on when their rows agree on every one (``O``,
+    insertion/deletion AUC and EPG where recorded, within ``rtol``/``atol``); 0 when they differ on
+    any image, or have no error-free image or value in common."""
+    cols = ["key", "rank", "y", "o", "insertion_auc", "deletion_auc", "epg"]
+    ok = df[df["error"].isna()]
+    left, right = ok[ok["method"] == a][cols], ok[ok["method"] == b][cols]
+    both = left.merge(right, on=["key", "rank"], suffixes=("_a", "_b"))
+    if both.empty:
+        return 0
+    compared = False
+    for col in ("y", "o", "insertion_auc", "deletion_auc", "epg"):
+        x, y = both[f"{col}_a"].astype(float).to_numpy(), both[f"{col}_b"].astype(float).to_numpy()
+        if np.isnan(x).all() and np.isnan(y).all():
+            continue
+        if not np.array_equal(np.isnan(x), np.isnan(y)) or not np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True):
+            return 0
+        compared = compared or col != "y"  # Y is the same for every method (one image, one target)
+    return int(both["key"].nunique()) if compared else 0
+
+
+def _epg_note(df: pd.DataFrame, requested: bool | None, dataset: Any) -> str:
+    """Why EPG is empty or partial (empty text when every image has it, or it was not requested)."""
+    ok = df[df["error"].isna()]
+    images, with_boxes = ok["key"].nunique(), ok.loc[ok["epg"].notna(), "key"].nunique()
+    if requested is False or not images:
+        return ""
+    if with_boxes == 0:
+        why = {"imagenet": "ImageNet shards have boxes only when converted with --boxes",
+               "voc": "VOC shards carry the boxes of each image's labelled objects; these samples have none"}.get(
+            str(dataset), "their samples' .json has no \"boxes\"")
+        if requested is None:
+            return f"EPG: no values: no boxes in these shards ({why}), or epg was not requested."
+        return f"EPG: no boxes in these shards ({why})."
+    if with_boxes < images:
+        return (f"EPG: over the {with_boxes} of {images} images that have boxes (n_epg in summary.csv); "
+                "the others have none.")
+    return ""
+
+
+def _table1(summary: pd.DataFrame, requested: set[str] | None = None, no_boxes: bool = False,
+            marks: dict[str, str] | None = None) -> pd.DataFrame:
+    """The paper's Table 1 layout: AD and AI with CIs, then the other metrics, as text in each
+    column's format (:data:`COLUMN_FORMATS`). An empty cell says why when the run knows: ``not
+    requested`` (a metric left out of ``--metrics``), ``no boxes`` (EPG without boxes); ``marks``
+    adds a footnote mark to a method's s/image."""
+    def why(metric: str) -> str:
+        if requested is not None and metric not in requested:
+            return "not requested"
+        return "no boxes" if metric == "epg" and no_boxes else "–"
+
+    def ci(m: float, lo: float, hi: float, metric: str) -> str:
+        return why(metric) if _missing(m) else f"{fmt_pct(m)} [{fmt_pct(lo)}, {fmt_pct(hi)}]"
+
+    def one(col: str, metric: str) -> list[str]:
+        return [why(metric) if _missing(v) else COLUMN_FORMATS[col](v) for v in summary[col]]
+
+    marks = marks or {}
+    seconds = [f"{fmt_sig3(v)} {marks[m]}" if m in marks else fmt_sig3(v)
+               for m, v in zip(summary["method"], summary["seconds_per_image"], strict=True)]
+    return pd.DataFrame({
+        "Method": summary["method"].astype(str), "n": summary["n"].map(fmt_int),
+        "errors": summary["errors"].map(fmt_int),
+        "Average Drop % ↓ [95% CI]": [ci(m, lo, hi, "ad") for m, lo, hi in
+                                      summary[["average_drop", "ad_ci_low", "ad_ci_high"]].to_numpy()],
+        "Average Increase % ↑ [95% CI]": [ci(m, lo, hi, "ai") for m, lo, hi in
+                                          summary[["average_increase", "ai_ci_low", "ai_ci_high"]].to_numpy()],
+        "Insertion ↑": one("insertion_auc", "insdel"), "Deletion ↓": one("deletion_auc", "insdel"),
+        "EPG ↑": one("epg", "epg"), "s/image": seconds})
+
+
+# -- figures -------------------------------------------------------------------------------------
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
 
 
-def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: str) -> list[str]:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
+    return plt
+
+
+def _plots(df: pd.DataFrame, summary: pd.DataFrame) -> dict[str, bytes]:
+    plt = _pyplot()
+    figures: dict[str, bytes] = {}
     methods = summary["method"].tolist()
     if summary["average_drop"].notna().any():
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -115,9 +315,8 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: str) -> list[str]:
             ax.set_title(f"{title}, 95% bootstrap CI")
             ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
-        storage.write_bytes(storage.join(out, "ad_ai.png"), _png(fig))
+        figures["ad_ai.png"] = _png(fig)
         plt.close(fig)
-        names.append("ad_ai.png")
     ok = df[df["error"].isna()]
     panels = [(c, t) for c, t in (("drop", "per-image drop (%)"), ("insertion_auc", "insertion AUC ↑"),
                                   ("deletion_auc", "deletion AUC ↓"), ("epg", "energy pointing game ↑"))
@@ -130,65 +329,154 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, out: str) -> list[str]:
             ax.set_title(title)
             ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
-        storage.write_bytes(storage.join(out, "distributions.png"), _png(fig))
+        figures["distributions.png"] = _png(fig)
         plt.close(fig)
-        names.append("distributions.png")
-    return names
+    return figures
 
 
-def _overlay_grid(run_dir: str, df: pd.DataFrame, methods: list[str], shards: dict[str, str | None], count: int,
-                  out: str) -> str | None:
-    """A grid of the first ``count`` error-free images × all methods, if maps and shards
-    (``shards``: shard name → tar path) are present."""
-    from unioncam.data.shards import iter_samples
-    from unioncam.viz import grid, overlay
-
-    if count == 0 or not run_files(run_dir, "maps"):
+def _ams_plot(df: pd.DataFrame) -> bytes | None:
+    """β histograms, and β_reg vs β_dereg per image with the AMS boundary β_dereg = β_reg."""
+    u = df[(df["method"] == "unioncam") & df["error"].isna()]
+    betas = {c: u[c].astype(float).dropna().to_numpy() for c in ("beta_den", "beta_reg", "beta_dereg")}
+    if not any(len(v) for v in betas.values()):
         return None
+    plt = _pyplot()
+    fig, (hist, scatter) = plt.subplots(1, 2, figsize=(11, 3.8))
+    every = np.concatenate([v for v in betas.values() if len(v)])
+    bins = np.linspace(float(every.min()), float(every.max()) + 1e-12, 30)
+    for name, values in betas.items():
+        if len(values):
+            hist.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (n={len(values)})")
+    hist.set_title("UnionCAM's β (score gain over a black image)")
+    hist.set_xlabel("β")
+    hist.legend(fontsize=8)
+    both = u[u["beta_reg"].notna() & u["beta_dereg"].notna()]
+    for branch, colour in (("dereg", "#dd8452"), ("region", "#4c72b0")):
+        part = both[both["selected"] == branch]
+        scatter.scatter(part["beta_reg"].astype(float), part["beta_dereg"].astype(float), s=14, color=colour,
+                        label=f"{branch} ({len(part)})")
+    if len(both):
+        lo = float(min(both["beta_reg"].min(), both["beta_dereg"].min()))
+        hi = float(max(both["beta_reg"].max(), both["beta_dereg"].max()))
+        scatter.plot([lo, hi], [lo, hi], color="#888", linewidth=1, linestyle="--", label="β_dereg = β_reg")
+    scatter.set_xlabel("β_reg")
+    scatter.set_ylabel("β_dereg")
+    scatter.set_title("AMS: L_Dereg above the line, L_Region below")
+    scatter.legend(fontsize=8)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+# -- overlays --------------------------------------------------------------------------------------
+OVERLAY_HEIGHT = 160  # the least height of an overlay cell, in pixels (a map's own height when larger)
+COLORBAR_LABEL = "saliency, 0 to 1 (jet colours, blended 50% over the photo)"
+
+
+def choose_overlay_keys(df: pd.DataFrame, methods: list[str], count: int,
+                        overlay_keys: Sequence[str] | None = None) -> list[str]:
+    """The images of the overlay grid: ``overlay_keys`` in their order (checked: each must have an
+    error-free row), else the first ``count`` keys (sorted) that every method explained.
+
+    Raises:
+        OverlayKeyError: unknown keys, or keys with error rows only (one line, a few valid keys).
+    """
     ok = df[df["error"].isna()]
-    complete = ok.groupby("key")["method"].nunique()
-    keys = sorted(complete[complete == len(methods)].index)[:count]
-    wanted = {k: shards.get(df.loc[df["key"] == k, "shard"].iloc[0]) for k in keys}
+    if overlay_keys is None:
+        complete = ok.groupby("key")["method"].nunique()
+        return sorted(complete[complete == len(methods)].index)[:count]
+    keys = list(dict.fromkeys(str(k) for k in overlay_keys))
+    valid = set(ok["key"])
+    bad = [k for k in keys if k not in valid]
+    if bad:
+        failed = [k for k in bad if k in set(df["key"])]
+        unknown = [k for k in bad if k not in set(df["key"])]
+        shown = sorted(valid)
+        parts = ([f"unknown overlay key(s) {', '.join(map(repr, unknown[:5]))}{' …' if len(unknown) > 5 else ''}"]
+                 if unknown else [])
+        parts += [f"key(s) {', '.join(map(repr, failed[:5]))} have only error rows"] if failed else []
+        raise OverlayKeyError(f"{'; '.join(parts)}; valid keys: {', '.join(shown[:5])}"
+                              f"{f' … ({len(shown)} in all)' if len(shown) > 5 else ''}")
+    return keys
+
+
+def _caption(key: str, rows: pd.DataFrame) -> str:
+    """A row label of the overlay grid: the key, the class the maps explain and the dataset label."""
+    first = rows.iloc[0]
+    lines = [key, f"explains: {fmt_text(first['target_name'])}", f"label: {fmt_text(first['label_name'])}"]
+    return "\n".join(part for line in lines for part in textwrap.wrap(line, 26) or [""])
+
+
+def _overlay_rows(run_dir: str, df: pd.DataFrame, methods: list[str], shards: dict[str, str | None],
+                  keys: list[str]) -> tuple[list[str], list[str], list[list[Any]]] | str:
+    """The overlay grid's rows: ``(keys, captions, cells)``, each cell a PIL image at its photo's
+    aspect ratio (``orig_size``); or why there are none (a sentence)."""
+    from PIL import Image, ImageDraw
+
+    from unioncam.data.shards import iter_samples
+    from unioncam.viz import overlay
+
+    if not keys:
+        return "no image has an error-free row for every method"
+    names = {k: str(df.loc[df["key"] == k, "shard"].iloc[0]) for k in keys}
+    wanted = {k: shards.get(name) for k, name in names.items()}
     paths = sorted({p for p in wanted.values() if p and storage.is_file(p)})
-    if not keys or not paths:
-        return None
-    got, meths, maps = read_saliency(run_dir, keys=keys)
-    size = maps.shape[1:]
-    images = {s["key"]: s["image"] for s in iter_samples(paths, size) if s.get("key") in wanted and "image" in s}
+    if not paths:
+        return "the shards these images came from are not readable where the run recorded them"
+    try:  # only the maps files of these images' shards are opened
+        got, meths, maps = read_saliency(run_dir, keys=keys, shards=sorted(set(names.values())))
+    except KeyError as exc:
+        return f"some images have no saved map ({exc.args[0] if exc.args else exc})"
+    size = (int(maps.shape[1]), int(maps.shape[2]))
+    samples = {s["key"]: s for s in iter_samples(paths, size) if s.get("key") in wanted and "image" in s}
     import torch
 
-    lookup = {(k, m): torch.from_numpy(a) for k, m, a in zip(got, meths, maps, strict=True)}
-    keys = [k for k in keys if k in images]
-    if not keys:
-        return None
-    cells = [[overlay(images[k], lookup[(k, m)]) for m in methods] for k in keys]
+    lookup = {(k, m): torch.from_numpy(np.ascontiguousarray(a)) for k, m, a in zip(got, meths, maps, strict=True)}
+    drawn = [k for k in keys if k in samples]
+    if not drawn:
+        return "their samples could not be read from the shards"
+    height = max(size[0], OVERLAY_HEIGHT)
+    ok = df[df["error"].isna()]
+    captions, cells = [], []
+    for key in drawn:
+        h, w = samples[key].get("orig_size") or size
+        width = round(height * min(max(w / h, 0.25), 4.0))
+        row = []
+        for method in methods:
+            if (key, method) in lookup:
+                row.append(overlay(samples[key]["image"], lookup[(key, method)]).resize(
+                    (width, height), Image.Resampling.BILINEAR))
+            else:
+                blank = Image.new("RGB", (width, height), (200, 200, 200))
+                ImageDraw.Draw(blank).text((6, height // 2 - 6), "no map (error row)", fill="black")
+                row.append(blank)
+        cells.append(row)
+        captions.append(_caption(key, ok[ok["key"] == key]))
+    return drawn, captions, cells
+
+
+def _overlay_grid(run_dir: str, df: pd.DataFrame, methods: list[str], shards: dict[str, str | None],
+                  keys: list[str]) -> tuple[bytes | None, str]:
+    """The overlay grid's PNG (or None) and a sentence for the report: what it shows, or why it is missing."""
+    from unioncam.viz import grid
+
+    result = _overlay_rows(run_dir, df, methods, shards, keys)
+    if isinstance(result, str):
+        return None, f"No overlays: {result}."
+    drawn, captions, cells = result
     buf = io.BytesIO()
-    grid(cells, keys, methods).save(buf, format="PNG")
-    storage.write_bytes(storage.join(out, "overlays.png"), buf.getvalue())
-    return "overlays.png"
+    grid(cells, captions, methods, colorbar_label=COLORBAR_LABEL).save(buf, format="PNG")
+    ok = df[df["error"].isna()]
+    listed = "; ".join(f"{k} (explains {fmt_text(ok.loc[ok['key'] == k, 'target_name'].iloc[0])}, label "
+                       f"{fmt_text(ok.loc[ok['key'] == k, 'label_name'].iloc[0])})" for k in drawn)
+    text = (f"Rows are images ({listed}), columns methods; each photo at its own aspect ratio; "
+            "the colour bar is the saliency scale (0 → 1). Choose the images with: unioncam report RUN_DIR "
+            "--overlay-keys KEY1,KEY2")
+    return buf.getvalue(), text
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "–" if np.isnan(v) else f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
-    return str(v)
-
-
-def _table1(summary: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 layout: AD and AI with CIs, then the other metrics."""
-    def ci(m: float, lo: float, hi: float) -> str:
-        return "–" if np.isnan(m) else f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
-
-    return pd.DataFrame({
-        "Method": summary["method"], "n": summary["n"], "errors": summary["errors"],
-        "Average Drop % ↓ [95% CI]": [ci(*r) for r in
-                                      summary[["average_drop", "ad_ci_low", "ad_ci_high"]].to_numpy()],
-        "Average Increase % ↑ [95% CI]": [ci(*r) for r in
-                                          summary[["average_increase", "ai_ci_low", "ai_ci_high"]].to_numpy()],
-        "Insertion ↑": summary["insertion_auc"].map(_fmt), "Deletion ↓": summary["deletion_auc"].map(_fmt),
-        "EPG ↑": summary["epg"].map(_fmt), "s/image": summary["seconds_per_image"].map(_fmt)})
-
-
+# -- markdown and html -----------------------------------------------------------------------------
 def _md(text: Any) -> str:
     """A table cell's text, safe in markdown: HTML escaped (keys, shard names and error texts come
     from the data), ``|`` escaped, newlines as spaces."""
@@ -196,16 +484,72 @@ def _md(text: Any) -> str:
 
 
 def _markdown(df: pd.DataFrame) -> str:
+    """A text table (:func:`_formatted`) as markdown."""
     head = "| " + " | ".join(_md(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(_md(_fmt(v)) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(_md(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body])
 
 
-def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_rows: int = 60) -> dict[str, str]:
+def _html_table(frame: pd.DataFrame, table_id: str | None = None) -> str:
+    """A text table (:func:`_formatted`) as HTML, every cell escaped."""
+    return frame.to_html(index=False, na_rep="–", border=0, classes="t", escape=True, table_id=table_id)
+
+
+#: A report block: ("h2", text), ("p", text), ("notes", [text]), ("table", (frame, id)) or ("img", (name, text)).
+Block = tuple[str, Any]
+
+
+def _render_md(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for kind, value in blocks:
+        if kind == "h2":
+            out += [f"## {value}", ""]
+        elif kind == "p":
+            out += [str(value), ""]
+        elif kind == "notes":
+            out += [*(f"- {n}" for n in value), ""]
+        elif kind == "table":
+            out += [_markdown(value[0]), ""]
+        elif kind == "img":  # a caption names keys and classes from the data: HTML escaped, as in tables
+            out += [f"![{value[0]}]({value[0]})", ""] + ([html.escape(str(value[1]), quote=False), ""]
+                                                         if value[1] else [])
+    return "\n".join(out)
+
+
+def _render_html(blocks: list[Block], figures: dict[str, bytes]) -> str:
+    out: list[str] = []
+    for kind, value in blocks:
+        if kind == "h2":
+            out.append(f"<h2>{html.escape(str(value))}</h2>")
+        elif kind == "p":
+            out.append(f"<p>{html.escape(str(value))}</p>")
+        elif kind == "notes":
+            out.append('<ul class="notes">' + "".join(f"<li>{html.escape(str(n))}</li>" for n in value) + "</ul>")
+        elif kind == "table":
+            out.append(_html_table(*value))
+        elif kind == "img":
+            name, text = value
+            data = base64.b64encode(figures[name]).decode("ascii")
+            caption = f"<figcaption>{html.escape(name)}{': ' if text else ''}{html.escape(str(text or ''))}"
+            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
+                       f"{caption}</figcaption></figure>")
+    return "".join(out)
+
+
+def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_rows: int = 60,
+                 overlay_keys: Sequence[str] | None = None) -> dict[str, str]:
     """Aggregate a run's rows into ``RUN_DIR/report/`` (``run_dir`` a folder or a URI, the report is
     written beside the rows); returns the written locations by kind. Each file is written whole
-    (:func:`unioncam.storage.write_bytes`)."""
+    (:func:`unioncam.storage.write_bytes`). ``report.html`` embeds its figures (data URIs), so the
+    file alone keeps them; the PNGs are written beside it too.
+
+    ``overlay_keys`` chooses the images of the overlay grid (default: the first ``overlays`` keys
+    that every method explained).
+
+    Raises:
+        OverlayKeyError: ``overlay_keys`` names images the run does not have (before anything is written).
+    """
     run_dir = storage.absolute(run_dir)
     out = storage.join(run_dir, "report")
     df = load_rows(run_dir)
@@ -213,21 +557,55 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     if top > 1:  # --target topk:K: the tables describe the predicted class, as in a plain run
         df = df[df["rank"].isna() | (df["rank"] == 1)]
     manifest = load_manifest(run_dir) if storage.is_file(storage.join(run_dir, "manifest.json")) else {}
-    methods = manifest.get("config", {}).get("methods") or list(dict.fromkeys(df["method"]))
+    config = manifest.get("config", {})
+    methods = config.get("methods") or list(dict.fromkeys(df["method"]))
     methods = [m for m in methods if m in set(df["method"])]
-    summary = summary_table(df, methods)
-    per_class = per_class_table(df)
-    storage.write_text(storage.join(out, "summary.csv"), summary.to_csv(index=False))
-    storage.write_text(storage.join(out, "per_class.csv"), per_class.to_csv(index=False))
+    keys = choose_overlay_keys(df, methods, overlays, overlay_keys) if overlays or overlay_keys else []
+    has_maps = bool(keys) and bool(run_files(run_dir, "maps"))
+    if overlay_keys is not None and keys and not has_maps:
+        raise OverlayKeyError(f"{storage.redact(run_dir)} has no maps (run with --no-maps): no overlays to draw")
     provs = {storage.basename(f).removesuffix(".parquet"): provenance_of(f)
              for f in run_files(run_dir, "metrics")}
+    prov = next(iter(provs.values()))
+    requested = set(config["metrics"]) if isinstance(config.get("metrics"), list) else None
+    label_target = str(prov.get("target", config.get("target"))) == "label" or (
+        "target" not in prov and "target" not in config and df["rank"].isna().all())
+
+    summary = summary_table(df, methods)
+    per_class = per_class_table(df)
+    per_predicted = None if label_target else per_class_table(df, by="target_name")
+    ams = ams_table(df, predicted=not label_target)
+    betas = beta_table(df)
+    written = {"summary": "summary.csv", "per_class": "per_class.csv"}
+    storage.write_text(storage.join(out, "summary.csv"), summary.to_csv(index=False))
+    storage.write_text(storage.join(out, "per_class.csv"), per_class.to_csv(index=False))
+    if per_predicted is not None:
+        storage.write_text(storage.join(out, "per_predicted.csv"), per_predicted.to_csv(index=False))
+        written["per_predicted"] = "per_predicted.csv"
+    if "unioncam" in methods:
+        storage.write_text(storage.join(out, "ams.csv"), ams.to_csv(index=False))
+        storage.write_text(storage.join(out, "ams_beta.csv"), betas.to_csv(index=False))
+        written.update(ams="ams.csv", ams_beta="ams_beta.csv")
+
     listed = {name: entry.get("path") for name, entry in manifest.get("shards", {}).items()}
     shards = {name: p.get("shard_path") or listed.get(name) for name, p in provs.items()}  # older runs: manifest
-    images = _plots(df, summary, out)
-    grid_name = _overlay_grid(run_dir, df, methods, shards, overlays, out)
-    if grid_name:
-        images.append(grid_name)
-    prov = next(iter(provs.values()))
+    figures = _plots(df, summary)
+    ams_png = _ams_plot(df) if "unioncam" in methods else None
+    if ams_png:
+        figures["ams_beta.png"] = ams_png
+    overlay_text = ""
+    if keys or overlays:
+        if not keys:
+            overlay_text = "No overlays: no image has an error-free row for every method."
+        elif not has_maps:
+            overlay_text = "No overlays: the run saved no maps (--no-maps)."
+        else:
+            grid_png, overlay_text = _overlay_grid(run_dir, df, methods, shards, keys)
+            if grid_png:
+                figures["overlays.png"] = grid_png
+    for name, data in figures.items():
+        storage.write_bytes(storage.join(out, name), data)
+
     counts = manifest.get("counts", {})
     facts = {"run id": prov.get("run_id"), "dataset": prov.get("dataset"), "model": prov.get("model"),
              "weights sha256": prov.get("weights_sha256") or "(seeded/random)",
@@ -235,41 +613,90 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
              "input size": prov.get("input_size"), "precision (methods)": prov.get("precision"),
              "target": prov.get("target") if top == 1 else f"{prov.get('target')} (the tables use rank 1, the "
              f"predicted class; metrics/ holds all {top} ranks)", "insertion/deletion steps": prov.get("insdel_steps"),
+             "metrics requested": ", ".join(config["metrics"]) if requested is not None else "(not recorded)",
              "shards done / failed": f"{counts.get('shards_done', '?')} / {counts.get('shards_failed', '?')}",
              "images": df["key"].nunique(), "error rows": int(df["error"].notna().sum()),
              "versions": f"unioncam {prov.get('unioncam_version')}, torch {prov.get('torch_version')}, "
                          f"ray {prov.get('ray_version')}"}
-    table = _table1(summary)
-    shared = ("scorecam's maps are UnionCAM's L_Region (computed once); its s/image counts only its own extra work."
-              if {"scorecam", "unioncam"} <= set(methods) else "")
-    shown = _class_pivot(per_class, methods).head(max_class_rows)
-    n_classes = per_class["class"].nunique()
-    more = (f"\n\n(first {max_class_rows} of {n_classes} classes; all, with CIs and AI, in per_class.csv)"
-            if n_classes > max_class_rows else "\n\n(with CIs and Average Increase in per_class.csv)")
+    shared = {"scorecam", "unioncam"} <= set(methods)
+    epg_note = _epg_note(df, None if requested is None else "epg" in requested, prov.get("dataset"))
+    no_boxes = bool(df.loc[df["error"].isna(), "epg"].isna().all())
+    table = _table1(summary, requested, no_boxes, {"scorecam": "†"} if shared else None)
+    notes = [FORMATS_NOTE,
+             "Average Drop = 100/N Σ max(0, Y−O)/Y; Average Increase = 100/N Σ 1[Y<O] (REFERENCE.md); "
+             "95% percentile bootstrap CIs.",
+             "s/image: the mean wall-clock seconds per image to compute the method's map (each batch's time over "
+             "its images; scoring the metrics is not included), on this run's hardware and precision."]
+    if shared:
+        notes.append("† scorecam's maps are UnionCAM's L_Region (REFERENCE.md: L_Region is Score-CAM's map), "
+                     "computed once inside unioncam: scorecam's s/image counts only taking them over, and "
+                     "unioncam's includes the Score-CAM work. Run scorecam without unioncam to time it alone.")
+    if epg_note:
+        notes.append(epg_note)
+    same = identical_methods(df) if {"gradcam", "xgradcam"} <= set(methods) else 0
+    if same:
+        notes.append(f"xgradcam = gradcam in this run: their rows (O and, where recorded, insertion/deletion AUC "
+                     f"and EPG) agree on all {same} images. At a target layer ({prov.get('target_layer')}) followed "
+                     "directly by global average pooling and a linear classifier, the gradient is constant over "
+                     "each channel, so XGrad-CAM's weights Σ(∂y/∂A·A)/ΣA equal Grad-CAM's mean gradient and "
+                     "the maps are the same.")
+
+    blocks: list[Block] = [("h2", "Results (Table 1 layout)"), ("table", (table, "summary")), ("notes", notes)]
+    blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png") if n in figures]
+
+    blocks.append(("h2", "UnionCAM's AMS branch"))
+    run_row = ams[ams["by"] == "run"]
+    if "unioncam" not in methods:
+        blocks.append(("p", "unioncam is not in this run."))
+    elif run_row.empty:
+        blocks.append(("p", "No AMS decision recorded (no error-free unioncam row has `selected`)."))
+    else:
+        r = run_row.iloc[0]
+        by_cls = "predicted" if not label_target else "label"
+        shown_ams = ams[ams["by"] == by_cls].drop(columns="by").head(max_class_rows)
+        blocks += [("p", f"AMS chose L_Dereg on {fmt_int(r['dereg'])} of {fmt_int(r['n'])} images "
+                         f"({fmt_pct(r['dereg_pct'])}%) and L_Region on {fmt_int(r['region'])} "
+                         f"({fmt_pct(r['region_pct'])}%); where it chose L_Region, unioncam's map is Score-CAM's. "
+                         "AMS picks L_Dereg when β_dereg > β_reg (β: the target's score gain over a black image)."),
+                   ("p", f"Per class (by the {'predicted class' if by_cls == 'predicted' else 'dataset label'}, "
+                         "the class the maps explain; ams.csv has both groupings):"),
+                   ("table", (_formatted(shown_ams), "ams")),
+                   ("p", "The β's (ams_beta.csv; beta_dereg_minus_reg is the AMS margin):"),
+                   ("table", (_formatted(betas), "ams_beta"))]
+        blocks += [("img", ("ams_beta.png", ""))] if "ams_beta.png" in figures else []
+
+    def class_section(frame: pd.DataFrame, title: str, what: str, csv: str) -> None:
+        shown = _class_pivot(frame, methods).head(max_class_rows)
+        n_classes = frame["class"].nunique()
+        more = (f"first {max_class_rows} of {n_classes} classes; all, with CIs and Average Increase, in {csv}"
+                if n_classes > max_class_rows else f"with CIs and Average Increase in {csv}")
+        blocks.extend([("h2", title), ("p", f"{what} ({more})."),
+                       ("table", (_formatted(shown, dict.fromkeys(methods, fmt_pct)), None))])
+
+    class_section(per_class, "Per class, by dataset label: Average Drop (%)",
+                  "Grouped by the dataset label (label_name)" + (
+                      "; the maps explain the label (--target label), so this is also the explained class"
+                      if label_target else "; the maps explain the predicted class: see the next table"),
+                  "per_class.csv")
+    if per_predicted is not None:
+        class_section(per_predicted, "Per class, by predicted class: Average Drop (%)",
+                      "Grouped by the predicted class (target_name), the class the maps explain", "per_predicted.csv")
+
+    if overlay_text:
+        blocks.append(("h2", "Overlays"))
+        blocks.append(("img", ("overlays.png", overlay_text)) if "overlays.png" in figures else ("p", overlay_text))
     errors = df[df["error"].notna()][["key", "shard", "method", "error"]].drop_duplicates(["key", "error"])
-
-    md = ["# unioncam evaluation report", "", *[f"- **{k}**: {v}" for k, v in facts.items()], "",
-          "## Results (Table 1 layout)", "", _markdown(table), "",
-          "Average Drop = 100/N Σ max(0, Y−O)/Y; Average Increase = 100/N Σ 1[Y<O] (REFERENCE.md).", shared, "",
-          *[f"![{n}]({n})" for n in images], "", "## Per class: Average Drop (%)", "",
-          _markdown(shown) + more, ""]
     if len(errors):
-        md += ["## Errors", "", _markdown(errors.head(50)), ""]
+        blocks += [("h2", "Errors"), ("table", (_formatted(errors.head(50)), None))]
+
+    md = ["# unioncam evaluation report", "", *[f"- **{k}**: {_md(v)}" for k, v in facts.items()], "",
+          _render_md(blocks)]
     storage.write_text(storage.join(out, "report.md"), "\n".join(md))
-
-    def h(frame: pd.DataFrame) -> str:
-        return frame.to_html(index=False, float_format=lambda v: _fmt(v), na_rep="–", border=0, classes="t")
-
     facts_html = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts.items())
     title = html.escape(f"unioncam report {prov.get('run_id')}")
-    figures = "".join(f'<img src="{n}" alt="{n}">' for n in images)
-    error_part = f"<h2>Errors</h2>{h(errors.head(50))}" if len(errors) else ""
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>'
-            f"<body><h1>unioncam evaluation report</h1><ul>{facts_html}</ul>"
-            f"<h2>Results (Table 1 layout)</h2>{h(table)}"
-            "<p>Average Drop = 100/N &Sigma; max(0, Y&minus;O)/Y; Average Increase = 100/N &Sigma; 1[Y&lt;O]; "
-            f"95% percentile bootstrap CIs. {html.escape(shared)}</p>"
-            f"{figures}<h2>Per class: Average Drop (%)</h2>{h(shown)}{html.escape(more)}{error_part}</body></html>")
+            f"<body><h1>unioncam evaluation report</h1><ul>{facts_html}</ul>{_render_html(blocks, figures)}"
+            "</body></html>")
     storage.write_text(storage.join(out, "report.html"), page)
-    return {kind: storage.join(out, name) for kind, name in (
-        ("summary", "summary.csv"), ("per_class", "per_class.csv"), ("markdown", "report.md"), ("html", "report.html"))}
+    written.update(markdown="report.md", html="report.html")
+    return {kind: storage.join(out, name) for kind, name in written.items()}
