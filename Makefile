@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,demo,dev]'
+	$(BIN)/pip install -q -e '.[service,test,demo,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

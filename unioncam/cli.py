@@ -1,7 +1,9 @@
-"""Command line: ``unioncam explain IMAGE... --model NAME [--method M|all] --out DIR``.
+"""Command line: ``unioncam explain|shards|eval|report|verify`` (``unioncam --help``).
 
 Usage errors (bad paths, unreadable images, unknown models or methods, bad weights) print one
-line to stderr and exit with code 2.
+line to stderr and exit with code 2. ``explain`` and ``shards`` need only the library's
+dependencies; ``eval``, ``report`` and ``verify`` need the service extra, imported when they run
+(``pip install 'unioncam[service]'``), so ``import unioncam.cli`` never imports Ray.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from unioncam import storage
+from unioncam import __version__, _missing_service_module, storage
 from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
@@ -162,16 +164,23 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from unioncam.service.report import write_report
+    from unioncam.service.report import OverlayKeyError, write_report
 
     if args.overlays < 0:
         raise UsageError(f"--overlays must be >= 0, got {args.overlays}")
+    keys = None
+    if args.overlay_keys is not None:
+        keys = [k.strip() for k in args.overlay_keys.split(",") if k.strip()]
+        if not keys:
+            raise UsageError("--overlay-keys needs comma-separated image keys, e.g. --overlay-keys KEY1,KEY2")
     try:
         if not storage.list_files(storage.join(args.run_dir, "metrics"), ".parquet", limit=1):
             raise UsageError(f"{storage.redact(args.run_dir)} has no metrics/*.parquet: not a run directory "
                              "(or the job wrote nothing yet)")
-        for kind, path in write_report(args.run_dir, overlays=args.overlays).items():
+        for kind, path in write_report(args.run_dir, overlays=args.overlays, overlay_keys=keys).items():
             print(f"{kind}: {storage.redact(path)}")
+    except OverlayKeyError as exc:
+        raise UsageError(f"--overlay-keys: {exc}") from None
     except (OSError, ValueError) as exc:  # unreadable store, damaged Parquet or manifest
         raise UsageError(f"cannot write the report of {storage.redact(args.run_dir)}: {exc}") from None
     return 0
@@ -211,11 +220,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+EVAL_DATASETS: tuple[str, ...] = ("imagenet", "voc")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """The Ray evaluation job (as ``jobs/eval.py``): every argument but ``--dataset`` is the job's
+    (``args.job_args``, see :func:`main`). Its options are checked before Ray is imported."""
+    if args.dataset is None:
+        if args.help:
+            args.eval_parser.print_help()
+            return 0
+        raise UsageError("eval needs --dataset imagenet or --dataset voc (the job's options: "
+                         "unioncam eval --dataset imagenet --help)")
+    if args.dataset not in EVAL_DATASETS:
+        raise UsageError(f"--dataset must be one of {', '.join(EVAL_DATASETS)}, got {args.dataset!r}")
+    from unioncam.service.config import ConfigError, EvalConfig
+    from unioncam.service.config import build_parser as job_parser
+
+    job = job_parser(args.dataset)
+    job.prog = f"unioncam eval --dataset {args.dataset}"
+    if args.help:
+        job.print_help()
+        return 0
+    job.parse_args(args.job_args)  # argparse's own errors (exit 2), under this command's name
+    try:
+        EvalConfig.from_argv(args.job_args, args.dataset)  # the options checked before Ray is imported
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    from unioncam.service.runner import main as run_job  # imports Ray
+
+    return run_job(args.job_args, args.dataset)
+
+
+DESCRIPTION = ("Class activation maps (UnionCAM, Integrative CAM and their baselines) at dataset scale: "
+               "explain images, convert datasets into WebDataset shards, evaluate them with Ray, "
+               "and report and verify the runs.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unioncam", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="unioncam", description=DESCRIPTION,
+                                     epilog="Each command's options: unioncam COMMAND --help.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print unioncam's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     p = sub.add_parser("explain", help="write a heat-map overlay PNG per image and method")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to explain (JPEG, PNG, ...)")
     p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(model_names())}")
     p.add_argument("--allow-download", action="store_true",
                    help="let torchvision/timm download missing weights into their own caches (default: never)")
@@ -223,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="unioncam", help=f"'all' or comma-separated: {', '.join(METHODS.names())}")
     p.add_argument("--out", required=True, help="output folder for the overlay PNGs")
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: predicted)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="masked inputs per forward (default, as the job: 4 on CPU, sized from the GPU's free memory)")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
@@ -242,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     sh = sub.add_parser("shards", help="convert a dataset into WebDataset shards")
-    kinds = sh.add_subparsers(dest="dataset", required=True)
+    kinds = sh.add_subparsers(dest="dataset", required=True, metavar="DATASET", help="one of:")
     im = kinds.add_parser("imagenet", help="ILSVRC2012 val (flat folder + labels, or wnid folders)")
     im.add_argument("--images", required=True, help="folder of ILSVRC2012_val_*.JPEG, or of 1000 wnid folders")
     im.add_argument("--labels", default=None,
@@ -251,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--boxes", default=None, help="folder of val XMLs, or LOC_val_solution.csv")
     voc = kinds.add_parser("voc", help="PASCAL VOC2007")
     voc.add_argument("--root", required=True, help="VOCdevkit/VOC2007")
-    voc.add_argument("--split", default="test")
+    voc.add_argument("--split", default="test", help="the ImageSets/Main split to convert (default: test)")
     smp = kinds.add_parser("sample", help="the offline real-photo sample (ImageNet- and VOC-style)")
     for k in (im, voc, smp):
         k.add_argument("--out", required=True, help="output folder or URI prefix (s3://bucket/shards)")
@@ -261,20 +311,48 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="aggregate a run directory's Parquet rows into report/ (csv, md, html, plots)")
     rp.add_argument("run_dir", metavar="RUN_DIR", help="the job's --out (a folder or a URI such as s3://bucket/run)")
     rp.add_argument("--overlays", type=int, default=4, help="images in the overlay grid")
+    rp.add_argument("--overlay-keys", default=None, metavar="KEY1,KEY2",
+                    help="comma-separated image keys to draw in the overlay grid, in this order "
+                         "(default: the first --overlays images that every method explained)")
     rp.set_defaults(func=cmd_report)
 
     vf = sub.add_parser("verify", help="check that every shard of RUN_DIR is complete and this run's (as resume does)")
     vf.add_argument("run_dir", metavar="RUN_DIR", help="the job's --out (a folder or a URI such as s3://bucket/run)")
     vf.set_defaults(func=cmd_verify)
+
+    # every argument but --dataset (and -h) is passed on to the job: main() collects them (parse_known_args)
+    ev = sub.add_parser("eval", help="run the Ray evaluation job on WebDataset shards (as jobs/eval.py)",
+                        add_help=False, allow_abbrev=False,
+                        usage="%(prog)s --dataset {imagenet,voc} [job options ...]",
+                        description="Evaluate saliency methods on WebDataset shards with Ray (needs the service "
+                                    "extra: pip install 'unioncam[service]'). Every option but --dataset is the "
+                                    "job's, the same as jobs/eval.py's.",
+                        epilog="The job's options: unioncam eval --dataset imagenet --help")
+    ev.add_argument("--dataset", metavar="{imagenet,voc}", default=None,
+                    help="which dataset the shards hold: its label names and box semantics (required)")
+    ev.add_argument("-h", "--help", action="store_true",
+                    help="show this help, or with --dataset the job's options, and exit")
+    ev.set_defaults(func=cmd_eval, eval_parser=ev)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, job_args = parser.parse_known_args(argv)  # arguments unknown to `unioncam eval` are the job's
+    if job_args and args.func is not cmd_eval:
+        parser.error(f"unrecognized arguments: {' '.join(job_args)}")  # as parse_args
+    args.job_args = job_args
     try:
         return int(args.func(args))
     except (UsageError, UnknownNameError, WeightsError, ImageError) as exc:
         print(f"unioncam: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # a command of the service extra on a library-only install
+        missing = _missing_service_module(exc)
+        if missing is None:
+            raise
+        print(f"unioncam: error: unioncam {args.command} needs {missing}, from the service extra: "
+              "pip install 'unioncam[service]'", file=sys.stderr)
         return 2
 
 
