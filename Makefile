@@ -29,6 +29,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_metrics_precision.py
 	cd benchmarks && ../$(BIN)/python bench_memory.py
 	cd benchmarks && ../$(BIN)/python bench_service.py
+	cd benchmarks && ../$(BIN)/python bench_report_scale.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check unioncam tests jobs benchmarks
