@@ -171,3 +171,11 @@ def test_cli_refuses_inputs_that_would_overwrite_each_other(tmp_path, capsys):
     assert main(["explain", str(tmp_path / "a" / "cat.png"), str(tmp_path / "b" / "cat.png"), "--model", "tiny_cnn",
                  "--out", str(tmp_path / "o")]) == 2
     assert "would write the same" in capsys.readouterr().err
+
+
+def test_report_refuses_a_negative_overlay_count(tmp_path, capsys):
+    from unioncam.cli import main as cli
+
+    assert cli(["report", str(tmp_path), "--overlays", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "unioncam: error: --overlays must be >= 0, got -1"
