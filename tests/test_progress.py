@@ -71,3 +71,19 @@ def test_a_shard_whose_count_is_unknown_never_shows_more_done_than_total(clock, 
     clock.now += 2
     line.show(1, 1, 0, force=True)  # a non-tar shard: counted 0, its one error record is "done"
     assert "1/1 images (100%)" in lines(capsys)[-1]
+
+
+def test_the_worker_knows_about_how_many_forwards_an_image_needs(tmp_path):
+    from service_data import make_shards
+
+    from unioncam.service import EvalConfig
+    from unioncam.service.worker import ShardEvaluator
+
+    shard = make_shards(tmp_path / "shards", n_images=1, shard_size=1)[0]
+    cfg = EvalConfig(shards=str(shard), out=str(tmp_path / "run"), model="tiny_cnn", methods=["gradcam", "scorecam"],
+                     metrics=["ad", "insdel"], insdel_steps=8, report=False).resolved()
+    ev = ShardEvaluator(cfg, "cpu")
+    assert ev.forwards_per_image == 16 + 2 * (2 + 2 * 9)  # Score-CAM's 16 channels; per map Y, O, 2 curves of 8 + 1
+    before = masked_inputs()
+    ev.evaluate(str(shard), cfg.out)
+    assert 0 < masked_inputs() - before <= ev.forwards_per_image  # constant channels are skipped

@@ -52,15 +52,18 @@ class _Progress:
     def __init__(self) -> None:
         self.done: dict[str, int] = {}
         self.forwards: dict[int, int] = {}
+        self.per_image = 0
 
     def update(self, shard: str, n: int) -> None:
         self.done[shard] = n
 
-    def update_forwards(self, worker: int, n: int) -> None:
+    def update_forwards(self, worker: int, n: int, per_image: int = 0) -> None:
         self.forwards[worker] = n
+        self.per_image = per_image
 
-    def total(self) -> tuple[int, int]:
-        return sum(self.done.values()), sum(self.forwards.values())
+    def total(self) -> tuple[int, int, int]:
+        """Images done, masked forwards done, and about how many one image needs."""
+        return sum(self.done.values()), sum(self.forwards.values()), self.per_image
 
 
 def log(message: str) -> None:
@@ -74,7 +77,8 @@ def _fmt_seconds(s: float) -> str:
 
 
 class ProgressLine:
-    """Driver-side progress over images and shards: ``done/total images, masked forwards, img/s, ETA``.
+    """Driver-side progress over images and shards: ``done/total images, masked forwards done (and
+    about how many one image needs), img/s, ETA``.
 
     A line is printed when something changed (images, shards, failures or the workers' masked
     forwards, which move within a long image) and at least ``interval`` seconds after the last one,
@@ -94,7 +98,8 @@ class ProgressLine:
         self.rate: float | None = None  # images/s, smoothed
         self.sampled = 0
 
-    def show(self, done_now: int, shards_done: int, failed: int, force: bool = False, forwards: int = 0) -> None:
+    def show(self, done_now: int, shards_done: int, failed: int, force: bool = False, forwards: int = 0,
+             per_image: int = 0) -> None:
         now = time.monotonic()
         state = (done_now, shards_done, failed, forwards)
         quiet = now - self.last < self.interval
@@ -112,6 +117,8 @@ class ProgressLine:
         rate = self.rate or 0.0
         speed = f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
         inner = f" | {forwards} masked forwards" if forwards else ""
+        if forwards and per_image:
+            inner += f" (~{per_image} per image)"
         log(f"{done}/{total} images ({pct:.0f}%){inner} | {self.already_shards + shards_done}/{self.shards} "
             f"shards{f' | {failed} failed' if failed else ''} | {speed} | ETA {eta}")
 
@@ -636,8 +643,9 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                 if actors[i] is actor:
                     submit(i)
             give_up_slow_starters()
-            images, forwards = ray.get(progress.total.remote())
-            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards)
+            images, forwards, per_image = ray.get(progress.total.remote())
+            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards,
+                      per_image=per_image)
             lock.heartbeat()
         for path in pending:  # every worker is gone: these shards stay for a rerun
             manifest.record(shard_name(path), status="failed", path=storage.redact(path),

@@ -91,6 +91,7 @@ class ShardEvaluator:
             self.model.compile_inference(pad_to=self.batch_size)
             self.warmup_seconds = self._warm_up()
         self.share_region = "unioncam" in cfg.methods and "scorecam" in cfg.methods
+        self.forwards_per_image = self._forwards_per_image()
         self.cams: dict[str, CAM] = {
             m: get_method(m)(self.model, batch_size=self.batch_size, precision=self.precision)
             for m in cfg.methods if not (self.share_region and m == "scorecam")}
@@ -101,6 +102,29 @@ class ShardEvaluator:
             "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "unioncam_version": unioncam.__version__,
             "torch_version": torch.__version__, "ray_version": _ray_version(), "device": str(self.device)}
+
+    def _forwards_per_image(self) -> int:
+        """About how many masked inputs one image needs (progress within an image): Score-CAM's and
+        UnionCAM's one per channel of the target layer (shared when both run; constant channels are
+        skipped, so this is an upper bound), and per map the metrics' 2 (Y and O) and 2 × (steps + 1)
+        (the insertion and deletion curves)."""
+        channels = 0
+        if {"scorecam", "unioncam"} & set(self.cfg.methods):
+            from unioncam.methods.base import find_layer
+
+            layer = find_layer(self.model, None)
+            grid = self.model.reshape_transform or (lambda out: out)  # transformers: channels of the token grid
+            seen: list[int] = []
+            handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(int(grid(out).shape[1])))
+            try:
+                with torch.inference_mode():
+                    self.model(torch.zeros((1, 3, *self.size), device=self.device))
+            finally:
+                handle.remove()
+            channels = seen[0] if seen else 0
+        per_map = 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * ((self.cfg.insdel_steps or 224) + 1) * (
+            "insdel" in self.cfg.metrics)
+        return channels + 2 * ("unioncam" in self.cfg.methods) + len(self.cfg.methods) * per_map
 
     def _warm_up(self) -> float:
         """Compile the grad-free forward for every setting a shard uses (the methods' precision and the
@@ -384,7 +408,7 @@ class ShardWorker:
         while True:
             n = masked_inputs()
             if n != sent and self.progress is not None:
-                self.progress.update_forwards.remote(os.getpid(), n)
+                self.progress.update_forwards.remote(os.getpid(), n, self.evaluator.forwards_per_image)
                 sent = n
             time.sleep(FORWARDS_INTERVAL)
 
