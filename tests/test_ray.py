@@ -137,6 +137,21 @@ def run_four_one_image_shards(tmp_path, **resources) -> dict:
                           report=False, **resources).resolved())
 
 
+def test_limit_messages_count_only_the_shards_the_limit_takes(cluster, tmp_path, capsys):
+    """--limit 2 over shards of 3: one shard is part of the command; a rerun finds it done."""
+    make_shards(tmp_path / "shards", n_images=6, shard_size=3)
+    cfg = EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=str(tmp_path / "run"), model="tiny_cnn",
+                     methods=["gradcam"], metrics=["ad"], limit=2, workers=1, cpus_per_worker=1, gpus_per_worker=0,
+                     report=False).resolved()
+    first = run(cfg)
+    out = capsys.readouterr().out
+    assert "1 shards (2 images), 0 already done" in out and "done: 1/1 shards, 2 images" in out
+    assert first["counts"]["images"] == 2 and len(rows_of(tmp_path / "run")) == 2
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "1 shards (2 images), 1 already done" in out and "done: 1/1 shards, 2 images" in out
+
+
 def test_one_worker_per_gpu_by_default_each_on_its_own_gpu(cluster, tmp_path):
     """The head has 4 (fake) GPUs: with no --workers / --gpus-per-worker the job starts 4 actors, each
     pinned to a distinct GPU id, and the 8 shards are spread across them."""
