@@ -60,6 +60,18 @@ def _reset_ray_token_cache() -> None:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
+@pytest.fixture
+def fake_runner(monkeypatch):
+    """``unioncam.service.runner`` replaced by a recorder of ``main(argv, dataset)`` calls (no Ray)."""
+    import types
+
+    calls: list[tuple[list[str], str]] = []
+    fake = types.ModuleType("unioncam.service.runner")
+    fake.main = lambda argv, dataset: calls.append((list(argv), dataset)) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "unioncam.service.runner", fake)
+    return calls
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that takes the Ray cluster is marked ``ray`` (``-m "not ray"`` skips them all)."""
     for item in items:

@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -261,14 +260,6 @@ def test_other_commands_still_refuse_unknown_arguments(capsys):
     assert exc.value.code == 2 and "unrecognized arguments: --limit 2" in capsys.readouterr().err
 
 
-@pytest.fixture
-def fake_runner(monkeypatch):
-    """``unioncam.service.runner`` replaced by a recorder (no Ray)."""
-    calls: list[tuple[list[str], str]] = []
-    fake = types.ModuleType("unioncam.service.runner")
-    fake.main = lambda argv, dataset: calls.append((list(argv), dataset)) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "unioncam.service.runner", fake)
-    return calls
 
 
 def test_eval_passes_every_other_argument_to_the_job(fake_runner, tmp_path):
