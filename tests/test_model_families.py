@@ -218,3 +218,26 @@ def test_job_and_cli_take_family_names(tmp_path):
     assert cfg.model == "torchvision:resnet50" and cfg.allow_download is True
     with pytest.raises(ConfigError, match="did you mean"):
         EvalConfig(shards="x/*.tar", out="o", model="torchvision:resnet5").resolved()
+
+
+def test_an_unlisted_torchvision_family_gets_a_logged_dry_run_layer(tmp_path):
+    import logging
+
+    torch.manual_seed(0)
+    weights = random_weights(tmp_path, tvm.get_model("shufflenet_v2_x0_5", weights=None))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("unioncam.models")
+    logger.addHandler(handler)
+    old_level, logger.level = logger.level, logging.INFO
+    try:
+        loaded = load("torchvision:shufflenet_v2_x0_5", weights)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert loaded.target_layer == "conv5"
+    assert any("explaining layer conv5" in r.getMessage() for r in records)
+    smaller = load("torchvision:resnet18", random_weights(tmp_path, tvm.get_model("resnet18", weights=None), "r.pth"),
+                   input_size=160)
+    assert smaller.input_size == (160, 160) and smaller.resize_size == round(256 * 160 / 224)  # the crop ratio kept

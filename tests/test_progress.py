@@ -37,12 +37,12 @@ def test_a_line_only_when_something_changed_or_as_a_heartbeat(clock, capsys):
     assert len(lines(capsys)) == 60 * 5 // 60  # nothing changed: a heartbeat every 6 × 10 s
     for i in range(60):
         clock.now += 5
-        line.show(0, 0, 0, forwards=100 * (i + 1))
+        line.show(0, 0, 0, forwards=100 * (i + 1), needed=7000)
     shown = lines(capsys)
     assert len(shown) == 30 and "masked forwards" in shown[-1]  # changes, at most every 10 s
     clock.now += 1
-    line.show(1, 0, 0, force=True, forwards=7000)  # a finished shard always prints
-    assert "1/8 images (12%) | 7000 masked forwards | 0/2 shards" in lines(capsys)[-1]
+    line.show(1, 0, 0, force=True, forwards=7200, needed=7000)  # a finished shard always prints
+    assert "1/8 images (12%) | 7000/7000 masked forwards of the current images | 0/2 shards" in lines(capsys)[-1]
 
 
 def test_the_eta_comes_from_a_smoothed_rate(clock, capsys):

@@ -187,7 +187,7 @@ def test_label_targets_and_voc_labels_refused_for_another_models_classes(tmp_pat
     assert (rows["target"] == rows["label"]).all() and rows["rank"].isna().all()
     assert rows["label_name"].iloc[0] == "class_0" and rows["target_name"].iloc[0] == "class_0"
     # VOC's label 7 is "cat"; an ImageNet model's class 7 is "cock": refused before anything runs.
-    with pytest.raises(ConfigError, match=r"--target label with VOC shards: vgg16 predicts ImageNet classes"):
+    with pytest.raises(ConfigError, match=r"--target label with VOC shards: vgg16 is not a model of VOC.s 20 classes"):
         EvalConfig(shards="x/*.tar", out="o", dataset="voc", target="label").resolved()
     with pytest.raises(ValueError, match="needs a model of VOC's 20 classes; tiny_cnn has 10"):
         ShardEvaluator(dataclasses.replace(cfg, dataset="voc"))

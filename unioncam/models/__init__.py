@@ -18,7 +18,6 @@ holds them. Only ``allow_download=True`` lets torchvision or timm download into 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -53,7 +52,6 @@ FAMILIES = ("torchvision", "timm")
 MODELS: Registry[object] = Registry("model")  # the built-in names (families are prefixes)
 for _name in builtin.BUILTIN:
     MODELS.add(_name, builtin.BUILTIN[_name])
-log = logging.getLogger(__name__)
 
 
 def names() -> list[str]:
@@ -102,9 +100,6 @@ def load(model: str | nn.Module, weights: str | os.PathLike[str] | None = None, 
         if path is not None:
             load_state_dict(model, path)
         loaded = custom.wrap(model, target_layer, size or (224, 224), mean, std, class_names, reshape)
-        if target_layer is None:
-            log.info("%s: explaining layer %s (the last spatial activation of a dry run)", loaded.name,
-                     loaded.target_layer)
     else:
         name = canonical(model)
         family, _, rest = name.partition(":")
@@ -140,6 +135,9 @@ def _override(loaded: LoadedModel, target_layer: str | None, size: tuple[int, in
         model.reshape_transform = reshape
     if class_names is not None and len(class_names) != len(loaded.class_names):
         raise ValueError(f"{len(class_names)} class names for a model with {len(loaded.class_names)} logits")
+    resize = loaded.resize_size  # the family's resize-then-crop ratio, kept for another input size
+    if size is not None and resize is not None:
+        resize = round(resize * size[0] / loaded.input_size[0])
     return replace(loaded, model=model, target_layer=target_layer or loaded.target_layer,
                    input_size=size or loaded.input_size, class_names=tuple(class_names or loaded.class_names),
-                   mean=tuple(mean or loaded.mean), std=tuple(std or loaded.std))
+                   mean=tuple(mean or loaded.mean), std=tuple(std or loaded.std), resize_size=resize)

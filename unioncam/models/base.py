@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -292,6 +293,8 @@ def last_spatial_layer(net: nn.Module, size: tuple[int, int]) -> str:
     if not once:
         raise ValueError("no layer of the model has a spatial B×C×h×w output: pass target_layer= "
                          "(and reshape= for a transformer's tokens)")
+    logging.getLogger("unioncam.models").info("%s: explaining layer %s (the last spatial activation of a dry run)",
+                                              type(net).__name__, once[-1])
     return once[-1]
 
 

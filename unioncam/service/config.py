@@ -149,8 +149,9 @@ class EvalConfig:
         if c.target not in ("predicted", "label") and top_k(c.target) is None:
             raise ConfigError(f"target must be 'predicted', 'label' or 'topk:K' with K >= 1, got {c.target!r}")
         if c.dataset == "voc" and c.target == "label":
-            raise ConfigError(f"--target label with VOC shards: {c.model} predicts ImageNet classes, so VOC label 7 "
-                              "'cat' would be explained as ImageNet class 7 'cock'; use --target predicted or topk:K")
+            raise ConfigError(f"--target label with VOC shards: {c.model} is not a model of VOC's 20 classes (no "
+                              "model the job can load is), so VOC label 7 'cat' would be explained as its class 7 "
+                              "(ImageNet's 'cock'); use --target predicted or topk:K")
         for name in ("workers", "batch_size", "limit"):
             value = getattr(c, name)
             if value is not None and value < 1:

@@ -51,19 +51,18 @@ class _Progress:
 
     def __init__(self) -> None:
         self.done: dict[str, int] = {}
-        self.forwards: dict[int, int] = {}
-        self.per_image = 0
+        self.forwards: dict[int, tuple[int, int]] = {}
 
     def update(self, shard: str, n: int) -> None:
         self.done[shard] = n
 
-    def update_forwards(self, worker: int, n: int, per_image: int = 0) -> None:
-        self.forwards[worker] = n
-        self.per_image = per_image
+    def update_forwards(self, worker: int, done: int, needed: int) -> None:
+        self.forwards[worker] = (done, needed)
 
     def total(self) -> tuple[int, int, int]:
-        """Images done, masked forwards done, and about how many one image needs."""
-        return sum(self.done.values()), sum(self.forwards.values()), self.per_image
+        """Images done; masked forwards done and (about) needed in the batches being explained now."""
+        return (sum(self.done.values()), sum(d for d, _ in self.forwards.values()),
+                sum(n for _, n in self.forwards.values()))
 
 
 def log(message: str) -> None:
@@ -77,8 +76,8 @@ def _fmt_seconds(s: float) -> str:
 
 
 class ProgressLine:
-    """Driver-side progress over images and shards: ``done/total images, masked forwards done (and
-    about how many one image needs), img/s, ETA``.
+    """Driver-side progress over images and shards: ``done/total images, masked forwards done / needed
+    (about: constant channels are skipped) in the images being explained now, img/s, ETA``.
 
     A line is printed when something changed (images, shards, failures or the workers' masked
     forwards, which move within a long image) and at least ``interval`` seconds after the last one,
@@ -99,9 +98,9 @@ class ProgressLine:
         self.sampled = 0
 
     def show(self, done_now: int, shards_done: int, failed: int, force: bool = False, forwards: int = 0,
-             per_image: int = 0) -> None:
+             needed: int = 0) -> None:
         now = time.monotonic()
-        state = (done_now, shards_done, failed, forwards)
+        state = (done_now, shards_done, failed, forwards, needed)
         quiet = now - self.last < self.interval
         if not force and (quiet or (state == self.shown and now - self.last < 6 * self.interval)):
             return
@@ -116,9 +115,7 @@ class ProgressLine:
         pct = 100.0 * done / total if total else 100.0
         rate = self.rate or 0.0
         speed = f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
-        inner = f" | {forwards} masked forwards" if forwards else ""
-        if forwards and per_image:
-            inner += f" (~{per_image} per image)"
+        inner = f" | {min(forwards, needed)}/{needed} masked forwards of the current images" if needed else ""
         log(f"{done}/{total} images ({pct:.0f}%){inner} | {self.already_shards + shards_done}/{self.shards} "
             f"shards{f' | {failed} failed' if failed else ''} | {speed} | ETA {eta}")
 
@@ -643,9 +640,8 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                 if actors[i] is actor:
                     submit(i)
             give_up_slow_starters()
-            images, forwards, per_image = ray.get(progress.total.remote())
-            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards,
-                      per_image=per_image)
+            images, forwards, needed = ray.get(progress.total.remote())
+            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards, needed=needed)
             lock.heartbeat()
         for path in pending:  # every worker is gone: these shards stay for a rerun
             manifest.record(shard_name(path), status="failed", path=storage.redact(path),

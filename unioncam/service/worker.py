@@ -400,16 +400,20 @@ class ShardWorker:
         self.progress = ray.get_actor(progress) if progress else None  # a name: handles in args break restarts
         self.out = cfg.out or "."
         self.computing = threading.Lock()
+        self.batch_start = masked_inputs()  # masked forwards when the current batch of images began
         if self.progress is not None:  # within-image progress: this process's masked forwards, every few s
             threading.Thread(target=self._report_forwards, name="unioncam-forwards", daemon=True).start()
 
     def _report_forwards(self) -> None:
-        sent = -1
+        """Every few seconds: the masked forwards done since the current batch of images began (its
+        start is marked by each progress call of :meth:`run`) and about how many it needs."""
+        sent: tuple[int, int] | None = None
         while True:
-            n = masked_inputs()
-            if n != sent and self.progress is not None:
-                self.progress.update_forwards.remote(os.getpid(), n, self.evaluator.forwards_per_image)
-                sent = n
+            current = (masked_inputs() - self.batch_start, self.evaluator.forwards_per_image
+                       * self.evaluator.images_per_batch if self.computing.locked() else 0)
+            if current != sent and self.progress is not None:
+                self.progress.update_forwards.remote(os.getpid(), *current)
+                sent = current
             time.sleep(FORWARDS_INTERVAL)
 
     def info(self) -> dict[str, Any]:
@@ -426,6 +430,7 @@ class ShardWorker:
         last = [0.0]
 
         def progress(done: int) -> None:
+            self.batch_start = masked_inputs()  # a batch of images is done: the next one begins
             if self.progress is not None:
                 self.progress.update.remote(name, done)
             now = time.monotonic()
