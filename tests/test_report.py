@@ -359,6 +359,15 @@ def test_html_check_catches_broken_pages(tmp_path):
     assert HTMLCheck(tmp_path).check('<html><body><img src="missing.png"></body></html>')
 
 
+def test_report_html_is_valid_for_a_whatwg_parser(boxed):
+    """html5lib (the WHATWG HTML parsing algorithm) in strict mode: any parse error fails."""
+    html5lib = pytest.importorskip("html5lib")
+    page = (boxed / "report" / "report.html").read_text()
+    parser = html5lib.HTMLParser(strict=True)
+    parser.parse(page)  # raises html5lib.html5parser.ParseError on the first error
+    assert parser.errors == []
+
+
 def test_every_number_in_the_html_summary_equals_the_csv_in_its_format(boxed):
     page = (boxed / "report" / "report.html").read_text()
     assert HTMLCheck(boxed / "report").check(page) == []
