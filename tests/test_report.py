@@ -392,3 +392,34 @@ def test_every_number_in_the_html_summary_equals_the_csv_in_its_format(boxed):
         checked += 1
     numbers = re.findall(r"\d+(?:\.\d+)?", " ".join(shown.to_numpy().ravel()))
     assert len(numbers) == checked  # nothing else numeric in the table
+
+
+def _same_number(cell: str, value: float) -> bool:
+    """``cell`` shows ``value`` at the precision it prints (its decimals)."""
+    decimals = len(cell.split(".")[1]) if "." in cell else 0
+    return abs(float(cell) - float(value)) <= 0.5 * 10 ** -decimals + 1e-12
+
+
+def test_every_number_in_the_html_ams_tables_equals_their_csvs(boxed):
+    page = (boxed / "report" / "report.html").read_text()
+    ams = pd.read_csv(boxed / "report" / "ams.csv")
+    ams = ams[ams["by"] == "predicted"].drop(columns="by").reset_index(drop=True)
+    shown = html_table(page, "ams")
+    assert len(shown) == len(ams) > 0
+    checked = 0
+    for i in range(len(ams)):
+        for col in ams.columns:
+            cell = str(shown.iloc[i][col]).replace(",", "")
+            if col == "class":
+                assert cell == str(ams.iloc[i][col])
+                continue
+            assert _same_number(cell, ams.iloc[i][col]), (i, col, cell, ams.iloc[i][col])
+            checked += 1
+    betas = pd.read_csv(boxed / "report" / "ams_beta.csv")
+    shown_b = html_table(page, "ams_beta")
+    assert list(shown_b["beta"]) == list(betas["beta"])
+    for i in range(len(betas)):
+        for col in betas.columns[1:]:
+            assert _same_number(str(shown_b.iloc[i][col]).replace(",", ""), betas.iloc[i][col]), (i, col)
+            checked += 1
+    assert checked > 20

@@ -138,3 +138,19 @@ def test_maps_are_streamed_in_row_groups_and_read_back_whole(tmp_path):
     np.testing.assert_array_equal(back, maps.astype(np.float32))
     few = read_saliency(tmp_path, keys=["k0003", "k0518"])
     np.testing.assert_array_equal(few[2], maps[[3, 518]].astype(np.float32))
+
+
+def test_read_saliency_opens_only_the_shards_it_is_given(run_dir, tmp_path):
+    """The report picks a few keys out of a large run: with ``shards=`` no other maps file is opened
+    (here another shard's file is garbage, and is never read)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "maps" / "t-000001.parquet").write_bytes(b"not parquet")
+    rows = read_metrics(copy).to_pandas()
+    key = rows[rows["shard"] == "t-000000"]["key"].iloc[0]
+    keys, _, maps = read_saliency(copy, method="gradcam", keys=[key], shards=["t-000000"])
+    assert keys == [key] and maps.shape == (1, 64, 64)
+    with pytest.raises(Exception, match=r"(?i)parquet"):
+        read_saliency(copy, method="gradcam", keys=[key])  # without shards=, every file is opened
