@@ -8,6 +8,10 @@ and UnionCAM must run. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +64,23 @@ def their_gradcam(loaded: unioncam.LoadedModel, x: torch.Tensor, target: int) ->
     with GradCAM(model=loaded.model, target_layers=[layer], reshape_transform=reshape) as cam:
         # our model's parameters are frozen: an input that requires grad gives pytorch-grad-cam its graph
         return cam(input_tensor=x.clone().requires_grad_(True), targets=[ClassifierOutputTarget(target)])[0]
+
+
+@contextlib.contextmanager
+def model_log() -> Iterator[list[logging.LogRecord]]:
+    """The INFO records of ``unioncam.models`` logged inside the block (pytest's caplog needs the
+    logging plugin, which some runs turn off)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("unioncam.models")
+    logger.addHandler(handler)
+    old_level, logger.level = logger.level, logging.INFO
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,22 +151,11 @@ class Plain(nn.Module):
 
 
 def test_any_module_with_defaults_found_by_a_dry_run():
-    import logging
-
     torch.manual_seed(0)
     net = Plain()
     net.train()
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("unioncam.models")
-    logger.addHandler(handler)
-    old_level, logger.level = logger.level, logging.INFO
-    try:
+    with model_log() as records:
         loaded = load(net, input_size=32)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     assert loaded.target_layer == "body"  # the outermost of body.3 / body, which end together
     assert any("explaining layer body" in r.getMessage() for r in records)
     assert loaded.class_names == tuple(f"class_{i}" for i in range(5)) and loaded.input_size == (32, 32)
@@ -221,21 +231,10 @@ def test_job_and_cli_take_family_names(tmp_path):
 
 
 def test_an_unlisted_torchvision_family_gets_a_logged_dry_run_layer(tmp_path):
-    import logging
-
     torch.manual_seed(0)
     weights = random_weights(tmp_path, tvm.get_model("shufflenet_v2_x0_5", weights=None))
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("unioncam.models")
-    logger.addHandler(handler)
-    old_level, logger.level = logger.level, logging.INFO
-    try:
+    with model_log() as records:
         loaded = load("torchvision:shufflenet_v2_x0_5", weights)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     assert loaded.target_layer == "conv5"
     assert any("explaining layer conv5" in r.getMessage() for r in records)
     smaller = load("torchvision:resnet18", random_weights(tmp_path, tvm.get_model("resnet18", weights=None), "r.pth"),
