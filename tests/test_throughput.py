@@ -86,9 +86,11 @@ def test_compiled_forward_pads_to_one_shape_and_never_recompiles(tmp_path):
             "metrics": ["ad", "ai"], "batch_size": 4, "images_per_batch": 3}
     eager = ShardEvaluator(EvalConfig(**base, out=str(tmp_path / "eager"), compile=False).resolved())
     eager.evaluate(str(tmp_path / "shards" / "t-000000.tar"), str(tmp_path / "eager"))
+    before = compiled_graphs()
     compiled = ShardEvaluator(EvalConfig(**base, out=str(tmp_path / "compiled"), compile=True).resolved())
     assert compiled.compile and compiled.warmup_seconds > 0
     after_warmup = compiled_graphs()
+    assert after_warmup - before <= 1  # one graph (fp32 methods and metrics); nothing else in start-up compiles
     result = compiled.evaluate(str(tmp_path / "shards" / "t-000000.tar"), str(tmp_path / "compiled"))
     assert result["compiled_graphs"] == after_warmup  # 7 images in calls of 3, 3, 1: no new graph
     a = read_metrics(tmp_path / "eager").to_pandas().sort_values(["key", "method"]).reset_index(drop=True)

@@ -39,7 +39,7 @@ from unioncam import storage
 from unioncam.data.shards import iter_samples, prefetched, shard_name
 from unioncam.data.voc import VOC_CLASSES
 from unioncam.methods import CAM, get_method
-from unioncam.methods.base import default_batch_size, gpu_plan, masked_inputs, predict
+from unioncam.methods.base import default_batch_size, find_layer, gpu_plan, masked_inputs, predict
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, normalize, resolve_precision
@@ -110,14 +110,12 @@ class ShardEvaluator:
         (the insertion and deletion curves)."""
         channels = 0
         if {"scorecam", "unioncam"} & set(self.cfg.methods):
-            from unioncam.methods.base import find_layer
-
             layer = find_layer(self.model, None)
             grid = self.model.reshape_transform or (lambda out: out)  # transformers: channels of the token grid
             seen: list[int] = []
             handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(int(grid(out).shape[1])))
-            try:
-                with torch.inference_mode():
+            try:  # no_grad, not inference_mode: the eager forward, so a compiled graph never sees this hook
+                with torch.no_grad():
                     self.model(torch.zeros((1, 3, *self.size), device=self.device))
             finally:
                 handle.remove()
