@@ -345,8 +345,7 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
     for f in files:
         with storage.open_random(f) as handle:
             parquet = pq.ParquetFile(handle)
-            h, w = _provenance(parquet.schema_arrow)["map_shape"]
-            shape = (int(h), int(w))
+            shape = _map_shape(parquet)
             for group in range(parquet.num_row_groups):
                 index = parquet.read_row_group(group, columns=["key", "method", "rank"])
                 methods.update(index.column("method").unique().to_pylist())
@@ -381,8 +380,13 @@ def read_maps_file(location: str) -> tuple[pa.Table, tuple[int, int]]:
     """One maps file (local or a URI): its table (:data:`MAPS_COLUMNS`) and the maps' ``(H, W)``."""
     with storage.open_random(location) as handle:  # one open: provenance and rows
         parquet = pq.ParquetFile(handle)
-        h, w = _provenance(parquet.schema_arrow)["map_shape"]
-        return parquet.read(columns=list(MAPS_COLUMNS)), (int(h), int(w))
+        return parquet.read(columns=list(MAPS_COLUMNS)), _map_shape(parquet)
+
+
+def _map_shape(parquet: pq.ParquetFile) -> tuple[int, int]:
+    """The ``(H, W)`` a maps file records in its provenance."""
+    h, w = _provenance(parquet.schema_arrow)["map_shape"]
+    return int(h), int(w)
 
 
 def map_array(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
