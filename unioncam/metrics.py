@@ -6,6 +6,9 @@ seeded 95% bootstrap confidence interval, overall and per class).
 Conventions:
     * ``Y_i = f_c(I0)``, ``O_i = f_c(L ⊙ I0)``: softmax probabilities of the target class ``c``
       on the image and on the image masked by the method's normalized map ``L`` (pixel space).
+    * ``protocol=`` (:mod:`unioncam.protocols`): ``"reference"`` (the default: REFERENCE.md, the
+      conventions above), or ``"rise"``, ``"pytorch-grad-cam"``, ``"torchcam"``: those libraries'
+      conventions, for numbers comparable with theirs.
     * Boxes are ``[xmin, ymin, xmax, ymax]`` in the map's pixel coordinates, continuous: the pixel
       in column ``x``, row ``y`` covers ``[x, x+1) × [y, y+1)`` and lies in a box when its centre
       ``(x + 0.5, y + 0.5)`` does. So integer boxes cover columns ``xmin … xmax−1``.
@@ -15,16 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unioncam.methods.base import batched_probs, default_batch_size, model_device
 from unioncam.ops import resolve_precision, safe_divide
+from unioncam.protocols import Protocol, blur, curve_auc, curve_counts, get_protocol, saliency_ranks
 
 
 def _check_maps(images: Tensor, maps: Tensor) -> None:
@@ -35,16 +38,19 @@ def _check_maps(images: Tensor, maps: Tensor) -> None:
 
 
 def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
-               batch_size: int | None = None, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+               batch_size: int | None = None, precision: str = "fp32",
+               protocol: str | Protocol = "reference") -> tuple[Tensor, Tensor]:
     """``(Y, O)`` with ``Y_i = f_c(I0_i)`` and ``O_i = f_c(L_i ⊙ I0_i)``, batched, in IEEE fp32 by
     default (so a method's ``precision`` changes its maps only). ``precision`` (``"fp16"``, ...) runs
     the metric forwards at reduced precision for speed on GPUs; the logits stay fp32 (the model's
-    last ``Linear`` computes in fp32 under autocast).
+    last ``Linear`` computes in fp32 under autocast). ``protocol`` (:mod:`unioncam.protocols`) says
+    where ``L`` multiplies: the pixels (``reference``) or the model's normalized input.
 
     Args:
         images: ``B×3×H×W`` in ``[0, 1]``. maps: ``B×H×W`` in ``[0, 1]``. targets: ``B`` classes.
     """
     _check_maps(images, maps)
+    p = get_protocol(protocol)
     b = images.shape[0]
     size = batch_size or default_batch_size(model_device(model))
     maps = maps.to(images.dtype)
@@ -52,7 +58,8 @@ def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
     def inputs(sl: slice) -> Tensor:
         j = torch.arange(sl.start, sl.stop, device=images.device)
         i = j % b
-        return torch.where((j < b)[:, None, None, None], images[i], maps[i][:, None] * images[i])
+        masked = p.from_space(model, maps[i][:, None] * p.to_space(model, images[i]))
+        return torch.where((j < b)[:, None, None, None], images[i], masked)
 
     probs = batched_probs(model, targets.to(images.device).repeat(2), inputs, 2 * b, size,
                           resolve_precision(precision, images.device))
@@ -68,11 +75,13 @@ def _check_confidences(y: Tensor, o: Tensor) -> None:
         raise ValueError("Y must be > 0 (the drop is relative to Y); got a zero confidence")
 
 
-def average_drop(y: Tensor, o: Tensor) -> Tensor:
+def average_drop(y: Tensor, o: Tensor, protocol: str | Protocol = "reference") -> Tensor:
     """Per-sample drop ``100 · max(0, Y − O) / Y`` in percent; its mean is the Average Drop
-    (Chattopadhay et al., 2018). Raises ``ValueError`` for ``Y ≤ 0`` or non-finite input."""
+    (Chattopadhay et al., 2018). Other protocols: :meth:`unioncam.protocols.Protocol.average_drop`
+    (``pytorch-grad-cam``: ``100 · max(0, Y − O)``). Raises ``ValueError`` for ``Y ≤ 0`` or
+    non-finite input."""
     _check_confidences(y, o)
-    return 100.0 * (y - o).clamp_min(0) / y
+    return get_protocol(protocol).average_drop(y, o)
 
 
 def average_increase(y: Tensor, o: Tensor) -> Tensor:
@@ -83,75 +92,74 @@ def average_increase(y: Tensor, o: Tensor) -> Tensor:
 
 def gaussian_blur(images: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
     """Separable Gaussian blur, an ``11``-tap sampled Gaussian of ``σ = 5`` px (normalized to sum 1)
-    with reflect padding: the insertion baseline of REFERENCE.md.
+    with reflect padding: the insertion baseline of REFERENCE.md (the ``reference`` protocol).
 
     Only the *parameters* (11 px, σ = 5) are RISE's. RISE's evaluation code builds its kernel with
     ``gkern(11, 5)``, a Gaussian-filtered point (nearly flat: centre/corner ratio 1.14), and pads with
     zeros, so its blurred baseline and its insertion AUCs differ from ours (issue 19 measured up to
-    0.04 on EfficientNet-Lite0)."""
-    half = kernel // 2
-    x = torch.arange(kernel, dtype=images.dtype, device=images.device) - half
-    k1 = torch.exp(-(x**2) / (2 * sigma**2))
-    k1 = k1 / k1.sum()
-    c = images.shape[1]
-    out = F.pad(images, (half, half, half, half), mode="reflect")
-    out = F.conv2d(out, k1.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(out, k1.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    0.04 on EfficientNet-Lite0); the ``rise`` protocol (:mod:`unioncam.protocols`) uses RISE's."""
+    curves = get_protocol("reference").curves
+    assert curves is not None
+    return blur(images, replace(curves, blur_size=kernel, blur_sigma=sigma))
 
 
-def _auc(curve: Tensor) -> Tensor:
-    """Trapezoid rule over ``steps + 1`` equally spaced points of ``[0, 1]`` (last dim)."""
-    steps = curve.shape[-1] - 1
-    return (curve[..., 1:] + curve[..., :-1]).sum(-1) / (2 * steps)
-
-
-def insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
-                  batch_size: int | None = None) -> Tensor:
+def insertion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int | None = None,
+                  batch_size: int | None = None, protocol: str | Protocol = "reference") -> Tensor:
     """Insertion AUC per image; see :func:`insertion_deletion`."""
-    return insertion_deletion(model, images, maps, targets, steps, batch_size)[0]
+    return insertion_deletion(model, images, maps, targets, steps, batch_size, protocol=protocol)[0]
 
 
-def deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
-                 batch_size: int | None = None) -> Tensor:
+def deletion_auc(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int | None = None,
+                 batch_size: int | None = None, protocol: str | Protocol = "reference") -> Tensor:
     """Deletion AUC per image; see :func:`insertion_deletion`."""
-    return insertion_deletion(model, images, maps, targets, steps, batch_size)[1]
+    return insertion_deletion(model, images, maps, targets, steps, batch_size, protocol=protocol)[1]
 
 
-def insertion_deletion(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int = 224,
-                       batch_size: int | None = None, precision: str = "fp32") -> tuple[Tensor, Tensor]:
-    """RISE insertion and deletion AUCs (Petsiuk et al., 2018), per image.
+def insertion_deletion(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, steps: int | None = None,
+                       batch_size: int | None = None, precision: str = "fp32",
+                       protocol: str | Protocol = "reference") -> tuple[Tensor, Tensor]:
+    """RISE insertion and deletion AUCs (Petsiuk et al., 2018), per image, by ``protocol``'s recipe
+    (:class:`unioncam.protocols.Curves`; ``steps`` None: the protocol's, 224 for ``reference``).
 
-    Pixels are ranked by the map (descending; ties by raster order). At step ``s = 0 … steps`` the
-    first ``round(s · HW / steps)`` pixels are revealed on the blurred image (insertion) or set
-    to black (deletion); ``f_c`` is taken after each step and the AUC is the trapezoid rule over
-    the fraction revealed. All ``2·B·(steps+1)`` perturbed inputs run in batches of ``batch_size``,
-    in IEEE fp32 unless ``precision`` says otherwise (as :func:`confidence`).
+    ``reference``: pixels are ranked by the map (descending; ties by raster order). At step
+    ``s = 0 … steps`` the first ``round(s · HW / steps)`` pixels are revealed on the blurred image
+    (insertion) or set to black (deletion); ``f_c`` is taken after each step and the AUC is the
+    trapezoid rule over the fraction revealed. Other protocols change the space the pixels are
+    replaced in, the baselines, the step rule, the tie order and the AUC rule. All perturbed inputs
+    (``2·B`` curves) run in batches of ``batch_size``, in IEEE fp32 unless ``precision`` says
+    otherwise (as :func:`confidence`).
     """
     _check_maps(images, maps)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    p = get_protocol(protocol)
+    if p.curves is None:
+        raise ValueError(f"protocol {p.name!r} defines no insertion/deletion curves ({p.sources} has none)")
+    curves = p.curves
+    steps = curves.steps if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     b, _, h, w = images.shape
     n_pix = h * w
-    order = torch.sort(maps.reshape(b, -1), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n_pix, device=maps.device).expand(b, -1))
-    revealed = torch.round(torch.arange(steps + 1, device=maps.device, dtype=torch.float64) * n_pix / steps)
-    blurred = gaussian_blur(images)
-    per_image = steps + 1
+    rank = saliency_ranks(maps, curves.ties)
+    counts = curve_counts(n_pix, steps, curves.step_rule)
+    revealed = counts.to(maps.device)
+    x = p.to_space(model, images)
+    start = blur(x, curves) if curves.insertion_start == "blur" else torch.zeros_like(x)
+    per_image = counts.numel()
     size = batch_size or default_batch_size(model_device(model))
 
     def inputs(sl: slice) -> Tensor:
         j = torch.arange(sl.start, sl.stop, device=images.device)
         deleting, rest = j >= b * per_image, j % (b * per_image)
         i, s = rest // per_image, rest % per_image
-        shown = (rank[i] < revealed[s][:, None]).view(-1, 1, h, w).to(images.dtype)
-        start = torch.where(deleting[:, None, None, None], torch.zeros_like(images[i]), blurred[i])
-        return torch.where(deleting[:, None, None, None], images[i] * (1 - shown), start + shown * (images[i] - start))
+        shown = (rank[i] < revealed[s][:, None]).view(-1, 1, h, w)
+        inserted = torch.where(shown, x[i], start[i])
+        deleted = torch.where(shown, torch.zeros_like(x[i]), x[i])
+        return p.from_space(model, torch.where(deleting[:, None, None, None], deleted, inserted))
 
     t = targets.to(images.device).repeat_interleave(per_image).repeat(2)
     probs = batched_probs(model, t, inputs, 2 * b * per_image, size,
                           resolve_precision(precision, images.device)).view(2, b, per_image)
-    return _auc(probs[0]), _auc(probs[1])
+    return (curve_auc(probs[0], counts, n_pix, curves.auc), curve_auc(probs[1], counts, n_pix, curves.auc))
 
 
 def _box_mask(boxes: Sequence[Sequence[float]], size: tuple[int, int], device: torch.device) -> Tensor:
