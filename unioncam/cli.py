@@ -252,6 +252,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_job(args.job_args, args.dataset)
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    """``unioncam rescore RUN_DIR --protocol P``: the job with ``--rescore RUN_DIR`` (its saved maps
+    scored again under another protocol into ``RUN_DIR/rescore/P``; the run's own files are only read)."""
+    from unioncam.service.config import ConfigError, EvalConfig
+
+    argv = ["--rescore", args.run_dir, *args.job_args]
+    if args.protocol is not None:
+        argv += ["--protocol", args.protocol]
+    try:
+        EvalConfig.from_argv(argv, "imagenet")  # checked before Ray: the dataset is the run's (from its manifest)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    from unioncam.service.runner import main as run_job  # imports Ray
+
+    return run_job(argv, "imagenet")
+
+
 DESCRIPTION = ("Class activation maps (UnionCAM, Integrative CAM and their baselines) at dataset scale: "
                "explain images, convert datasets into WebDataset shards, evaluate them with Ray, "
                "and report and verify the runs.")
@@ -320,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("run_dir", metavar="RUN_DIR", help="the job's --out (a folder or a URI such as s3://bucket/run)")
     vf.set_defaults(func=cmd_verify)
 
+    rs = sub.add_parser("rescore", help="score a run's saved maps again under another metric protocol "
+                                        "(a separate table: RUN_DIR/rescore/PROTOCOL; the run is only read)",
+                        epilog="Other job options (--out, --metrics, --insdel-steps, --weights, --workers, --address, "
+                               "--batch-size, ...) are passed on: see unioncam eval --dataset imagenet --help.")
+    rs.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory with maps (local or a URI)")
+    rs.add_argument("--protocol", default=None,
+                    help="reference, rise, pytorch-grad-cam or torchcam (unioncam.protocols)")
+    rs.set_defaults(func=cmd_rescore)
+
     # every argument but --dataset (and -h) is passed on to the job: main() collects them (parse_known_args)
     ev = sub.add_parser("eval", help="run the Ray evaluation job on WebDataset shards (as jobs/eval.py)",
                         add_help=False, allow_abbrev=False,
@@ -339,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, job_args = parser.parse_known_args(argv)  # arguments unknown to `unioncam eval` are the job's
-    if job_args and args.func is not cmd_eval:
+    if job_args and args.func not in (cmd_eval, cmd_rescore):
         parser.error(f"unrecognized arguments: {' '.join(job_args)}")  # as parse_args
     args.job_args = job_args
     try:

@@ -26,6 +26,7 @@ from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB
 from unioncam.models import canonical as canonical_model
 from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, check_precision
+from unioncam.protocols import PROTOCOL_NAMES, get_protocol
 from unioncam.registry import parse_names
 
 Dataset = Literal["imagenet", "voc"]
@@ -67,7 +68,14 @@ class EvalConfig:
         max_gpu_memory: GiB per GPU worker from which batch sizes are derived (with 90% of the free
             memory as a second cap; :func:`unioncam.methods.base.gpu_plan`); explicit batch sizes win.
         limit: evaluate at most this many images (in shard order); None: all.
-        insdel_steps: insertion/deletion steps (REFERENCE.md: 224 at 224²).
+        insdel_steps: insertion/deletion steps (None: the protocol's: 224 at 224² for ``reference``
+            and ``rise``, as REFERENCE.md; 20 for ``torchcam``; the bundled sample: 32 with ``reference``).
+        protocol: the metric conventions (:mod:`unioncam.protocols`): "reference" (REFERENCE.md,
+            the default), "rise", "pytorch-grad-cam" (no insertion/deletion: ``insdel`` is dropped
+            from the metrics) or "torchcam"; recorded in the manifest, the provenance and the report.
+        rescore: a finished run directory whose saved maps are scored again under ``protocol``
+            (set by ``unioncam rescore``): no map is recomputed, the shards are that run's done
+            shards, the targets its rows', and its files are only read.
         target: "predicted" (REFERENCE.md default), "label" (the dataset's label; refused for VOC
             shards, whose 20 labels are not the model's ImageNet classes), or "topk:K" (K rows per
             image, one per predicted class, with ``rank`` 1..K).
@@ -101,6 +109,8 @@ class EvalConfig:
     max_gpu_memory: float = DEFAULT_GPU_MEMORY_GIB
     limit: int | None = None
     insdel_steps: int | None = None
+    protocol: str = "reference"
+    rescore: str | None = None
     target: str = "predicted"
     save_maps: bool = True
     address: str | None = None
@@ -114,7 +124,7 @@ class EvalConfig:
 
     @property
     def is_sample(self) -> bool:
-        return self.sample or self.shards is None
+        return self.sample or (self.shards is None and self.rescore is None)
 
     def resolved(self) -> EvalConfig:
         """A validated copy with the sample defaults filled in. Raises :class:`ConfigError`."""
@@ -123,24 +133,38 @@ class EvalConfig:
             raise ConfigError(f"unknown dataset {c.dataset!r}; valid: imagenet, voc")
         if self.sample and self.shards is not None:
             raise ConfigError("'sample: true' and 'shards' exclude each other: give one")
+        try:
+            protocol = get_protocol(c.protocol)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        c.protocol = protocol.name
+        if c.rescore is not None:
+            c = _rescoring(c, protocol.name)
         if c.is_sample:
             c.sample = True
             c.shards = str(SAMPLE_DIR / c.dataset / f"sample-{c.dataset}-*.tar")
             c.out = c.out or f"runs/sample-{c.dataset}"
             c.model = c.model or "efficientnet_lite0"
-            c.insdel_steps = 32 if c.insdel_steps is None else c.insdel_steps
+            if c.insdel_steps is None and protocol.name == "reference":
+                c.insdel_steps = 32
         elif not c.out:
             raise ConfigError("--out RUN_DIR is required with --shards")
         try:
             c.model = canonical_model(c.model or "vgg16")
         except ValueError as exc:  # unknown name, family or architecture; the message lists the choices
             raise ConfigError(str(exc)) from None
-        c.insdel_steps = 224 if c.insdel_steps is None else c.insdel_steps
+        if c.insdel_steps is None:
+            c.insdel_steps = protocol.curves.steps if protocol.curves else 224
         try:
             c.methods = parse_methods(c.methods)
             c.metrics = parse_names(c.metrics, METRIC_NAMES, "metric", empty_ok=True)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        if protocol.curves is None and "insdel" in c.metrics:
+            c.metrics.remove("insdel")  # the library has no curves: nothing to compare with
+            if not c.metrics:
+                raise ConfigError(f"protocol {protocol.name} defines no insertion/deletion ({protocol.sources}); "
+                                  "choose other --metrics or another --protocol")
         try:
             check_precision(c.precision)
             check_precision(c.metrics_precision)
@@ -188,7 +212,8 @@ class EvalConfig:
     def identity(self) -> dict[str, Any]:
         """The options that decide the rows' values; a rerun into the same ``out`` must match."""
         return {k: getattr(self, k) for k in ("dataset", "model", "methods", "metrics", "precision",
-                                               "metrics_precision", "limit", "insdel_steps", "target", "save_maps")}
+                                               "metrics_precision", "limit", "insdel_steps", "protocol", "rescore",
+                                               "target", "save_maps")}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -249,6 +274,32 @@ class EvalConfig:
             if key in given:
                 given[key] = _names(key, given[key])
         return dataclasses.replace(base, **given).resolved()
+
+
+def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:
+    """``c`` with what a rescore takes from the run it rescores (``c.rescore``'s manifest): dataset,
+    model, methods, target, limit and precision are that run's (its maps are reused), the metrics
+    those of its metrics that ``c`` asks for, no maps are written, and ``out`` defaults to
+    ``RUN_DIR/rescore/<protocol>``."""
+    from unioncam.service.results import load_manifest
+
+    if c.shards is not None or c.sample:
+        raise ConfigError("a rescore reads the shards of the run it rescores: give no --shards")
+    run = storage.absolute(c.rescore or "")
+    try:
+        then = load_manifest(run)["config"]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot rescore {storage.redact(run)}: {exc}") from None
+    if then.get("rescore"):
+        raise ConfigError(f"{storage.redact(run)} is itself a rescore of {then['rescore']}: rescore that run")
+    if not then.get("save_maps", False):
+        raise ConfigError(f"{storage.redact(run)} saved no maps (--no-maps), so there is nothing to rescore: rerun "
+                          "it with maps")
+    asked = parse_names(c.metrics, METRIC_NAMES, "metric", empty_ok=True)
+    return dataclasses.replace(
+        c, rescore=run, dataset=then["dataset"], model=then["model"], methods=list(then["methods"]),
+        metrics=[m for m in then["metrics"] if m in asked], target=then["target"], limit=then["limit"],
+        precision=then["precision"], save_maps=False, out=c.out or storage.join(run, "rescore", protocol))
 
 
 def top_k(target: str) -> int | None:
@@ -327,7 +378,14 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--max-gpu-memory", type=float, metavar="GIB",
                    help="GPU memory per worker that batch sizes are derived from (default 4 GiB)")
     p.add_argument("--limit", type=int, help="evaluate at most N images")
-    p.add_argument("--insdel-steps", type=int, help="insertion/deletion steps (default 224; sample: 32)")
+    p.add_argument("--insdel-steps", type=int,
+                   help="insertion/deletion steps (default: the protocol's, 224 for reference; sample: 32)")
+    p.add_argument("--protocol",
+                   help=f"metric conventions, one of {', '.join(PROTOCOL_NAMES)} (default reference: REFERENCE.md; the "
+                        "others: those libraries' own, unioncam.protocols)")
+    p.add_argument("--rescore", metavar="RUN_DIR",
+                   help="score RUN_DIR's saved maps again under --protocol, into --out (default "
+                        "RUN_DIR/rescore/<protocol>), computing no map (what `unioncam rescore` runs)")
     p.add_argument("--target", metavar="predicted|label|topk:K",
                    help="class(es) to explain: the predicted class (default), the label, or the top K predictions")
     p.add_argument("--no-maps", dest="save_maps", action="store_const", const=False, help="skip maps/*.parquet")

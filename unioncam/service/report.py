@@ -29,6 +29,7 @@ import pandas as pd
 
 from unioncam import storage
 from unioncam.metrics import summarize
+from unioncam.protocols import PROTOCOL_NAMES, Protocol, get_protocol
 from unioncam.service.results import load_manifest, provenance_of, read_metrics, read_saliency, run_files
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -42,11 +43,20 @@ SUMMARY_COLUMNS = ["method", "n", "errors", "average_drop", "ad_ci_low", "ad_ci_
                    "ai_ci_low", "ai_ci_high", "insertion_auc", "deletion_auc", "epg", "n_epg", "seconds_per_image"]
 
 
+def run_protocol(run_dir: str | os.PathLike[str]) -> Protocol:
+    """The metric protocol a run recorded in its manifest (runs from before protocols: ``reference``)."""
+    run_dir = storage.absolute(run_dir)
+    if not storage.is_file(storage.join(run_dir, "manifest.json")):
+        return get_protocol("reference")
+    return get_protocol(str(load_manifest(run_dir)["config"].get("protocol") or "reference"))
+
+
 def load_rows(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """All metrics rows with per-image ``drop`` and ``increase`` (percent) added."""
+    """All metrics rows with per-image ``drop`` and ``increase`` (percent) added, the drop by the
+    run's protocol (:func:`run_protocol`; ``reference``: ``100·max(0, Y−O)/Y``)."""
     df = read_metrics(run_dir).to_pandas()
     y, o = df["y"].astype(float), df["o"].astype(float)
-    df["drop"] = 100.0 * (y - o).clip(lower=0) / y
+    df["drop"] = run_protocol(run_dir).drop_array(y.to_numpy(), o.to_numpy())
     df["increase"] = np.where(y.isna() | o.isna(), np.nan, 100.0 * (y < o))
     return df
 
@@ -537,6 +547,37 @@ def _render_html(blocks: list[Block], figures: dict[str, bytes]) -> str:
     return "".join(out)
 
 
+def protocol_lines(protocol: Protocol) -> list[str]:
+    """The conventions ``protocol`` uses, one sentence each (the report's "Metric protocol")."""
+    space = ("the pixels ([0, 1] images)" if protocol.space == "pixel"
+             else "the model's normalized input (x − mean)/std, where zeros are the mean colour")
+    drop = "relative to Y" if protocol.drop == "relative" else "absolute, max(0, Y−O)"
+    if protocol.drop_eps:
+        drop += f", Y + {protocol.drop_eps:g} in the denominator"
+    lines = [f"Masks and baselines apply to {space}.",
+             f"Average Drop is {drop}; Y and O are softmax probabilities of the target class."]
+    c = protocol.curves
+    if c is None:
+        lines.append("Insertion/deletion: none (the library defines no such curves).")
+    else:
+        step = "round(s·HW/steps) pixels at point s" if c.step_rule == "round" else "⌈HW/steps⌉ pixels per step"
+        start = f"a {c.blur_kernel} blur ({c.blur_padding} padding)" if c.insertion_start == "blur" else "zeros"
+        auc = "the trapezoid rule with equal spacing" if c.auc == "uniform" else "torch.trapezoid over the fraction"
+        lines.append(f"Insertion/deletion: {c.steps} steps by default, {step}; insertion starts from {start}, "
+                     f"deletion ends at zeros; ties in {c.ties} order; AUC by {auc}.")
+    lines.append(f"Sources: {protocol.sources}.")
+    return lines
+
+
+def protocol_blocks(protocol: Protocol) -> list[Block]:
+    """The report's "Metric protocol" section: the conventions used, and how each protocol differs."""
+    others = [f"{p.name}{' (this run)' if p.name == protocol.name else ''}: {p.differs}."
+              for p in map(get_protocol, PROTOCOL_NAMES)]
+    return [("h2", f"Metric protocol: {protocol.name}"), ("notes", protocol_lines(protocol)),
+            ("p", "The protocols (rescore a run's maps with another: unioncam rescore RUN_DIR --protocol NAME):"),
+            ("notes", others)]
+
+
 def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_rows: int = 60,
                  overlay_keys: Sequence[str] | None = None) -> dict[str, str]:
     """Aggregate a run's rows into ``RUN_DIR/report/`` (``run_dir`` a folder or a URI, the report is
@@ -567,6 +608,7 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     provs = {storage.basename(f).removesuffix(".parquet"): provenance_of(f)
              for f in run_files(run_dir, "metrics")}
     prov = next(iter(provs.values()))
+    protocol = run_protocol(run_dir)
     requested = set(config["metrics"]) if isinstance(config.get("metrics"), list) else None
     label_target = str(prov.get("target", config.get("target"))) == "label" or (
         "target" not in prov and "target" not in config and df["rank"].isna().all())
@@ -613,6 +655,8 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
              "input size": prov.get("input_size"), "precision (methods)": prov.get("precision"),
              "target": prov.get("target") if top == 1 else f"{prov.get('target')} (the tables use rank 1, the "
              f"predicted class; metrics/ holds all {top} ranks)", "insertion/deletion steps": prov.get("insdel_steps"),
+             "metric protocol": protocol.name + (f" (rescored from {prov['rescore_of']}: the same maps)"
+                                                 if prov.get("rescore_of") else ""),
              "metrics requested": ", ".join(config["metrics"]) if requested is not None else "(not recorded)",
              "shards done / failed": f"{counts.get('shards_done', '?')} / {counts.get('shards_failed', '?')}",
              "images": df["key"].nunique(), "error rows": int(df["error"].notna().sum()),
@@ -622,9 +666,12 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     epg_note = _epg_note(df, None if requested is None else "epg" in requested, prov.get("dataset"))
     no_boxes = bool(df.loc[df["error"].isna(), "epg"].isna().all())
     table = _table1(summary, requested, no_boxes, {"scorecam": "†"} if shared else None)
+    drop_rule = ("100/N Σ max(0, Y−O)/Y" if protocol.drop == "relative" and not protocol.drop_eps else
+                 f"100/N Σ max(0, Y−O)/(Y + {protocol.drop_eps:g})" if protocol.drop == "relative" else
+                 "100/N Σ max(0, Y−O) (absolute)")
     notes = [FORMATS_NOTE,
-             "Average Drop = 100/N Σ max(0, Y−O)/Y; Average Increase = 100/N Σ 1[Y<O] (REFERENCE.md); "
-             "95% percentile bootstrap CIs.",
+             f"Average Drop = {drop_rule}; Average Increase = 100/N Σ 1[Y<O] (protocol {protocol.name}; "
+             "see Metric protocol below); 95% percentile bootstrap CIs.",
              "s/image: the mean wall-clock seconds per image to compute the method's map (each batch's time over "
              "its images; scoring the metrics is not included), on this run's hardware and precision."]
     if shared:
@@ -644,6 +691,7 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     blocks: list[Block] = [("h2", "Results (Table 1 layout)"), ("table", (table, "summary")), ("notes", notes)]
     blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png") if n in figures]
 
+    blocks += protocol_blocks(protocol)
     blocks.append(("h2", "UnionCAM's AMS branch"))
     run_row = ams[ams["by"] == "run"]
     if "unioncam" not in methods:

@@ -413,7 +413,8 @@ def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int | None], dict[str
         log(f"building the bundled sample shards under {SAMPLE_DIR}/")
         write_sample_shards(SAMPLE_DIR)
     try:
-        paths = [storage.absolute(p) for p in expand_shards(cfg.shards or "")]
+        paths = _rescored_shards(cfg.rescore) if cfg.rescore else [storage.absolute(p) for p in
+                                                                   expand_shards(cfg.shards or "")]
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     except OSError as exc:
@@ -431,6 +432,24 @@ def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int | None], dict[str
             limits[p] = left if known is None else min(known, left)  # unknown: up to what is left
             left -= 0 if known is None else limits[p] or 0
     return paths, counts, limits
+
+
+def _rescored_shards(run_dir: str) -> list[str]:
+    """The shards a rescore of ``run_dir`` reads: those its manifest lists as done with maps."""
+    entries = load_manifest(run_dir)["shards"]
+    paths = []
+    for name, entry in sorted(entries.items()):
+        if entry["status"] != "done" or not entry.get("maps"):
+            log(f"rescore: skipping {name}: it is not done with maps in {storage.redact(run_dir)}")
+            continue
+        uri = str((entry.get("source") or {}).get("uri") or entry.get("path") or "")
+        if not uri or "***" in uri:
+            raise ConfigError(f"{storage.redact(run_dir)} recorded shard {name} without a readable location "
+                              f"({uri or 'none'}); rescore needs the shard's images")
+        paths.append(uri)
+    if not paths:
+        raise ConfigError(f"{storage.redact(run_dir)} has no finished shard with saved maps to rescore")
+    return paths
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
@@ -451,6 +470,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     cfg = replace(cfg, out=out, weights=weights)
     paths, counts, limits = prepare(cfg)
     sha = storage.sha256(weights) if weights else None
+    if cfg.rescore:
+        then = load_manifest(cfg.rescore)["config"].get("weights_sha256")
+        if then != sha:
+            raise ConfigError(f"{storage.redact(cfg.rescore)} was computed with weights sha256 {str(then)[:12]}, "
+                              f"this rescore loads {str(sha)[:12]} (--weights): the maps would not be this model's")
     lock = RunLock(out)
     lock.acquire()
     try:

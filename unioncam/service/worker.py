@@ -43,12 +43,17 @@ from unioncam.methods.base import default_batch_size, find_layer, gpu_plan, mask
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, normalize, resolve_precision
+from unioncam.protocols import curve_counts, get_protocol
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.results import (
     MAP_DTYPE,
     METRICS_SCHEMA,
     MapsWriter,
+    map_array,
     maps_schema,
+    provenance_of,
+    read_maps_file,
+    read_parquet,
     with_provenance,
     write_parquet,
 )
@@ -78,6 +83,7 @@ class ShardEvaluator:
             raise ValueError(f"--target label with VOC shards needs a model of VOC's 20 classes; {self.loaded.name} "
                              f"has {len(self.loaded.class_names)} others, so a VOC label would be explained as "
                              "another class (VOC 7 'cat' as ImageNet 7 'cock')")
+        self.protocol = get_protocol(cfg.protocol)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.metrics_precision = resolve_precision(cfg.metrics_precision, self.device)
         gpu = self.device.type == "cuda"
@@ -100,8 +106,10 @@ class ShardEvaluator:
             "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
             "input_size": list(self.size), "precision": self.precision, "metrics_precision": self.metrics_precision,
             "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
-            "insdel_steps": cfg.insdel_steps, "unioncam_version": unioncam.__version__,
-            "torch_version": torch.__version__, "ray_version": _ray_version(), "device": str(self.device)}
+            "insdel_steps": cfg.insdel_steps, "protocol": self.protocol.name,
+            "rescore_of": storage.redact(cfg.rescore) if cfg.rescore else None,
+            "unioncam_version": unioncam.__version__, "torch_version": torch.__version__,
+            "ray_version": _ray_version(), "device": str(self.device)}
 
     def _forwards_per_image(self) -> int:
         """About how many masked inputs one image needs (progress within an image): Score-CAM's and
@@ -120,8 +128,13 @@ class ShardEvaluator:
             finally:
                 handle.remove()
             channels = seen[0] if seen else 0
-        per_map = 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * ((self.cfg.insdel_steps or 224) + 1) * (
-            "insdel" in self.cfg.metrics)
+        points = 0
+        if "insdel" in self.cfg.metrics and self.protocol.curves is not None:
+            points = curve_counts(self.size[0] * self.size[1], self.cfg.insdel_steps or self.protocol.curves.steps,
+                                  self.protocol.curves.step_rule).numel()
+        per_map = 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * points
+        if self.cfg.rescore:  # the maps are read, not computed
+            return len(self.cfg.methods) * per_map
         return channels + 2 * ("unioncam" in self.cfg.methods) + len(self.cfg.methods) * per_map
 
     def _warm_up(self) -> float:
@@ -160,7 +173,10 @@ class ShardEvaluator:
         maps = MapsWriter(with_provenance(maps_schema(self.size), {**prov, "map_shape": list(self.size),
                                                                    "map_dtype": MAP_DTYPE}))
         try:
-            seen = self._compute(shard, name, limit, on_progress, expected, rows, maps)
+            if self.cfg.rescore:
+                seen = self._rescore(shard, name, limit, on_progress, rows, source)
+            else:
+                seen = self._compute(shard, name, limit, on_progress, expected, rows, maps)
         except BaseException:
             maps.discard()
             raise
@@ -196,6 +212,85 @@ class ShardEvaluator:
         for row in rows:
             row["shard"] = name
         return seen
+
+    def _rescore(self, shard: str, name: str, limit: int | None, on_progress: Callable[[int], None] | None,
+                 rows: list[Row], source: dict[str, Any]) -> int:
+        """The rows of the run being rescored (``cfg.rescore``) for this shard, in its order, with Y, O,
+        insertion/deletion and EPG computed again under this run's protocol from its saved maps (as
+        saved: float16) and its rows' targets; its other columns (β's, AMS branch, seconds of the
+        map) are copied, its error rows kept as they are. Its files are only read.
+
+        Raises:
+            ValueError: the shard's bytes changed since the rescored run read them, or its maps are
+                of another size than the model's input.
+        """
+        run = self.cfg.rescore or ""
+        metrics_file = storage.join(run, "metrics", f"{name}.parquet")
+        then = provenance_of(metrics_file).get("source") or {}
+        if any(field in then and then[field] != source.get(field) for field in ("bytes", "sha256", "etag")):
+            raise ValueError(f"shard {name} changed since {storage.redact(run)} read it, so its maps explain other "
+                             "images: rescore needs the bytes the run was computed from")
+        out = read_parquet(metrics_file).to_pylist()
+        table, shape = read_maps_file(storage.join(run, "maps", f"{name}.parquet"))
+        if tuple(shape) != tuple(self.size):
+            raise ValueError(f"shard {name}'s maps are {shape[0]}×{shape[1]}, the model takes {self.size[0]}×"
+                             f"{self.size[1]}: rescore with the run's model")
+        saved = map_array(table, shape)
+        where = {(k, m, r): i for i, (k, m, r) in enumerate(zip(*(table.column(c).to_pylist()
+                                                                  for c in ("key", "method", "rank")), strict=True))}
+        wanted: dict[str, list[int]] = {}  # key -> its rows to score again
+        for j, row in enumerate(out):
+            if row["error"] is None:
+                row.update(dict.fromkeys(("y", "o", "insertion_auc", "deletion_auc", "epg")))
+                wanted.setdefault(row["key"], []).append(j)
+        seen = 0
+        batch: list[tuple[dict[str, Any], list[int]]] = []
+        for record in prefetched(iter_samples(shard, self.size), depth=2 * self.images_per_batch):
+            if not wanted or (limit is not None and seen >= limit):
+                break
+            seen += 1
+            js = wanted.pop(record["key"], [])
+            if js and "error" in record:
+                for j in js:
+                    out[j]["error"] = f"the sample no longer decodes: {record['error']}"
+            elif js:
+                batch.append((record, js))
+            if len(batch) >= self.images_per_batch:
+                self._rescore_batch(batch, out, where, saved)
+                batch = []
+            if on_progress is not None and not batch:
+                on_progress(seen)
+        if batch:
+            self._rescore_batch(batch, out, where, saved)
+        for js in wanted.values():
+            for j in js:
+                out[j]["error"] = "the sample is not in the shard any more"
+        if on_progress is not None:
+            on_progress(seen)
+        rows += out
+        return seen
+
+    def _rescore_batch(self, batch: list[tuple[dict[str, Any], list[int]]], out: list[Row],
+                       where: dict[tuple[Any, ...], int], saved: np.ndarray) -> None:
+        items = []
+        for record, js in batch:
+            for j in js:
+                i = where.get((out[j]["key"], out[j]["method"], out[j]["rank"]))
+                if i is None:
+                    out[j]["error"] = "the rescored run saved no map for this row"
+                else:
+                    items.append((record, j, i))
+        if not items:
+            return
+        x = torch.stack([record["image"] for record, _, _ in items]).to(self.device)
+        targets = torch.tensor([out[j]["target"] for _, j, _ in items], device=self.device)
+        maps = [torch.from_numpy(saved[i]).to(self.device) for _, _, i in items]
+        values = self._score_all([record for record, _, _ in items], x, targets, maps, list(range(len(items))))
+        for (_, j, _), value in zip(items, values, strict=True):
+            if isinstance(value, str):
+                out[j]["error"] = value
+            else:
+                out[j].update(value)
 
     def write(self, computed: dict[str, Any], out: str) -> dict[str, Any]:
         """Write what :meth:`compute` returned as ``out/metrics/<name>.parquet`` (and the maps file);
@@ -320,7 +415,7 @@ class ShardEvaluator:
         xi, ti = x[idx], targets[idx]
         values: list[Row | str] = [{} for _ in index]
         if {"ad", "ai"} & set(self.cfg.metrics):
-            y, o = confidence(self.model, xi, m, ti, self.batch_size, self.metrics_precision)
+            y, o = confidence(self.model, xi, m, ti, self.batch_size, self.metrics_precision, self.protocol)
             for j, (yj, oj) in enumerate(zip(y.tolist(), o.tolist(), strict=True)):
                 if not (math.isfinite(yj) and math.isfinite(oj)):
                     values[j] = f"non-finite confidence (Y={yj}, O={oj})"
@@ -329,8 +424,8 @@ class ShardEvaluator:
                 else:
                     values[j].update(y=yj, o=oj)  # type: ignore[union-attr]
         if "insdel" in self.cfg.metrics:
-            ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps or 224, self.batch_size,
-                                           self.metrics_precision)
+            ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps, self.batch_size,
+                                           self.metrics_precision, self.protocol)
             for j, (a, d) in enumerate(zip(ins.tolist(), dele.tolist(), strict=True)):
                 if isinstance(values[j], dict):
                     values[j].update(insertion_auc=a, deletion_auc=d)  # type: ignore[union-attr]
