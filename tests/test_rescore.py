@@ -148,3 +148,34 @@ def test_rescore_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"changed since .* read it"):
         ShardEvaluator(cfg, "cpu", run_id="r").evaluate(str(shards[0]), str(cfg.out))
     assert not (Path(str(cfg.out)) / "metrics").exists()
+
+
+def test_cli_rescore_passes_the_run_and_protocol_to_the_job(tmp_path: Path, fake_runner, capsys) -> None:
+    from unioncam.cli import main
+
+    src, _ = evaluated_run(tmp_path)
+    assert main(["rescore", str(src.out), "--protocol", "torchcam", "--workers", "1"]) == 0
+    assert fake_runner == [(["--rescore", str(src.out), "--workers", "1", "--protocol", "torchcam"], "imagenet")]
+    assert main(["rescore", str(tmp_path / "none"), "--protocol", "rise"]) == 2  # checked before Ray
+    assert main(["rescore", str(src.out), "--protocol", "ryse"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(fake_runner) == 1 and len(err) == 2
+    assert "cannot rescore" in err[0] and "unknown protocol 'ryse' (did you mean 'rise'?)" in err[1]
+
+
+def test_cli_explain_metrics_under_a_protocol(tmp_path: Path, capsys) -> None:
+    from unioncam.cli import main
+    from unioncam.data.sample import sample_photo_paths
+
+    photo = str(sample_photo_paths(["chelsea"])["chelsea"])
+    out = str(tmp_path / "o")
+    assert main(["explain", photo, "--model", "tiny_cnn", "--method", "gradcam", "--metrics", "--protocol",
+                 "pytorch-grad-cam", "--out", out]) == 0
+    line = next(li for li in capsys.readouterr().out.splitlines() if "Y=" in li)
+    values = dict(item.split("=") for item in line.split())
+    y, o = float(values["Y"]), float(values["O"])
+    assert float(values["drop"].rstrip("%")) == pytest.approx(max(0.0, y - o) * 100, abs=0.02)  # absolute drop
+    assert "insertion" not in values  # grad-cam defines no curves
+    assert main(["explain", photo, "--model", "tiny_cnn", "--method", "gradcam", "--metrics", "--protocol",
+                 "rise", "--steps", "4", "--out", out]) == 0
+    assert "insertion=" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from unioncam.metrics import average_drop, average_increase, confidence, inserti
 from unioncam.models import WeightsError, load
 from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, resolve_precision
+from unioncam.protocols import get_protocol
 from unioncam.registry import UnknownNameError
 from unioncam.viz import ImageError, load_image, overlay
 
@@ -65,8 +66,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          "them in separate runs")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    args.protocol = get_protocol(args.protocol)  # an unknown name: UnknownNameError, listing the valid ones
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -120,14 +122,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _format_metrics(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                     args: argparse.Namespace) -> str:
-    """Y, O, drop, increase and insertion/deletion AUCs of one image's map, scored in fp32 (as the
-    service does), so ``--precision`` changes the maps only."""
+    """Y, O, drop, increase and insertion/deletion AUCs of one image's map under ``--protocol``,
+    scored in fp32 (as the service does), so ``--precision`` changes the maps only."""
     batch = args.batch_size or None
-    y, o = confidence(model, x, maps, targets, batch)
-    ins, dele = insertion_deletion(model, x, maps, targets, args.steps, batch)
-    return (f"Y={float(y[0]):.4f}  O={float(o[0]):.4f}  drop={float(average_drop(y, o)[0]):.2f}%"
-            f"  increase={float(average_increase(y, o)[0]):.0f}%  insertion={float(ins[0]):.4f}"
-            f"  deletion={float(dele[0]):.4f}")
+    y, o = confidence(model, x, maps, targets, batch, protocol=args.protocol)
+    text = (f"Y={float(y[0]):.4f}  O={float(o[0]):.4f}  drop={float(average_drop(y, o, args.protocol)[0]):.2f}%"
+            f"  increase={float(average_increase(y, o)[0]):.0f}%")
+    if args.protocol.curves is not None:
+        ins, dele = insertion_deletion(model, x, maps, targets, args.steps, batch, protocol=args.protocol)
+        text += f"  insertion={float(ins[0]):.4f}  deletion={float(dele[0]):.4f}"
+    return text
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
@@ -305,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="never compile")
     p.add_argument("--metrics", action="store_true",
                    help="also print Y, O, drop, increase and insertion/deletion AUC per image and method")
-    p.add_argument("--steps", type=int, default=224, help="insertion/deletion steps (with --metrics)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="insertion/deletion steps (with --metrics; default: the protocol's, 224 for reference)")
+    p.add_argument("--protocol", default="reference",
+                   help="metric conventions (with --metrics): reference, rise, pytorch-grad-cam, torchcam")
     p.set_defaults(func=cmd_explain)
 
     sh = sub.add_parser("shards", help="convert a dataset into WebDataset shards")
