@@ -216,7 +216,7 @@ def reinitialize(module: nn.Module, seed: int) -> None:
             module.load_state_dict(twin.state_dict())
 
 
-def _steps(model: nn.Module, layers: LayerSelection) -> list[int]:
+def cascade_steps(model: nn.Module, layers: LayerSelection) -> list[int]:
     """The cascade indices after which the maps are compared (0-based, ascending).
 
     None: every layer. An int ``k``: every ``k``-th (indices ``k−1, 2k−1, …``) and always the last,
@@ -281,10 +281,10 @@ def cascade(model: nn.Module, seed: int = 0, layers: LayerSelection = None,
 
     The same copy is yielded every time (as quantus does): use it before advancing the generator,
     or copy it. ``model`` itself is never modified. ``layers`` selects the steps yielded (see
-    :func:`_steps`: None every layer, an int ``k`` every ``k``-th and the last, or names); the layers
+    :func:`cascade_steps`: None every layer, an int ``k`` every ``k``-th and the last, or names); the layers
     in between are randomized all the same. Layer ``i`` is seeded by ``layer_seed(seed, i, seeding)``.
     """
-    steps = _steps(model, layers)
+    steps = cascade_steps(model, layers)
     work = _copy(model)
     for name, _ in _randomize(work, steps, seed, seeding):
         yield name, work
@@ -425,7 +425,7 @@ def sanity_check(model: nn.Module | LoadedModel, methods: Methods, images: Tenso
             or a factory called with each model (a CAM class, ``lambda m: LayerCAM(m, "features.3")``).
         images: ``B×3×H×W`` in ``[0, 1]``.
         targets: ``B`` classes, kept for every step; None: the original model's predictions.
-        seed, seeding: see :func:`layer_seed`; layers: the steps compared (:func:`_steps`).
+        seed, seeding: see :func:`layer_seed`; layers: the steps compared (:func:`cascade_steps`).
         batch_size: images per explaining call (None: all at once). A score-based method's masked
             batch is its own ``batch_size`` option.
     Returns:
@@ -447,7 +447,7 @@ def sanity_check(model: nn.Module | LoadedModel, methods: Methods, images: Tenso
     specs = {m: m for m in methods} if not isinstance(methods, Mapping) else dict(methods)
     if not specs:
         raise ValueError("no methods")
-    steps = _steps(net, layers)
+    steps = cascade_steps(net, layers)
     memo: dict[int, Any] = {}
     work = _copy(net, memo)
     pairs = {name: _pair(name, spec, net, work, memo) for name, spec in specs.items()}

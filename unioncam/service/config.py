@@ -76,6 +76,11 @@ class EvalConfig:
         rescore: a finished run directory whose saved maps are scored again under ``protocol``
             (set by ``unioncam rescore``): no map is recomputed, the shards are that run's done
             shards, the targets its rows', and its files are only read.
+        sanity: also run the model parameter randomization sanity check (:mod:`unioncam.sanity`)
+            on every image: ``sanity/<shard>.parquet``, Spearman and SSIM per method and cascade step.
+        sanity_layers: with ``sanity``, compare after every K-th parameterized layer from the logits
+            down (and the last); None: after every layer (VGG16: 16, EfficientNet-Lite0: 99 steps).
+        sanity_seed: seeds the re-initialization (recorded in the manifest and provenance).
         target: "predicted" (REFERENCE.md default), "label" (the dataset's label; refused for VOC
             shards, whose 20 labels are not the model's ImageNet classes), or "topk:K" (K rows per
             image, one per predicted class, with ``rank`` 1..K).
@@ -111,6 +116,9 @@ class EvalConfig:
     insdel_steps: int | None = None
     protocol: str = "reference"
     rescore: str | None = None
+    sanity: bool = False
+    sanity_layers: int | None = None
+    sanity_seed: int = 0
     target: str = "predicted"
     save_maps: bool = True
     address: str | None = None
@@ -139,7 +147,12 @@ class EvalConfig:
             raise ConfigError(str(exc)) from None
         c.protocol = protocol.name
         if c.rescore is not None:
+            if c.sanity:
+                raise ConfigError("--sanity recomputes maps on randomized models: run it as an evaluation, "
+                                  "not a rescore")
             c = _rescoring(c, protocol.name)
+        if c.sanity_layers is not None and c.sanity_layers < 1:
+            raise ConfigError(f"sanity_layers must be >= 1 (every K-th layer), got {c.sanity_layers}")
         if c.is_sample:
             c.sample = True
             c.shards = str(SAMPLE_DIR / c.dataset / f"sample-{c.dataset}-*.tar")
@@ -213,7 +226,7 @@ class EvalConfig:
         """The options that decide the rows' values; a rerun into the same ``out`` must match."""
         return {k: getattr(self, k) for k in ("dataset", "model", "methods", "metrics", "precision",
                                                "metrics_precision", "limit", "insdel_steps", "protocol", "rescore",
-                                               "target", "save_maps")}
+                                               "sanity", "sanity_layers", "sanity_seed", "target", "save_maps")}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -383,6 +396,11 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--protocol",
                    help=f"metric conventions, one of {', '.join(PROTOCOL_NAMES)} (default reference: REFERENCE.md; the "
                         "others: those libraries' own, unioncam.protocols)")
+    p.add_argument("--sanity", action="store_const", const=True,
+                   help="also run the cascading parameter randomization sanity check (sanity/*.parquet)")
+    p.add_argument("--sanity-layers", type=int, metavar="K",
+                   help="with --sanity: compare after every K-th layer from the logits down (default: every layer)")
+    p.add_argument("--sanity-seed", type=int, help="with --sanity: the randomization's seed (default 0)")
     p.add_argument("--rescore", metavar="RUN_DIR",
                    help="score RUN_DIR's saved maps again under --protocol, into --out (default "
                         "RUN_DIR/rescore/<protocol>), computing no map (what `unioncam rescore` runs)")

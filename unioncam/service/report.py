@@ -30,7 +30,14 @@ import pandas as pd
 from unioncam import storage
 from unioncam.metrics import summarize
 from unioncam.protocols import PROTOCOL_NAMES, Protocol, get_protocol
-from unioncam.service.results import load_manifest, provenance_of, read_metrics, read_saliency, run_files
+from unioncam.service.results import (
+    load_manifest,
+    provenance_of,
+    read_metrics,
+    read_parquet,
+    read_saliency,
+    run_files,
+)
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table.t{border-collapse:collapse;margin:1em 0;font-size:14px}
@@ -344,6 +351,43 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame) -> dict[str, bytes]:
     return figures
 
 
+def sanity_table(run_dir: str) -> pd.DataFrame | None:
+    """Mean Spearman and SSIM with the original maps per method and cascade step (``--sanity``), over
+    the rank-1 rows that did not fail; None when the run has no sanity rows."""
+    files = run_files(run_dir, "sanity")
+    if not files:
+        return None
+    rows = pd.concat([read_parquet(f).to_pandas() for f in files], ignore_index=True)
+    rows = rows[rows["error"].isna() & (rows["rank"].isna() | (rows["rank"] == 1))]
+    if rows.empty:
+        return None
+    ok = rows[~rows["failed"].astype(bool)]
+    grouped = ok.groupby(["method", "step", "layer"], sort=True)
+    table = grouped.agg(n=("key", "size"), spearman=("spearman", "mean"), ssim=("ssim", "mean")).reset_index()
+    failed = rows.groupby(["method", "step"])["failed"].sum().rename("failed").reset_index()
+    return table.merge(failed, on=["method", "step"], how="left").sort_values(["method", "step"])
+
+
+def _sanity_plot(table: pd.DataFrame) -> bytes:
+    """Adebayo et al.'s cascading randomization curves: similarity to the original maps vs the layer
+    randomized down to (logits first)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (col, title) in zip(axes, (("spearman", "Spearman rank correlation"), ("ssim", "SSIM")), strict=True):
+        for method, part in table.groupby("method", sort=False):
+            ax.plot(part["step"], part[col], marker="o", label=method)
+        steps = table.drop_duplicates("step").sort_values("step")
+        ax.set_xticks(steps["step"], [str(layer) for layer in steps["layer"]], rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(-0.2 if col == "spearman" else 0, 1.05)
+        ax.set_title(f"{title} with the original map")
+        ax.set_xlabel("randomized from the logits down to")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
 def _ams_plot(df: pd.DataFrame) -> bytes | None:
     """β histograms, and β_reg vs β_dereg per image with the AMS boundary β_dereg = β_reg."""
     u = df[(df["method"] == "unioncam") & df["error"].isna()]
@@ -645,6 +689,11 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
             grid_png, overlay_text = _overlay_grid(run_dir, df, methods, shards, keys)
             if grid_png:
                 figures["overlays.png"] = grid_png
+    sanity = sanity_table(run_dir)
+    if sanity is not None:
+        storage.write_text(storage.join(out, "sanity.csv"), sanity.to_csv(index=False))
+        written["sanity"] = "sanity.csv"
+        figures["sanity.png"] = _sanity_plot(sanity)
     for name, data in figures.items():
         storage.write_bytes(storage.join(out, name), data)
 
@@ -691,6 +740,17 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     blocks: list[Block] = [("h2", "Results (Table 1 layout)"), ("table", (table, "summary")), ("notes", notes)]
     blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png") if n in figures]
 
+    if sanity is not None:
+        seed = provenance_of(run_files(run_dir, "sanity")[0]).get("sanity_seed")
+        last = sanity.sort_values("step").groupby("method").tail(1).set_index("method")
+        blocks += [("h2", "Sanity check: cascading model parameter randomization"),
+                   ("p", f"Adebayo et al. (2018): the model's layers re-initialized from the logits down (seed {seed}, "
+                         "one seed per layer), each method's maps recomputed on the randomized model and compared "
+                         "with the original maps (mean over images; sanity.csv per step). A method whose maps "
+                         "stay similar once the layers it explains are random does not depend on the model. "
+                         "Fully randomized: " + "; ".join(f"{m} Spearman {fmt_auc(r['spearman'])}, SSIM "
+                                                          f"{fmt_auc(r['ssim'])}" for m, r in last.iterrows()) + "."),
+                   ("img", ("sanity.png", ""))]
     blocks += protocol_blocks(protocol)
     blocks.append(("h2", "UnionCAM's AMS branch"))
     run_row = ams[ams["by"] == "run"]

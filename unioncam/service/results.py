@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from unioncam import storage
 from unioncam.data.shards import shard_name
 
-SCHEMA_VERSION = "2"  # 2: a rank column (--target topk:K), maps as FixedSizeList<float16>[H·W]
+SCHEMA_VERSION = "3"  # 2: a rank column (--target topk:K), maps as FixedSizeList<float16>[H·W]; 3: ROAD, sanity
 MAP_DTYPE = "float16"  # recorded in the maps file's provenance
 
 METRICS_SCHEMA = pa.schema([
@@ -40,6 +40,8 @@ METRICS_SCHEMA = pa.schema([
     pa.field("insertion_auc", pa.float64()),
     pa.field("deletion_auc", pa.float64()),
     pa.field("epg", pa.float64()),
+    pa.field("road_morf", pa.list_(pa.float64())),  # f_c after ROAD's MoRF imputation, per percentile (provenance)
+    pa.field("road_lerf", pa.list_(pa.float64())),  # the same, LeRF
     pa.field("beta_den", pa.float64()),
     pa.field("beta_reg", pa.float64()),
     pa.field("beta_dereg", pa.float64()),
@@ -49,6 +51,19 @@ METRICS_SCHEMA = pa.schema([
 ])
 
 MAPS_COLUMNS = ("key", "method", "rank", "map")
+
+SANITY_SCHEMA = pa.schema([  # RUN_DIR/sanity/<shard>.parquet (--sanity): unioncam.sanity.SanityResult.rows()
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("rank", pa.int32()),
+    pa.field("target", pa.int32()),
+    pa.field("step", pa.int32()),  # 0: no layer randomized yet; k: the cascade down to `layer`
+    pa.field("layer", pa.string()),
+    pa.field("spearman", pa.float64()),  # rank correlation with the original map
+    pa.field("ssim", pa.float64()),
+    pa.field("failed", pa.bool_()),  # the method gave NaN/inf on this randomized model
+    pa.field("error", pa.string()),  # the check could not run for this image
+])
 MAPS_ROW_GROUP = 256  # maps per Parquet row group (224² float16 maps: ~25 MB): what a reader holds at once
 
 
@@ -163,11 +178,14 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
 
     A shard is finished when ``metrics/<name>.parquet`` opens, carries ``run_id`` and
     :data:`SCHEMA_VERSION`, has every column of :data:`METRICS_SCHEMA` and the row count the manifest
-    recorded (``entry["rows"]``), and, when maps are saved, ``maps/<name>.parquet`` passes the same
+    recorded (``entry["rows"]``); ``sanity/<name>.parquet`` the same when the entry records sanity
+    rows; and, when maps are saved, ``maps/<name>.parquet`` passes the same
     checks against :func:`maps_schema` of its recorded shape (``entry["maps"]`` rows). Resume and
     ``unioncam verify`` use this.
     """
     checks: list[tuple[str, pa.Schema | None, Any]] = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
+    if entry.get("sanity"):
+        checks.append(("sanity", SANITY_SCHEMA, entry["sanity"]))
     if save_maps:
         checks.append(("maps", None, entry.get("maps")))  # its schema follows the map shape it records
     for folder, schema, rows in checks:
@@ -238,14 +256,15 @@ def source_changed(name: str, entry: dict[str, Any], path: str | None = None) ->
 
 
 def run_files(run_dir: str, folder: str) -> list[str]:
-    """The ``folder`` (``metrics`` or ``maps``) Parquet files that belong to the run: one per shard its
+    """The ``folder`` (``metrics``, ``maps`` or ``sanity``) Parquet files that belong to the run: one per shard its
     manifest lists as done (other files there, e.g. copied from another run, are not part of it), or
     every file when the directory has no manifest."""
     if not storage.is_file(storage.join(run_dir, "manifest.json")):
         return storage.list_files(storage.join(run_dir, folder), ".parquet")
     shards = load_manifest(run_dir)["shards"]
+    optional = folder in ("maps", "sanity")  # a done shard has them when its entry counts their rows
     return [storage.join(run_dir, folder, f"{name}.parquet") for name in sorted(shards)
-            if shards[name]["status"] == "done" and (folder != "maps" or shards[name].get("maps", 0) > 0)]
+            if shards[name]["status"] == "done" and (not optional or shards[name].get(folder, 0) > 0)]
 
 
 class MapsWriter:

@@ -44,10 +44,12 @@ from unioncam.metrics import confidence, energy_pointing_game, insertion_deletio
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, normalize, resolve_precision
 from unioncam.protocols import curve_counts, get_protocol
+from unioncam.sanity import cascade_steps, sanity_check
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.results import (
     MAP_DTYPE,
     METRICS_SCHEMA,
+    SANITY_SCHEMA,
     MapsWriter,
     map_array,
     maps_schema,
@@ -101,6 +103,8 @@ class ShardEvaluator:
         self.cams: dict[str, CAM] = {
             m: get_method(m)(self.model, batch_size=self.batch_size, precision=self.precision)
             for m in cfg.methods if not (self.share_region and m == "scorecam")}
+        self.sanity_rows: list[Row] = []
+        self.layer_seeds: dict[str, int] = {}
         self.provenance = {
             "run_id": run_id, "dataset": cfg.dataset, "model": self.loaded.name,
             "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
@@ -135,7 +139,10 @@ class ShardEvaluator:
         per_map = 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * points
         if self.cfg.rescore:  # the maps are read, not computed
             return len(self.cfg.methods) * per_map
-        return channels + 2 * ("unioncam" in self.cfg.methods) + len(self.cfg.methods) * per_map
+        explaining = channels + 2 * ("unioncam" in self.cfg.methods)
+        if self.cfg.sanity:  # the maps again on the original and at every cascade step (+ step 0)
+            explaining *= 2 + len(cascade_steps(self.model, self.cfg.sanity_layers))
+        return explaining + len(self.cfg.methods) * per_map
 
     def _warm_up(self) -> float:
         """Compile the grad-free forward for every setting a shard uses (the methods' precision and the
@@ -170,6 +177,7 @@ class ShardEvaluator:
         source = storage.fingerprint(storage.absolute(shard))  # before reading: what these rows were computed from
         prov = {**self.provenance, "shard_path": source["uri"], "source": source}
         rows: list[Row] = []
+        self.sanity_rows = []
         maps = MapsWriter(with_provenance(maps_schema(self.size), {**prov, "map_shape": list(self.size),
                                                                    "map_dtype": MAP_DTYPE}))
         try:
@@ -181,7 +189,7 @@ class ShardEvaluator:
             maps.discard()
             raise
         return {"name": name, "shard": shard, "rows": rows, "maps": maps, "images": seen, "start": start,
-                "source": source, "provenance": prov}
+                "source": source, "provenance": prov, "sanity": self.sanity_rows}
 
     def _compute(self, shard: str, name: str, limit: int | None, on_progress: Callable[[int], None] | None,
                  expected: int | None, rows: list[Row], maps: MapsWriter) -> int:
@@ -303,8 +311,14 @@ class ShardEvaluator:
                 maps.commit(storage.join(out, "maps", f"{name}.parquet"))
         finally:
             maps.discard()
+        if self.cfg.sanity:  # before the metrics file: a shard whose metrics exist has its sanity rows too
+            sanity_prov = {**prov, "sanity_seed": self.cfg.sanity_seed, "sanity_layers": self.cfg.sanity_layers,
+                           "sanity_seeding": "distinct", "sanity_layer_seeds": self.layer_seeds}
+            write_parquet(computed["sanity"], with_provenance(SANITY_SCHEMA, sanity_prov),
+                          storage.join(out, "sanity", f"{name}.parquet"))
         write_parquet(rows, with_provenance(METRICS_SCHEMA, prov), storage.join(out, "metrics", f"{name}.parquet"))
         return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0, "source": source,
+                **({"sanity": len(computed["sanity"])} if self.cfg.sanity else {}),
                 "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start,
                 "compiled_graphs": compiled_graphs() if self.compile else 0}
 
@@ -362,6 +376,38 @@ class ShardEvaluator:
                 if self.cfg.save_maps:
                     maps.append({"key": sample["key"], "method": method, "rank": ranks[i],
                                  "map": saliency.detach().to(torch.float16).cpu().numpy()})
+        if self.cfg.sanity:
+            self._sanity(batch, x, targets, ranks)
+
+    def _sanity(self, batch: list[dict[str, Any]], x: Tensor, targets: Tensor, ranks: list[int | None]) -> None:
+        """The cascading randomization check (:func:`unioncam.sanity.sanity_check`) of every method on
+        this batch, into :attr:`sanity_rows`; a batch that fails is retried image by image, and an
+        image that fails alone gets one error row per method."""
+        try:
+            result = sanity_check(self.model, self._sanity_methods(), x, targets, seed=self.cfg.sanity_seed,
+                                  layers=self.cfg.sanity_layers)
+        except Exception as exc:  # isolate the failure per image, as _explain does
+            if x.shape[0] > 1:
+                for i in range(x.shape[0]):
+                    self._sanity(batch[i:i + 1], x[i:i + 1], targets[i:i + 1], ranks[i:i + 1])
+                return
+            self.sanity_rows += [{"key": batch[0]["key"], "method": m, "rank": ranks[0], "target": int(targets[0]),
+                                  "step": None, "layer": None, "spearman": None, "ssim": None, "failed": None,
+                                  "error": _error_text(exc)} for m in self.cfg.methods]
+            return
+        self.layer_seeds = result.layer_seeds
+        for r in result.rows():
+            i = r["image"]
+            self.sanity_rows.append({"key": batch[i]["key"], "method": r["method"], "rank": ranks[i],
+                                     "target": r["target"], "step": r["step"], "layer": r["layer"],
+                                     "spearman": r["spearman"], "ssim": r["ssim"], "failed": r["failed"],
+                                     "error": None})
+
+    def _sanity_methods(self) -> dict[str, Callable[[torch.nn.Module], CAM]]:
+        """Each method built on a randomized copy with this worker's options."""
+        def build(name: str) -> Callable[[torch.nn.Module], CAM]:
+            return lambda model: get_method(name)(model, batch_size=self.batch_size, precision=self.precision)
+        return {m: build(m) for m in self.cfg.methods}
 
     def _explain_all(self, x: Tensor, targets: Tensor) -> dict[str, list[tuple[Tensor, Row, float] | str]]:
         """Per method, per image: ``(map, details, seconds)`` or an error message."""
