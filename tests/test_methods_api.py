@@ -353,7 +353,11 @@ def test_cli_explain_defaults_agree_with_the_job():
     assert args.precision == job.precision == "auto"
     assert args.compile is job.compile is None  # both: on with CUDA, off on CPU
     assert args.batch_size is job.batch_size is None  # both: 4 on CPU, from the GPU's memory on CUDA
-    assert args.steps == EvalConfig(shards="x-*.tar", out="o").resolved().insdel_steps == 224
+    from unioncam.protocols import get_protocol
+
+    curves = get_protocol(args.protocol).curves  # both: the protocol's steps (reference: 224)
+    assert args.steps is None and curves is not None
+    assert curves.steps == EvalConfig(shards="x-*.tar", out="o").resolved().insdel_steps == 224
     off = build_parser().parse_args(["explain", "x.png", "--out", "o", "--no-channels-last"])
     assert off.channels_last is False
     assert build_parser().parse_args(["explain", "x.png", "--out", "o", "--channels-last"]).channels_last is True

@@ -93,6 +93,21 @@ def test_ray_job_submit_end_to_end_and_idempotent_rerun(cluster, tmp_path):
     pd.testing.assert_frame_equal(again.sort_values(["key", "method"])[cols].reset_index(drop=True),
                                   rows.sort_values(["key", "method"])[cols].reset_index(drop=True))
 
+    # Rescore under torchcam's protocol: a separate run under RUN_DIR/rescore/torchcam, the run only read.
+    original = {f.name: f.read_bytes() for f in (out / "metrics").glob("*.parquet")}
+    rescore = ["--rescore", str(out), "--protocol", "torchcam", "--workers", "2", "--cpus-per-worker", "1",
+               "--gpus-per-worker", "0", "--progress-interval", "1"]
+    res = job(cluster, *rescore)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rescored = rows_of(out / "rescore" / "torchcam")
+    assert len(rescored) == 30 and not rescored.duplicated(["key", "method"]).any()
+    assert {f.name: f.read_bytes() for f in (out / "metrics").glob("*.parquet")} == original
+    ok = rescored[rescored["error"].isna()]
+    assert len(ok) == 21 and ok["insertion_auc"].notna().all()
+    report = (out / "rescore" / "torchcam" / "report" / "report.md").read_text()
+    assert "## Metric protocol: torchcam" in report
+    assert "4 already done" in job(cluster, *rescore).stdout  # a rerun resumes like any run
+
 
 def test_killed_worker_is_restarted_and_every_image_is_evaluated_once(cluster, tmp_path):
     make_shards(tmp_path / "shards", n_images=6, shard_size=3)

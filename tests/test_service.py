@@ -219,7 +219,7 @@ def test_provenance_in_schema_metadata(tmp_path, shard_dir):
     cfg = config(tmp_path, methods=["gradcam"], metrics=["ad"])
     ShardEvaluator(cfg, run_id="run42").evaluate(str(shard_dir[0]), cfg.out)
     meta = provenance_of(tmp_path / "run" / "metrics" / "t-000000.parquet")
-    assert meta["schema_version"] == 2 and meta["run_id"] == "run42" and meta["model"] == "tiny_cnn"
+    assert meta["schema_version"] == 3 and meta["run_id"] == "run42" and meta["model"] == "tiny_cnn"
     assert meta["target_layer"] == "features.4" and meta["input_size"] == [64, 64] and meta["precision"] == "fp32"
     assert meta["torch_version"] == torch.__version__ and meta["weights_sha256"] is None
     maps_meta = provenance_of(tmp_path / "run" / "maps" / "t-000000.parquet")

@@ -139,11 +139,11 @@ def test_metrics_run_across_methods_and_a_failing_map_costs_only_its_row(tmp_pat
 
     real = worker.confidence
 
-    def spy(model, images, maps, targets, batch_size, precision):
+    def spy(model, images, maps, targets, batch_size, precision, protocol):
         calls.append(images.shape[0])
         if bool((maps[:, 0, 0] == 0.123).any()):
             raise ValueError("simulated metric failure")
-        return real(model, images, maps, targets, batch_size, precision)
+        return real(model, images, maps, targets, batch_size, precision, protocol)
 
     monkeypatch.setattr(worker, "confidence", spy)
     original = ev._explain
