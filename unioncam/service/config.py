@@ -30,7 +30,8 @@ from unioncam.protocols import PROTOCOL_NAMES, get_protocol
 from unioncam.registry import parse_names
 
 Dataset = Literal["imagenet", "voc"]
-METRIC_NAMES: tuple[str, ...] = ("ad", "ai", "insdel", "epg")
+METRIC_NAMES: tuple[str, ...] = ("ad", "ai", "insdel", "epg", "road")
+DEFAULT_METRICS: tuple[str, ...] = ("ad", "ai", "insdel", "epg")  # "all" adds road (18 imputations per map)
 SAMPLE_DIR = Path("datasets/sample")
 
 
@@ -51,7 +52,9 @@ class EvalConfig:
             :func:`unioncam.models.load`) and an optional weights file (path or URI).
         allow_download: let torchvision/timm download missing weights into their caches (never by
             default: everything else is offline).
-        methods: method names; metrics: any of ``ad, ai, insdel, epg`` (ad and ai share Y and O).
+        methods: method names; metrics: any of ``ad, ai, insdel, epg, road`` (ad and ai share Y
+            and O; road: ROAD's MoRF/LeRF at percentiles 10…90, :mod:`unioncam.road`, not in the
+            default list: 18 imputed images per map).
         workers / gpus_per_worker / cpus_per_worker: None picks from the cluster's resources.
         batch_size: masked inputs per forward (None: 4 on CPU, 32 on GPU).
         images_per_batch: images explained together, their masked inputs sharing batches (None: 1 on
@@ -101,7 +104,7 @@ class EvalConfig:
     weights: str | None = None
     allow_download: bool = False
     methods: list[str] = field(default_factory=lambda: METHODS.names())
-    metrics: list[str] = field(default_factory=lambda: list(METRIC_NAMES))
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     workers: int | None = None
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
@@ -372,7 +375,8 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
                    help="let torchvision/timm download missing weights into their own caches (default: never)")
     p.add_argument("--weights", help="state-dict file for the model")
     p.add_argument("--methods", help=f"'all' (default) or comma-separated: {', '.join(METHODS.names())}")
-    p.add_argument("--metrics", help=f"'all' (default) or comma-separated: {', '.join(METRIC_NAMES)}")
+    p.add_argument("--metrics", help=f"comma-separated: {', '.join(METRIC_NAMES)} (default: "
+                                     f"{','.join(DEFAULT_METRICS)}; 'all' adds road)")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, or one on CPU)")
     p.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-worker", type=float, help="default: 4 with a GPU, else the cluster's CPUs / workers")

@@ -21,6 +21,7 @@ import io
 import math
 import os
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,7 +48,8 @@ img{max-width:100%;margin:0.5em 0}figure{margin:1em 0}figcaption{font-size:13px;
 ul.notes{font-size:14px;color:#333}"""
 
 SUMMARY_COLUMNS = ["method", "n", "errors", "average_drop", "ad_ci_low", "ad_ci_high", "average_increase",
-                   "ai_ci_low", "ai_ci_high", "insertion_auc", "deletion_auc", "epg", "n_epg", "seconds_per_image"]
+                   "ai_ci_low", "ai_ci_high", "insertion_auc", "deletion_auc", "epg", "n_epg", "road_morf", "road_lerf",
+                   "road_combined", "seconds_per_image"]
 
 
 def run_protocol(run_dir: str | os.PathLike[str]) -> Protocol:
@@ -66,6 +68,51 @@ def load_rows(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     df["drop"] = run_protocol(run_dir).drop_array(y.to_numpy(), o.to_numpy())
     df["increase"] = np.where(y.isna() | o.isna(), np.nan, 100.0 * (y < o))
     return df
+
+
+def road_matrix(values: pd.Series) -> np.ndarray:
+    """A ``road_morf``/``road_lerf`` column as an ``N×P`` array (NaN where undefined or not computed)."""
+    lists = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    width = max((len(v) for v in lists), default=0)
+    out = np.full((len(values), width), np.nan)
+    for i, v in enumerate(values):
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            out[i, :len(v)] = [np.nan if x is None else x for x in v]
+    return out
+
+
+def _road_means(values: pd.Series) -> pd.Series:
+    """Per row, the mean over ROAD's percentiles (grad-cam's ``...Average``); NaN if none is defined."""
+    m = road_matrix(values)
+    with warnings.catch_warnings():  # a row with no defined percentile is NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(m, axis=1) if m.shape[1] else np.full(len(values), np.nan)
+    return pd.Series(means, index=values.index)
+
+
+def _road_plot(df: pd.DataFrame, methods: list[str], percentiles: list[float]) -> bytes | None:
+    """ROAD curves: mean f_c after imputing the most (MoRF ↓) / least (LeRF ↑) relevant p% per method."""
+    ok = df[df["error"].isna()]
+    if not ok["road_morf"].notna().any():
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (col, title) in zip(axes, (("road_morf", "ROAD MoRF: most relevant removed ↓"),
+                                       ("road_lerf", "ROAD LeRF: least relevant removed ↑")), strict=True):
+        for method in methods:
+            m = road_matrix(ok.loc[ok["method"] == method, col])
+            if m.size:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    ax.plot(percentiles[:m.shape[1]], np.nanmean(m, axis=0), marker="o", label=method)
+        ax.set_xlabel("pixels removed and imputed (%)")
+        ax.set_ylabel("f_c (probability)")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def _mean(values: pd.Series) -> float:
@@ -87,8 +134,10 @@ def summary_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.Data
             row[name] = s.mean if s else float("nan")
             row[f"{prefix}_ci_low"] = s.ci_low if s else float("nan")
             row[f"{prefix}_ci_high"] = s.ci_high if s else float("nan")
+        morf, lerf = _road_means(ok["road_morf"]), _road_means(ok["road_lerf"])
         row.update(insertion_auc=_mean(ok["insertion_auc"]), deletion_auc=_mean(ok["deletion_auc"]),
-                   epg=_mean(ok["epg"]), n_epg=int(ok["epg"].notna().sum()),
+                   epg=_mean(ok["epg"]), n_epg=int(ok["epg"].notna().sum()), road_morf=_mean(morf),
+                   road_lerf=_mean(lerf), road_combined=_mean((lerf - morf) / 2),
                    seconds_per_image=_mean(ok["seconds"]))
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -147,7 +196,7 @@ COLUMN_FORMATS: dict[str, Callable[[Any], str]] = {
     **dict.fromkeys(("n", "errors", "n_epg", "dereg", "region"), fmt_int),
     **dict.fromkeys(("average_drop", "ad_ci_low", "ad_ci_high", "average_increase", "ai_ci_low", "ai_ci_high",
                      "dereg_pct", "region_pct"), fmt_pct),
-    **dict.fromkeys(("insertion_auc", "deletion_auc", "epg"), fmt_auc),
+    **dict.fromkeys(("insertion_auc", "deletion_auc", "epg", "road_morf", "road_lerf", "road_combined"), fmt_auc),
     "seconds_per_image": fmt_sig3,
     **dict.fromkeys(("mean", "min", "q05", "q25", "median", "q75", "q95", "max"), fmt_beta),
 }
@@ -298,7 +347,10 @@ def _table1(summary: pd.DataFrame, requested: set[str] | None = None, no_boxes: 
         "Average Increase % ↑ [95% CI]": [ci(m, lo, hi, "ai") for m, lo, hi in
                                           summary[["average_increase", "ai_ci_low", "ai_ci_high"]].to_numpy()],
         "Insertion ↑": one("insertion_auc", "insdel"), "Deletion ↓": one("deletion_auc", "insdel"),
-        "EPG ↑": one("epg", "epg"), "s/image": seconds})
+        "EPG ↑": one("epg", "epg"),
+        **({"ROAD MoRF ↓": one("road_morf", "road"), "ROAD LeRF ↑": one("road_lerf", "road"),
+            "ROAD combined ↑": one("road_combined", "road")} if requested and "road" in requested else {}),
+        "s/image": seconds})
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -676,6 +728,9 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     listed = {name: entry.get("path") for name, entry in manifest.get("shards", {}).items()}
     shards = {name: p.get("shard_path") or listed.get(name) for name, p in provs.items()}  # older runs: manifest
     figures = _plots(df, summary)
+    road_png = _road_plot(df, methods, list(prov.get("road_percentiles") or range(10, 100, 10)))
+    if road_png:
+        figures["road.png"] = road_png
     ams_png = _ams_plot(df) if "unioncam" in methods else None
     if ams_png:
         figures["ams_beta.png"] = ams_png
@@ -738,7 +793,12 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
                      "the maps are the same.")
 
     blocks: list[Block] = [("h2", "Results (Table 1 layout)"), ("table", (table, "summary")), ("notes", notes)]
-    blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png") if n in figures]
+    if requested and "road" in requested:
+        notes.append("ROAD (Rong et al., 2022; pytorch-grad-cam's ROADMostRelevantFirst/LeastRelevantFirst): the "
+                     "most (MoRF) or least (LeRF) relevant p% of pixels, p = 10…90, replaced by noisy linear "
+                     "imputation; MoRF/LeRF are the mean f_c over the percentiles, combined = (LeRF − MoRF)/2 "
+                     "(grad-cam's ROADCombined). A percentile whose threshold removes every pixel is left out.")
+    blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png", "road.png") if n in figures]
 
     if sanity is not None:
         seed = provenance_of(run_files(run_dir, "sanity")[0]).get("sanity_seed")

@@ -44,6 +44,7 @@ from unioncam.metrics import confidence, energy_pointing_game, insertion_deletio
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, normalize, resolve_precision
 from unioncam.protocols import curve_counts, get_protocol
+from unioncam.road import PERCENTILES, road
 from unioncam.sanity import cascade_steps, sanity_check
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.results import (
@@ -111,6 +112,7 @@ class ShardEvaluator:
             "input_size": list(self.size), "precision": self.precision, "metrics_precision": self.metrics_precision,
             "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "protocol": self.protocol.name,
+            "road_percentiles": list(PERCENTILES) if "road" in cfg.metrics else None,
             "rescore_of": storage.redact(cfg.rescore) if cfg.rescore else None,
             "unioncam_version": unioncam.__version__, "torch_version": torch.__version__,
             "ray_version": _ray_version(), "device": str(self.device)}
@@ -136,7 +138,8 @@ class ShardEvaluator:
         if "insdel" in self.cfg.metrics and self.protocol.curves is not None:
             points = curve_counts(self.size[0] * self.size[1], self.cfg.insdel_steps or self.protocol.curves.steps,
                                   self.protocol.curves.step_rule).numel()
-        per_map = 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * points
+        per_map = 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * points + 2 * len(PERCENTILES) * (
+            "road" in self.cfg.metrics)
         if self.cfg.rescore:  # the maps are read, not computed
             return len(self.cfg.methods) * per_map
         explaining = channels + 2 * ("unioncam" in self.cfg.methods)
@@ -249,7 +252,7 @@ class ShardEvaluator:
         wanted: dict[str, list[int]] = {}  # key -> its rows to score again
         for j, row in enumerate(out):
             if row["error"] is None:
-                row.update(dict.fromkeys(("y", "o", "insertion_auc", "deletion_auc", "epg")))
+                row.update(dict.fromkeys(("y", "o", "insertion_auc", "deletion_auc", "epg", "road_morf", "road_lerf")))
                 wanted.setdefault(row["key"], []).append(j)
         seen = 0
         batch: list[tuple[dict[str, Any], list[int]]] = []
@@ -475,6 +478,12 @@ class ShardEvaluator:
             for j, (a, d) in enumerate(zip(ins.tolist(), dele.tolist(), strict=True)):
                 if isinstance(values[j], dict):
                     values[j].update(insertion_auc=a, deletion_auc=d)  # type: ignore[union-attr]
+        if "road" in self.cfg.metrics:  # seeded per call: the noise depends on the batch's composition only
+            res = road(self.model, xi, m, ti, batch_size=self.batch_size, precision=self.metrics_precision)
+            for j, (morf, lerf) in enumerate(zip(res.morf.tolist(), res.lerf.tolist(), strict=True)):
+                if isinstance(values[j], dict):  # NaN: the threshold removed every pixel (unioncam.road)
+                    values[j].update(road_morf=[None if math.isnan(v) else v for v in morf],  # type: ignore[union-attr]
+                                     road_lerf=[None if math.isnan(v) else v for v in lerf])
         if "epg" in self.cfg.metrics:
             for j, i in enumerate(index):
                 if batch[i]["boxes"] and isinstance(values[j], dict):
