@@ -281,6 +281,15 @@ def test_road_errors():
     for bad in [(0,), (100,), (-5, 50), (50, 150), (), (float("nan"),)]:
         with pytest.raises(ValueError, match=r"percentiles must be non-empty and each in \(0, 100\)"):
             road(model, x, maps, targets, bad)
+    # with image seeds the noise follows the image and the mask, not the batch: equal maps, equal values
+    t = torch.as_tensor(targets)
+    seeded = road(model, torch.cat([x, x[:1]]), torch.cat([maps, maps[:1]]), torch.cat([t, t[:1]]),
+                  (10, 50), image_seeds=[5, 6, 5])
+    torch.testing.assert_close(seeded.morf[0], seeded.morf[2], rtol=0, atol=0)
+    alone_seeded = road(model, x[1:], maps[1:], targets[1:], (10, 50), image_seeds=[6])
+    torch.testing.assert_close(seeded.lerf[1], alone_seeded.lerf[0], rtol=0, atol=0)
+    assert not torch.equal(seeded.morf[0], road(model, x[:1], maps[:1], targets[:1], (10, 50),
+                                                image_seeds=[7]).morf[0])
     # a threshold that removes every pixel leaves nothing to impute from: NaN there, the rest scored
     flat = road(model, x, torch.stack([maps[0], torch.full((16, 16), 0.3)]), targets, (10, 50), noise=0)
     assert torch.isnan(flat.morf[1]).all() and torch.isnan(flat.lerf[1]).all()

@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -229,7 +230,8 @@ class _Multigrid:
         return z + (r - _apply(stencil, z)) / smoother
 
 
-def impute(images: Tensor, removed: Tensor, noise: float = 0.0, generator: torch.Generator | None = None,
+def impute(images: Tensor, removed: Tensor, noise: float = 0.0,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None,
            std: Tensor | Sequence[float] | None = None, rtol: float = RTOL, max_iter: int = MAX_ITER) -> Tensor:
     """grad-cam's ``NoisyLinearImputer`` for a whole batch on ``images``' device.
 
@@ -253,7 +255,8 @@ def impute(images: Tensor, removed: Tensor, noise: float = 0.0, generator: torch
         noise: the noise's standard deviation in units of ``std`` (grad-cam: ``0.01`` in the model's
             normalized space).
         generator: for the noise; each image's ``C×H×W`` noise is one draw, in batch order, so a
-            batch gives the same noise as its images one by one with the same generator.
+            batch gives the same noise as its images one by one with the same generator; or one
+            generator per image.
         std: ``C`` per-channel scale of the noise: the normalization's std for pixel-space
             ``images`` (so the noise is ``noise · ε`` after normalization); None: 1 (images that are
             already normalized, as grad-cam's).
@@ -284,8 +287,11 @@ def impute(images: Tensor, removed: Tensor, noise: float = 0.0, generator: torch
         out = torch.where(removed[:, None], x.to(images.dtype), images)
     if noise > 0:
         scale = (noise * scale.to(images.device, images.dtype)).view(1, c, 1, 1)
-        eps = torch.stack([torch.randn((c, h, w), generator=generator, dtype=images.dtype, device=images.device)
-                           for _ in range(b)])
+        gens = list(generator) if isinstance(generator, Sequence) else [generator] * b
+        if len(gens) != b:
+            raise ValueError(f"got {len(gens)} generators for {b} images")
+        eps = torch.stack([torch.randn((c, h, w), generator=g, dtype=images.dtype, device=images.device)
+                           for g in gens])
         out = torch.where(removed[:, None], out + scale * eps, out)
     return out
 
@@ -345,15 +351,18 @@ class RoadResult:
 
 def road(model: PixelModel, images: Tensor, maps: Tensor, targets: Tensor | Sequence[int],
          percentiles: Sequence[float] = PERCENTILES, noise: float = 0.01, seed: int = 0,
-         batch_size: int | None = None, precision: str = "fp32") -> RoadResult:
+         batch_size: int | None = None, precision: str = "fp32",
+         image_seeds: Sequence[int] | None = None) -> RoadResult:
     """ROAD MoRF and LeRF probabilities for every image and percentile.
 
     All ``2·P·B`` removal masks (order-major, then percentile, then image) are imputed in pixel
     space (:func:`impute` with ``std = model.std``, at most :data:`IMPUTE_ELEMENTS` values per call)
     as the forward batches need them, and scored ``batch_size`` at a time by
     :func:`~unioncam.methods.base.batched_probs` (in IEEE fp32 unless ``precision`` says otherwise).
-    The noise comes from one ``torch.Generator(images.device)`` seeded with ``seed``, one draw per
-    scored mask in that order, so it does not depend on ``batch_size``.
+    Each mask's noise is one draw from its own ``torch.Generator(images.device)`` seeded with
+    ``SeedSequence([seed, image_seeds[i], order, percentile index])``, so it depends on the image's
+    seed and the mask only: not on ``batch_size`` nor on the other images or maps of the batch (two
+    equal maps of one image get equal values). ``image_seeds`` None: the images' batch positions.
 
     Args:
         model: a :class:`~unioncam.models.base.PixelModel` (its ``std`` scales the noise).
@@ -382,7 +391,13 @@ def road(model: PixelModel, images: Tensor, maps: Tensor, targets: Tensor | Sequ
     thresholds = percentile(values, percentiles)  # 2B×P
     undefined = (values.min(dim=1, keepdim=True).values >= thresholds).view(2, b, n_p).permute(0, 2, 1).flatten()
     scored = (~undefined).nonzero()[:, 0]  # the masks in order-percentile-image order that leave a pixel
-    generator = torch.Generator(device=images.device).manual_seed(seed)
+    own = list(range(b)) if image_seeds is None else [int(v) for v in image_seeds]
+    if len(own) != b:
+        raise ValueError(f"got {len(own)} image seeds for {b} images")
+
+    def generator(o: int, k: int, i: int) -> torch.Generator:
+        state = int(np.random.SeedSequence([seed, own[i] % 2**63, o, k]).generate_state(2, np.uint64)[0] >> 1)
+        return torch.Generator(device=images.device).manual_seed(state)
     per_call = max(1, IMPUTE_ELEMENTS.get(images.device.type, IMPUTE_ELEMENTS["cuda"]) // (c * h * w))
 
     def inputs(sl: slice) -> Tensor:
@@ -392,7 +407,8 @@ def road(model: PixelModel, images: Tensor, maps: Tensor, targets: Tensor | Sequ
             o, k, i = j // (n_p * b), (j // b) % n_p, j % b
             row = o * b + i
             removed = (values[row] >= thresholds[row, k][:, None]).view(-1, h, w)
-            parts.append(impute(images[i], removed, noise, generator, model.std.flatten()))
+            gens = [generator(*v) for v in zip(o.tolist(), k.tolist(), i.tolist(), strict=True)]
+            parts.append(impute(images[i], removed, noise, gens, model.std.flatten()))
         return torch.cat(parts)
 
     size = batch_size or default_batch_size(model_device(model))

@@ -21,6 +21,7 @@ Decisions (see README, "Reference notes"):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -478,8 +479,10 @@ class ShardEvaluator:
             for j, (a, d) in enumerate(zip(ins.tolist(), dele.tolist(), strict=True)):
                 if isinstance(values[j], dict):
                     values[j].update(insertion_auc=a, deletion_auc=d)  # type: ignore[union-attr]
-        if "road" in self.cfg.metrics:  # seeded per call: the noise depends on the batch's composition only
-            res = road(self.model, xi, m, ti, batch_size=self.batch_size, precision=self.metrics_precision)
+        if "road" in self.cfg.metrics:  # noise seeded by the image's key: not by its batch or method
+            seeds = [int.from_bytes(hashlib.sha256(batch[i]["key"].encode()).digest()[:8], "big") for i in index]
+            res = road(self.model, xi, m, ti, batch_size=self.batch_size, precision=self.metrics_precision,
+                       image_seeds=seeds)
             for j, (morf, lerf) in enumerate(zip(res.morf.tolist(), res.lerf.tolist(), strict=True)):
                 if isinstance(values[j], dict):  # NaN: the threshold removed every pixel (unioncam.road)
                     values[j].update(road_morf=[None if math.isnan(v) else v for v in morf],  # type: ignore[union-attr]
