@@ -91,7 +91,9 @@ def _road_means(values: pd.Series) -> pd.Series:
 
 
 def _road_plot(df: pd.DataFrame, methods: list[str], percentiles: list[float]) -> bytes | None:
-    """ROAD curves: mean f_c after imputing the most (MoRF ↓) / least (LeRF ↑) relevant p% per method."""
+    """ROAD curves: mean f_c after imputing the most (MoRF ↓) / least (LeRF ↑) relevant pixels per
+    method, against the share removed: ``100 − p`` at grad-cam's percentile ``p`` (the pixels above
+    the map's ``p``-th percentile, or below the ``(100 − p)``-th for LeRF, are removed)."""
     ok = df[df["error"].isna()]
     if not ok["road_morf"].notna().any():
         return None
@@ -104,7 +106,8 @@ def _road_plot(df: pd.DataFrame, methods: list[str], percentiles: list[float]) -
             if m.size:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    ax.plot(percentiles[:m.shape[1]], np.nanmean(m, axis=0), marker="o", label=method)
+                    ax.plot([100 - p for p in percentiles[:m.shape[1]]], np.nanmean(m, axis=0), marker="o",
+                            label=method)
         ax.set_xlabel("pixels removed and imputed (%)")
         ax.set_ylabel("f_c (probability)")
         ax.set_title(title)
@@ -795,9 +798,10 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     blocks: list[Block] = [("h2", "Results (Table 1 layout)"), ("table", (table, "summary")), ("notes", notes)]
     if requested and "road" in requested:
         notes.append("ROAD (Rong et al., 2022; pytorch-grad-cam's ROADMostRelevantFirst/LeastRelevantFirst): the "
-                     "most (MoRF) or least (LeRF) relevant p% of pixels, p = 10…90, replaced by noisy linear "
-                     "imputation; MoRF/LeRF are the mean f_c over the percentiles, combined = (LeRF − MoRF)/2 "
-                     "(grad-cam's ROADCombined). A percentile whose threshold removes every pixel is left out.")
+                     "most (MoRF) or least (LeRF) relevant 10…90% of the pixels (grad-cam's percentiles p = 90…10: "
+                     "the pixels beyond the map's p-th percentile) replaced by noisy linear imputation; MoRF/LeRF "
+                     "are the mean f_c over the percentiles, combined = (LeRF − MoRF)/2 (grad-cam's ROADCombined). "
+                     "A percentile whose threshold removes every pixel is left out.")
     blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png", "road.png") if n in figures]
 
     if sanity is not None:
