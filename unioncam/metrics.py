@@ -51,6 +51,7 @@ def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
     """
     _check_maps(images, maps)
     p = get_protocol(protocol)
+    space = p.masking(curves=False)
     b = images.shape[0]
     size = batch_size or default_batch_size(model_device(model))
     maps = maps.to(images.dtype)
@@ -58,7 +59,7 @@ def confidence(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
     def inputs(sl: slice) -> Tensor:
         j = torch.arange(sl.start, sl.stop, device=images.device)
         i = j % b
-        masked = p.from_space(model, maps[i][:, None] * p.to_space(model, images[i]))
+        masked = p.from_space(model, maps[i][:, None] * p.to_space(model, images[i], space), space)
         return torch.where((j < b)[:, None, None, None], images[i], masked)
 
     probs = batched_probs(model, targets.to(images.device).repeat(2), inputs, 2 * b, size,

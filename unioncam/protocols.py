@@ -6,10 +6,12 @@ published ones (``--protocol`` in the job and the CLI, ``protocol=`` in :mod:`un
 protocol                  masks in    Average Drop    insertion / deletion baselines   steps, AUC
 ========================  ==========  ==============  ===============================  =====================
 ``reference`` (default)   pixels      relative to Y   Gaussian blur (reflect) / black  round(s·HW/steps), uniform
-``rise``                  normalized  relative to Y   gkern blur (zero pad) / zeros    ⌈HW/steps⌉ px, uniform
+``rise``                  normalized† relative to Y   gkern blur (zero pad) / zeros    ⌈HW/steps⌉ px, uniform
 ``pytorch-grad-cam``      normalized  absolute        (none: grad-cam has no curves)   --
 ``torchcam``              normalized  relative, +1e-7 zeros / zeros                    ⌈HW/20⌉ px, trapezoid
 ========================  ==========  ==============  ===============================  =====================
+
+† ``rise``: its curves; RISE defines no Average Drop, so ``rise``'s is ``reference``'s (pixels).
 
 "normalized" means the operation is applied to the model's normalized input ``(x − mean) / std``:
 there the map multiplies the normalized tensor (``L ⊙ x̂``, which in pixels is a blend towards the
@@ -76,6 +78,7 @@ class Protocol:
             ``"normalized"`` (the model's input ``(x − mean)/std``).
         drop: ``"relative"``: ``100·max(0, Y−O)/(Y + drop_eps)``; ``"absolute"``: ``100·max(0, Y−O)``.
         drop_eps: added to ``Y`` in the relative drop's denominator.
+        confidence_space: where ``L ⊙ I0`` (Average Drop / Increase) is taken, when not ``space``.
         curves: the insertion/deletion recipe, or None where the library has none.
         score: what ``Y`` and ``O`` are: softmax ``"probability"`` of the target class (all four).
         differs: one line, how it differs from ``reference`` (the report and README print it).
@@ -90,6 +93,7 @@ class Protocol:
     sources: str
     drop_eps: float = 0.0
     score: Literal["probability"] = "probability"
+    confidence_space: Space | None = None
 
     def average_drop(self, y: Tensor, o: Tensor) -> Tensor:
         """Per-sample drop in percent (its mean is the Average Drop)."""
@@ -101,16 +105,20 @@ class Protocol:
         gap = np.clip(y - o, 0, None)
         return 100.0 * (gap / (y + self.drop_eps) if self.drop == "relative" else gap)
 
-    def to_space(self, model: nn.Module, images: Tensor) -> Tensor:
-        """Pixels ``[0, 1]`` → this protocol's space."""
-        if self.space == "pixel":
+    def masking(self, curves: bool) -> Space:
+        """The space of the curves (``curves``) or of ``L ⊙ I0``."""
+        return self.space if curves or self.confidence_space is None else self.confidence_space
+
+    def to_space(self, model: nn.Module, images: Tensor, space: Space | None = None) -> Tensor:
+        """Pixels ``[0, 1]`` → ``space`` (default: this protocol's)."""
+        if (space or self.space) == "pixel":
             return images
         mean, std = _mean_std(model, self.name)
         return (images - mean.to(images)) / std.to(images)
 
-    def from_space(self, model: nn.Module, values: Tensor) -> Tensor:
-        """This protocol's space → the pixels a :class:`~unioncam.models.base.PixelModel` takes."""
-        if self.space == "pixel":
+    def from_space(self, model: nn.Module, values: Tensor, space: Space | None = None) -> Tensor:
+        """``space`` (default: this protocol's) → the pixels a :class:`~unioncam.models.base.PixelModel` takes."""
+        if (space or self.space) == "pixel":
             return values
         mean, std = _mean_std(model, self.name)
         return values * std.to(values) + mean.to(values)
@@ -139,10 +147,13 @@ for _p in (
         # blur = conv2d(x, gkern(11, 5), padding=11 // 2) (zero padding) and 'del' with torch.zeros_like,
         # on the normalized tensor; n_steps = (HW + step − 1) // step; auc(arr) = (Σ − a₀/2 − a_n/2)/(n − 1);
         # salient_order = flip(argsort(map)): ties in reverse raster order (argsort stable here; NumPy's
-        # default quicksort leaves their order unspecified). RISE has no AD: its AD is reference's formula.
+        # default quicksort leaves their order unspecified). RISE passes step = 224 pixels: at 224² that
+        # is 224 steps, what `steps` says at any size. RISE scores its top-1 class (target=predicted).
+        # RISE defines no Average Drop: AD/AI are reference's (pixel-space L ⊙ I0, relative drop).
         curves=Curves(steps=224, step_rule="ceil", auc="uniform", insertion_start="blur", blur_kernel="gkern",
-                      blur_padding="zeros", ties="reverse-raster"),
-        differs="RISE's code: normalized input, nearly flat gkern(11, 5) zero-padded blur, deletion to the mean colour",
+                      blur_padding="zeros", ties="reverse-raster"), confidence_space="pixel",
+        differs="RISE's code for the curves: normalized input, nearly flat gkern(11, 5) zero-padded blur, deletion "
+                "to the mean colour; AD/AI as reference",
         sources="RISE reference code (Petsiuk et al. 2018, evaluation.py: gkern, CausalMetric, auc)"),
     Protocol(
         name="pytorch-grad-cam", space="normalized", drop="absolute", curves=None,

@@ -156,6 +156,8 @@ class EvalConfig:
             c = _rescoring(c, protocol.name)
         if c.sanity_layers is not None and c.sanity_layers < 1:
             raise ConfigError(f"sanity_layers must be >= 1 (every K-th layer), got {c.sanity_layers}")
+        if c.sanity_seed < 0:
+            raise ConfigError(f"sanity_seed must be >= 0, got {c.sanity_seed}")
         if c.is_sample:
             c.sample = True
             c.shards = str(SAMPLE_DIR / c.dataset / f"sample-{c.dataset}-*.tar")
@@ -226,10 +228,12 @@ class EvalConfig:
         return c
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide the rows' values; a rerun into the same ``out`` must match."""
-        return {k: getattr(self, k) for k in ("dataset", "model", "methods", "metrics", "precision",
-                                               "metrics_precision", "limit", "insdel_steps", "protocol", "rescore",
-                                               "sanity", "sanity_layers", "sanity_seed", "target", "save_maps")}
+        """The options that decide the rows' values; a rerun into the same ``out`` must match (the
+        sanity options only with ``sanity``)."""
+        keys = ("dataset", "model", "methods", "metrics", "precision", "metrics_precision", "limit", "insdel_steps",
+                "protocol", "rescore", "sanity", "target", "save_maps") + (
+                    ("sanity_layers", "sanity_seed") if self.sanity else ())
+        return {k: getattr(self, k) for k in keys}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -311,11 +315,20 @@ def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:
     if not then.get("save_maps", False):
         raise ConfigError(f"{storage.redact(run)} saved no maps (--no-maps), so there is nothing to rescore: rerun "
                           "it with maps")
+    missing = [k for k in ("dataset", "model", "methods", "metrics") if not then.get(k)]
+    if missing:
+        raise ConfigError(f"{storage.redact(run)}'s manifest records no {', '.join(missing)}: a run of another "
+                          "unioncam version, which rescore cannot reproduce; rerun it")
+    out = storage.absolute(c.out) if c.out else storage.join(run, "rescore", protocol)
+    if out == run or any(out == storage.join(run, d) or out.startswith(storage.join(run, d) + "/")
+                         for d in ("metrics", "maps", "report", "sanity", "running")):
+        raise ConfigError(f"--out {storage.redact(out)} is (inside) the rescored run's own files: choose another "
+                          f"folder (default {storage.redact(storage.join(run, 'rescore', protocol))})")
     asked = parse_names(c.metrics, METRIC_NAMES, "metric", empty_ok=True)
     return dataclasses.replace(
         c, rescore=run, dataset=then["dataset"], model=then["model"], methods=list(then["methods"]),
-        metrics=[m for m in then["metrics"] if m in asked], target=then["target"], limit=then["limit"],
-        precision=then["precision"], save_maps=False, out=c.out or storage.join(run, "rescore", protocol))
+        metrics=[m for m in then["metrics"] if m in asked], target=then.get("target", "predicted"),
+        limit=then.get("limit"), precision=then.get("precision", "auto"), save_maps=False, out=out)
 
 
 def top_k(target: str) -> int | None:

@@ -653,7 +653,9 @@ def protocol_lines(protocol: Protocol) -> list[str]:
     drop = "relative to Y" if protocol.drop == "relative" else "absolute, max(0, Y−O)"
     if protocol.drop_eps:
         drop += f", Y + {protocol.drop_eps:g} in the denominator"
-    lines = [f"Masks and baselines apply to {space}.",
+    lines = [f"Masks and baselines apply to {space}." + (
+        " Average Drop/Increase mask the pixels ([0, 1] images), as reference."
+        if protocol.masking(curves=False) != protocol.space else ""),
              f"Average Drop is {drop}; Y and O are softmax probabilities of the target class."]
     c = protocol.curves
     if c is None:

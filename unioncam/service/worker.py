@@ -53,7 +53,6 @@ from unioncam.service.results import (
     METRICS_SCHEMA,
     SANITY_SCHEMA,
     MapsWriter,
-    map_array,
     maps_schema,
     provenance_of,
     read_maps_file,
@@ -227,10 +226,12 @@ class ShardEvaluator:
 
     def _rescore(self, shard: str, name: str, limit: int | None, on_progress: Callable[[int], None] | None,
                  rows: list[Row], source: dict[str, Any]) -> int:
-        """The rows of the run being rescored (``cfg.rescore``) for this shard, in its order, with Y, O,
-        insertion/deletion and EPG computed again under this run's protocol from its saved maps (as
-        saved: float16) and its rows' targets; its other columns (β's, AMS branch, seconds of the
-        map) are copied, its error rows kept as they are. Its files are only read.
+        """The rows of the run being rescored (``cfg.rescore``) for this shard, in its order, with this
+        run's metrics computed again under its protocol from the saved maps (as saved: float16) and
+        the rows' targets. Y, O and insertion/deletion are never copied (null when not computed: they
+        are the other protocol's); EPG and ROAD, which no protocol changes, are copied unless
+        computed; β's, AMS branch and the map's seconds are copied, error rows kept as they are. The
+        run's files are only read.
 
         Raises:
             ValueError: the shard's bytes changed since the rescored run read them, or its maps are
@@ -243,17 +244,21 @@ class ShardEvaluator:
             raise ValueError(f"shard {name} changed since {storage.redact(run)} read it, so its maps explain other "
                              "images: rescore needs the bytes the run was computed from")
         out = read_parquet(metrics_file).to_pylist()
-        table, shape = read_maps_file(storage.join(run, "maps", f"{name}.parquet"))
+        table, shape = read_maps_file(storage.join(run, "maps", f"{name}.parquet"))  # float16, as stored
         if tuple(shape) != tuple(self.size):
             raise ValueError(f"shard {name}'s maps are {shape[0]}×{shape[1]}, the model takes {self.size[0]}×"
                              f"{self.size[1]}: rescore with the run's model")
-        saved = map_array(table, shape)
+        saved = table.column("map").combine_chunks()  # each batch converts only its own maps to float32
         where = {(k, m, r): i for i, (k, m, r) in enumerate(zip(*(table.column(c).to_pylist()
                                                                   for c in ("key", "method", "rank")), strict=True))}
+        # the protocol's columns are always cleared (never another protocol's values under this one's name);
+        # the others (EPG, ROAD: no protocol changes them) keep the run's values unless rescored
+        redone = list(dict.fromkeys([*PROTOCOL_COLUMNS, *(c for metric, cols in RESCORED.items()
+                                                          if metric in self.cfg.metrics for c in cols)]))
         wanted: dict[str, list[int]] = {}  # key -> its rows to score again
         for j, row in enumerate(out):
             if row["error"] is None:
-                row.update(dict.fromkeys(("y", "o", "insertion_auc", "deletion_auc", "epg", "road_morf", "road_lerf")))
+                row.update(dict.fromkeys(redone))
                 wanted.setdefault(row["key"], []).append(j)
         seen = 0
         batch: list[tuple[dict[str, Any], list[int]]] = []
@@ -283,7 +288,7 @@ class ShardEvaluator:
         return seen
 
     def _rescore_batch(self, batch: list[tuple[dict[str, Any], list[int]]], out: list[Row],
-                       where: dict[tuple[Any, ...], int], saved: np.ndarray) -> None:
+                       where: dict[tuple[Any, ...], int], saved: Any) -> None:
         items = []
         for record, js in batch:
             for j in js:
@@ -296,7 +301,8 @@ class ShardEvaluator:
             return
         x = torch.stack([record["image"] for record, _, _ in items]).to(self.device)
         targets = torch.tensor([out[j]["target"] for _, j, _ in items], device=self.device)
-        maps = [torch.from_numpy(saved[i]).to(self.device) for _, _, i in items]
+        maps = [torch.from_numpy(saved[i].values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(self.size))
+                .to(self.device) for _, _, i in items]
         values = self._score_all([record for record, _, _ in items], x, targets, maps, list(range(len(items))))
         for (_, j, _), value in zip(items, values, strict=True):
             if isinstance(value, str):
@@ -382,6 +388,26 @@ class ShardEvaluator:
                                  "map": saliency.detach().to(torch.float16).cpu().numpy()})
         if self.cfg.sanity:
             self._sanity(batch, x, targets, ranks)
+
+    def _road(self, batch: list[dict[str, Any]], x: Tensor, m: Tensor, t: Tensor, index: list[int],
+              values: list[Row | str]) -> None:
+        """ROAD's MoRF/LeRF per percentile into ``values``; noise seeded by the image's key (not by
+        its batch or method). If the batch fails, map by map; a map that fails alone keeps its other
+        metrics and gets no ROAD values (NaN entries: a threshold that removed every pixel)."""
+        try:
+            seeds = [int.from_bytes(hashlib.sha256(batch[i]["key"].encode()).digest()[:8], "big") for i in index]
+            res = road(self.model, x, m, t, batch_size=self.batch_size, precision=self.metrics_precision,
+                       image_seeds=seeds)
+        except Exception:
+            if len(index) > 1:
+                for j in range(len(index)):
+                    self._road(batch, x[j:j + 1], m[j:j + 1], t[j:j + 1], index[j:j + 1], values[j:j + 1])
+            return  # values[j:j+1] is a new list, but it holds the same row dicts
+        for j, (morf, lerf) in enumerate(zip(res.morf.tolist(), res.lerf.tolist(), strict=True)):
+            row = values[j]
+            if isinstance(row, dict):
+                row.update(road_morf=[None if math.isnan(v) else v for v in morf],
+                           road_lerf=[None if math.isnan(v) else v for v in lerf])
 
     def _sanity(self, batch: list[dict[str, Any]], x: Tensor, targets: Tensor, ranks: list[int | None]) -> None:
         """The cascading randomization check (:func:`unioncam.sanity.sanity_check`) of every method on
@@ -479,19 +505,19 @@ class ShardEvaluator:
             for j, (a, d) in enumerate(zip(ins.tolist(), dele.tolist(), strict=True)):
                 if isinstance(values[j], dict):
                     values[j].update(insertion_auc=a, deletion_auc=d)  # type: ignore[union-attr]
-        if "road" in self.cfg.metrics:  # noise seeded by the image's key: not by its batch or method
-            seeds = [int.from_bytes(hashlib.sha256(batch[i]["key"].encode()).digest()[:8], "big") for i in index]
-            res = road(self.model, xi, m, ti, batch_size=self.batch_size, precision=self.metrics_precision,
-                       image_seeds=seeds)
-            for j, (morf, lerf) in enumerate(zip(res.morf.tolist(), res.lerf.tolist(), strict=True)):
-                if isinstance(values[j], dict):  # NaN: the threshold removed every pixel (unioncam.road)
-                    values[j].update(road_morf=[None if math.isnan(v) else v for v in morf],  # type: ignore[union-attr]
-                                     road_lerf=[None if math.isnan(v) else v for v in lerf])
+        if "road" in self.cfg.metrics:
+            self._road(batch, xi, m, ti, index, values)
         if "epg" in self.cfg.metrics:
             for j, i in enumerate(index):
                 if batch[i]["boxes"] and isinstance(values[j], dict):
                     values[j]["epg"] = float(energy_pointing_game(m[j:j + 1], [batch[i]["boxes"]])[0])  # type: ignore[index]
         return values
+
+
+RESCORED: dict[str, tuple[str, ...]] = {  # the columns each metric writes (a rescore redoes those it runs)
+    "ad": ("y", "o"), "ai": ("y", "o"), "insdel": ("insertion_auc", "deletion_auc"), "epg": ("epg",),
+    "road": ("road_morf", "road_lerf")}
+PROTOCOL_COLUMNS = ("y", "o", "insertion_auc", "deletion_auc")  # the columns a protocol changes
 
 
 def _details_at(details: dict[str, Any], i: int) -> Row:
