@@ -183,3 +183,21 @@ def test_cli_explain_metrics_under_a_protocol(tmp_path: Path, capsys) -> None:
     assert main(["explain", photo, "--model", "tiny_cnn", "--method", "gradcam", "--metrics", "--protocol",
                  "rise", "--steps", "4", "--out", out]) == 0
     assert "insertion=" in capsys.readouterr().out
+
+
+def test_rescore_copies_a_shard_of_error_rows_only(tmp_path: Path) -> None:
+    """A shard whose samples all failed has rows but no maps: the rescore copies its rows."""
+    shards = make_shards(tmp_path / "shards", n_images=1, shard_size=1, bad=True)[1:2]  # "corrupt" alone
+    cfg = EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=str(tmp_path / "run"), model="tiny_cnn",
+                     methods=METHODS, insdel_steps=4).resolved()
+    manifest = RunManifest(str(cfg.out), {**cfg.identity(), "weights_sha256": None})
+    counts = ShardEvaluator(cfg, "cpu", run_id=manifest.run_id).evaluate(str(shards[0]), str(cfg.out))
+    manifest.record(shards[0].stem, status="done", path=str(shards[0]), **counts)
+    assert counts["maps"] == 0 and counts["rows"] == 2
+    again = EvalConfig(rescore=str(cfg.out), protocol="torchcam").resolved()
+    ShardEvaluator(again, "cpu", run_id="r2").evaluate(str(shards[0]), str(again.out))
+    old, new = read_metrics(cfg.out).to_pandas(), read_metrics(again.out).to_pandas()
+    pd.testing.assert_frame_equal(new[["key", "method", "error"]], old[["key", "method", "error"]])
+    from unioncam.service.runner import _rescored_shards
+
+    assert _rescored_shards(str(cfg.out)) == [str(shards[0])]

@@ -435,12 +435,13 @@ def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int | None], dict[str
 
 
 def _rescored_shards(run_dir: str) -> list[str]:
-    """The shards a rescore of ``run_dir`` reads: those its manifest lists as done with maps."""
+    """The shards a rescore of ``run_dir`` reads: those its manifest lists as done (one whose rows are
+    all errors has no maps: its rows are copied)."""
     entries = load_manifest(run_dir)["shards"]
     paths = []
     for name, entry in sorted(entries.items()):
-        if entry["status"] != "done" or not entry.get("maps"):
-            log(f"rescore: skipping {name}: it is not done with maps in {storage.redact(run_dir)}")
+        if entry["status"] != "done":
+            log(f"rescore: skipping {name}: it is {entry['status']} in {storage.redact(run_dir)}")
             continue
         uri = str((entry.get("source") or {}).get("uri") or entry.get("path") or "")
         if not uri or "***" in uri:
@@ -448,7 +449,7 @@ def _rescored_shards(run_dir: str) -> list[str]:
                               f"({uri or 'none'}); rescore needs the shard's images")
         paths.append(uri)
     if not paths:
-        raise ConfigError(f"{storage.redact(run_dir)} has no finished shard with saved maps to rescore")
+        raise ConfigError(f"{storage.redact(run_dir)} has no finished shard to rescore")
     return paths
 
 

@@ -244,13 +244,16 @@ class ShardEvaluator:
             raise ValueError(f"shard {name} changed since {storage.redact(run)} read it, so its maps explain other "
                              "images: rescore needs the bytes the run was computed from")
         out = read_parquet(metrics_file).to_pylist()
-        table, shape = read_maps_file(storage.join(run, "maps", f"{name}.parquet"))  # float16, as stored
-        if tuple(shape) != tuple(self.size):
-            raise ValueError(f"shard {name}'s maps are {shape[0]}×{shape[1]}, the model takes {self.size[0]}×"
-                             f"{self.size[1]}: rescore with the run's model")
-        saved = table.column("map").combine_chunks()  # each batch converts only its own maps to float32
-        where = {(k, m, r): i for i, (k, m, r) in enumerate(zip(*(table.column(c).to_pylist()
-                                                                  for c in ("key", "method", "rank")), strict=True))}
+        saved: Any = None
+        where: dict[tuple[Any, ...], int] = {}
+        if any(row["error"] is None for row in out):  # a shard of error rows only has no maps to read
+            table, shape = read_maps_file(storage.join(run, "maps", f"{name}.parquet"))  # float16, as stored
+            if tuple(shape) != tuple(self.size):
+                raise ValueError(f"shard {name}'s maps are {shape[0]}×{shape[1]}, the model takes {self.size[0]}×"
+                                 f"{self.size[1]}: rescore with the run's model")
+            saved = table.column("map").combine_chunks()  # each batch converts only its own maps to float32
+            keys = zip(*(table.column(c).to_pylist() for c in ("key", "method", "rank")), strict=True)
+            where = {(k, m, r): i for i, (k, m, r) in enumerate(keys)}
         # the protocol's columns are always cleared (never another protocol's values under this one's name);
         # the others (EPG, ROAD: no protocol changes them) keep the run's values unless rescored
         redone = list(dict.fromkeys([*PROTOCOL_COLUMNS, *(c for metric, cols in RESCORED.items()
