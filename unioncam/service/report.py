@@ -646,7 +646,7 @@ def _render_html(blocks: list[Block], figures: dict[str, bytes]) -> str:
     return "".join(out)
 
 
-def protocol_lines(protocol: Protocol) -> list[str]:
+def protocol_lines(protocol: Protocol, steps: Any = None) -> list[str]:
     """The conventions ``protocol`` uses, one sentence each (the report's "Metric protocol")."""
     space = ("the pixels ([0, 1] images)" if protocol.space == "pixel"
              else "the model's normalized input (x − mean)/std, where zeros are the mean colour")
@@ -662,19 +662,21 @@ def protocol_lines(protocol: Protocol) -> list[str]:
         lines.append("Insertion/deletion: none (the library defines no such curves).")
     else:
         step = "round(s·HW/steps) pixels at point s" if c.step_rule == "round" else "⌈HW/steps⌉ pixels per step"
-        start = f"a {c.blur_kernel} blur ({c.blur_padding} padding)" if c.insertion_start == "blur" else "zeros"
         auc = "the trapezoid rule with equal spacing" if c.auc == "uniform" else "torch.trapezoid over the fraction"
-        lines.append(f"Insertion/deletion: {c.steps} steps by default, {step}; insertion starts from {start}, "
-                     f"deletion ends at zeros; ties in {c.ties} order; AUC by {auc}.")
+        used = f"{steps} steps in this run ({c.steps} by default)" if steps is not None else f"{c.steps} steps"
+        end = "zeros (black)" if protocol.space == "pixel" else "zeros (the mean colour)"
+        start = f"a {c.blur_kernel} blur ({c.blur_padding} padding)" if c.insertion_start == "blur" else end
+        lines.append(f"Insertion/deletion: {used}, {step}; insertion starts from {start}, deletion ends at {end}; "
+                     f"ties in {c.ties} order; AUC by {auc}.")
     lines.append(f"Sources: {protocol.sources}.")
     return lines
 
 
-def protocol_blocks(protocol: Protocol) -> list[Block]:
+def protocol_blocks(protocol: Protocol, steps: Any = None) -> list[Block]:
     """The report's "Metric protocol" section: the conventions used, and how each protocol differs."""
     others = [f"{p.name}{' (this run)' if p.name == protocol.name else ''}: {p.differs}."
               for p in map(get_protocol, PROTOCOL_NAMES)]
-    return [("h2", f"Metric protocol: {protocol.name}"), ("notes", protocol_lines(protocol)),
+    return [("h2", f"Metric protocol: {protocol.name}"), ("notes", protocol_lines(protocol, steps)),
             ("p", "The protocols (rescore a run's maps with another: unioncam rescore RUN_DIR --protocol NAME):"),
             ("notes", others)]
 
@@ -817,7 +819,8 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
                          "Fully randomized: " + "; ".join(f"{m} Spearman {fmt_auc(r['spearman'])}, SSIM "
                                                           f"{fmt_auc(r['ssim'])}" for m, r in last.iterrows()) + "."),
                    ("img", ("sanity.png", ""))]
-    blocks += protocol_blocks(protocol)
+    blocks += protocol_blocks(protocol, prov.get("insdel_steps") if requested is None or "insdel" in requested
+                              else None)
     blocks.append(("h2", "UnionCAM's AMS branch"))
     run_row = ams[ams["by"] == "run"]
     if "unioncam" not in methods:
