@@ -67,10 +67,11 @@ def test_bad_yaml_values_get_config_errors(tmp_path):
     """A YAML file bypasses argparse's choices: the config itself names the bad value and the valid ones."""
     with pytest.raises(ConfigError, match=r"unknown precision 'fp8'; valid: auto, fp32, tf32, bf16, fp16"):
         EvalConfig.from_dict({"precision": "fp8"}).resolved()
-    with pytest.raises(ConfigError, match=r"unknown metric\(s\) auc; valid: ad, ai, insdel, epg"):
+    with pytest.raises(ConfigError, match=r"unknown metric\(s\) auc; valid: ad, ai, insdel, epg, road"):
         EvalConfig.from_dict({"metrics": "ad, auc"}).resolved()
     cfg = EvalConfig.from_dict({"methods": " ALL ", "metrics": "all"}).resolved()
-    assert cfg.metrics == ["ad", "ai", "insdel", "epg"] and len(cfg.methods) == 7 and "unioncam" in cfg.methods
+    assert cfg.metrics == ["ad", "ai", "insdel", "epg", "road"] and len(cfg.methods) == 7 and "unioncam" in cfg.methods
+    assert EvalConfig().resolved().metrics == ["ad", "ai", "insdel", "epg"]  # the default leaves ROAD out
 
 
 def test_unknown_yaml_key_is_rejected(tmp_path):

@@ -262,7 +262,7 @@ def test_ctrl_c_exits_130_in_one_line_leaves_no_marker_and_a_rerun_finishes(clus
     make_shards(tmp_path / "shards", n_images=4, shard_size=2)
     out = tmp_path / "run"
     args = ["--shards", str(tmp_path / "shards" / "*.tar"), "--out", str(out), "--model", "tiny_cnn",
-            "--methods", "gradcam", "--metrics", "insdel", "--insdel-steps", "1500", "--batch-size", "1",
+            "--methods", "gradcam", "--metrics", "insdel", "--insdel-steps", "4000", "--batch-size", "1",
             "--images-per-batch", "1", "--workers", "1", "--cpus-per-worker", "1", "--gpus-per-worker", "0",
             "--no-report", "--progress-interval", "1", "--address", cluster["address"]]
     env = {**cluster["env"], "PYTHONPATH": str(REPO)}
