@@ -256,6 +256,12 @@ def test_progress_does_not_count_images_of_failed_shards(cluster, tmp_path, caps
 # -- 15.14: Ctrl-C -------------------------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    """A child inherits an ignored SIGINT (and Python then installs no KeyboardInterrupt handler): a
+    test process where something set SIG_IGN would make the driver deaf to the Ctrl-C under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_in_one_line_leaves_no_marker_and_a_rerun_finishes(cluster, tmp_path):
     from unioncam.service.runner import run
 
@@ -269,7 +275,8 @@ def test_ctrl_c_exits_130_in_one_line_leaves_no_marker_and_a_rerun_finishes(clus
     stdout, stderr = tmp_path / "driver.out", tmp_path / "driver.err"
     with stdout.open("w") as so, stderr.open("w") as se:
         driver = subprocess.Popen([sys.executable, "jobs/eval_imagenet.py", *args], cwd=REPO, env=env,
-                                  stdout=so, stderr=se, start_new_session=True)
+                                  stdout=so, stderr=se, start_new_session=True,
+                                  preexec_fn=_default_sigint)  # as a terminal's: not whatever this process has
     try:
         wait_for_marker(out, lambda: driver.poll() is None)
         time.sleep(1.0)  # a shard well under way
