@@ -222,14 +222,12 @@ def blur(images: Tensor, curves: Curves) -> Tensor:
     """The insertion baseline of ``curves``: per-channel 2-D convolution with its kernel and padding."""
     size, half = curves.blur_size, curves.blur_size // 2
     c = images.shape[1]
+    out = F.pad(images, (half,) * 4, mode="reflect" if curves.blur_padding == "reflect" else "constant")
     if curves.blur_kernel == "gkern":
-        kernel = gkern(size, curves.blur_sigma).to(images)
-        padded = F.pad(images, (half,) * 4, mode="reflect" if curves.blur_padding == "reflect" else "constant")
-        return F.conv2d(padded, kernel.expand(c, 1, size, size), groups=c)
+        return F.conv2d(out, gkern(size, curves.blur_sigma).to(images).expand(c, 1, size, size), groups=c)
     x = torch.arange(size, dtype=images.dtype, device=images.device) - half
     k1 = torch.exp(-(x**2) / (2 * curves.blur_sigma**2))
     k1 = k1 / k1.sum()
-    out = F.pad(images, (half,) * 4, mode="reflect" if curves.blur_padding == "reflect" else "constant")
     out = F.conv2d(out, k1.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(out, k1.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
