@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html.parser
+import io
 import json
 import math
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from service_data import make_shards
@@ -25,6 +28,7 @@ from unioncam.cli import main as cli_main
 from unioncam.data.shards import iter_samples
 from unioncam.service import EvalConfig
 from unioncam.service.report import (
+    CSS,
     OverlayKeyError,
     _overlay_rows,
     fmt_auc,
@@ -285,11 +289,16 @@ def test_report_html_alone_keeps_its_figures(boxed, tmp_path):
     shutil.copy(boxed / "report" / "report.html", alone)
     check = HTMLCheck(alone.parent)
     assert check.check(page) == []
-    names = [alt for alt, _ in check.images]
-    assert names == ["ad_ai.png", "distributions.png", "ams_beta.png", "overlays.png"]
-    for alt, src in check.images:
+    figures = [(alt, src) for alt, src in check.images if alt.endswith(".png")]
+    assert [alt for alt, _ in figures] == ["ad_ai.png", "distributions.png", "ams_beta.png"]
+    for alt, src in figures:
         data = base64.b64decode(src.removeprefix("data:image/png;base64,"))
         assert data == (boxed / "report" / alt).read_bytes(), alt  # the PNG files are kept beside it
+    # the overlay grid is an HTML table of embedded PNGs (its 2 × 4 cells and the colour bar); the
+    # markdown shows overlays.png, the same grid as one image, kept beside the report
+    assert len(check.images) == 3 + 2 * len(METHODS) + 1
+    assert "![overlays.png](overlays.png)" in (boxed / "report" / "report.md").read_text()
+    assert (boxed / "report" / "overlays.png").stat().st_size > 1000
 
 
 # -- 7. overlays ------------------------------------------------------------------------------------------
@@ -349,6 +358,149 @@ def test_overlays_at_the_photos_aspect_with_class_names_chosen_keys_and_colour_b
                                       "(11 in all)" in err
     assert cli_main(["report", str(out), "--overlay-keys", " chelsea_000 ,"]) == 0
     assert "Rows are images (chelsea_000 (explains" in (out / "report" / "report.md").read_text()
+
+
+class OverlayImages(html.parser.HTMLParser):
+    """The ``alt`` and decoded pixels of every ``<img>`` inside ``<table id="overlays">``."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.inside, self.images = False, {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table" and a.get("id") == "overlays":
+            self.inside = True
+        elif tag == "img" and self.inside:
+            assert a["src"].startswith("data:image/png;base64,")  # embedded: the page alone keeps them
+            data = base64.b64decode(a["src"].removeprefix("data:image/png;base64,"))
+            self.images[a["alt"]] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+
+
+def css_font_px(css: str, chain: list[tuple[str, set[str]]]) -> float:
+    """The computed font-size in px of the last element of ``chain`` (``(tag, classes)`` from ``html``
+    down) under ``css``: the most specific (then last) rule of the element that sets it, else its
+    parent's; descendant selectors only, px sizes only (a relative size would fail here), 16 px default."""
+    rules = [(sel.strip(), body) for sels, body in re.findall(r"([^{}]+)\{([^}]*)\}", css) for sel in sels.split(",")]
+
+    def matches(compound: str, element: tuple[str, set[str]]) -> bool:
+        tag, *classes = compound.split(".")
+        return tag in ("", element[0]) and set(classes) <= element[1]
+
+    def selects(selector: str, depth: int) -> bool:
+        *outer, last = selector.split()
+        if not matches(last, chain[depth]):
+            return False
+        i = depth - 1
+        for compound in reversed(outer):
+            while i >= 0 and not matches(compound, chain[i]):
+                i -= 1
+            if i < 0:
+                return False
+            i -= 1
+        return True
+
+    size = 16.0
+    for depth in range(len(chain)):
+        declared = [(sel.count(".") + sel.count(":"), len(sel.split()), n, m.group(1), m.group(2))
+                    for n, (sel, body) in enumerate(rules) if selects(sel, depth)
+                    for m in [re.search(r"font-size:\s*([\d.]+)(\w+|%)", body)] if m]
+        if declared:
+            value, unit = max(declared)[3:]
+            assert unit == "px", f"font-size {value}{unit}"
+            size = float(value)
+    return size
+
+
+def test_overlay_labels_are_html_text_at_least_12px(boxed):
+    """The overlay grid's labels are HTML text in a table (not baked into a PNG the page shrinks):
+    the method names and each image's key/classes render at ≥ 12 px at any page width, and each cell
+    is its overlay, embedded."""
+    page = (boxed / "report" / "report.html").read_text()
+    assert f"<style>{CSS}</style>" in page
+    table = html_table(page, "overlays")
+    assert list(table.columns) == ["", *METHODS] and len(table) == 2
+    assert all("explains: " in label and "label: " in label for label in table[""])
+    keys = [label.split("explains: ")[0] for label in table[""]]  # the key, then the classes (lines: <br>)
+    chain = [("html", set()), ("body", set()), ("figure", set()), ("div", {"ov"}), ("table", {"ov"}), ("tr", set())]
+    method_px = css_font_px(CSS, [*chain, ("th", set())])
+    row_px = css_font_px(CSS, [*chain, ("th", {"row"})])
+    bar_px = css_font_px(CSS, [("html", set()), ("body", set()), ("figure", set()), ("p", {"ovbar"})])
+    assert min(method_px, row_px, bar_px) >= 12, (method_px, row_px, bar_px)
+    assert css_font_px("body{font-size:16px} table.ov th{font-size:4px}", [*chain, ("th", set())]) == 4  # it checks
+    # the cells: each method's overlay of each image, embedded, pixel for pixel the grid's
+    shards = {s: str(boxed.parent / "shards" / f"{s}.tar") for s in ("t-000000", "t-000001")}
+    drawn, _, cells = _overlay_rows(str(boxed), load_rows(boxed), METHODS, shards, keys)
+    parser = OverlayImages()
+    parser.feed(page)
+    assert drawn == keys and len(parser.images) == 2 * len(METHODS)
+    for key, row in zip(drawn, cells, strict=True):
+        for method, cell in zip(METHODS, row, strict=True):
+            assert np.array_equal(parser.images[f"{key}, {method}"], np.asarray(cell)), (key, method)
+    assert 'class="ovbar">0<img' in page and 'alt="colour bar">1 saliency, 0 to 1' in page
+
+
+# -- 12. ROAD over the same images ------------------------------------------------------------------
+def _with_road(run: Path, out: Path, values: dict[tuple[str, int], tuple[list | None, list | None]]) -> Path:
+    """A copy of the 1-method ``run`` with its rows duplicated as xgradcam, ROAD requested, and the
+    ROAD lists ``values[(method, i)]`` on the i-th error-free row of each method (others: finite)."""
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("report"))
+    rng = np.random.default_rng(0)
+    for f in sorted((out / "metrics").glob("*.parquet")):
+        table = pq.read_table(f)
+        renamed = pa.array(["xgradcam"] * len(table), pa.string())
+        table = pa.concat_tables([table, table.set_column(table.schema.get_field_index("method"),
+                                                          table.schema.field("method"), renamed)])
+        seen: dict[str, int] = {}
+        morf, lerf = [], []
+        for method, error in zip(table["method"].to_pylist(), table["error"].to_pylist(), strict=True):
+            m = lv = None
+            if error is None:
+                i = seen[method] = seen.get(method, -1) + 1
+                m, lv = values.get((method, i), (rng.uniform(0, 0.5, 3).tolist(), rng.uniform(0.5, 1, 3).tolist()))
+            morf.append(m)
+            lerf.append(lv)
+        for name, col in (("road_morf", morf), ("road_lerf", lerf)):
+            table = table.set_column(table.schema.get_field_index(name), table.schema.field(name),
+                                     pa.array(col, pa.list_(pa.float64())))
+        pq.write_table(table, f)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"].update(methods=["gradcam", "xgradcam"], metrics=["ad", "ai", "epg", "road"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_road_morf_lerf_and_combined_over_the_same_images(boxless, tmp_path):
+    run = _with_road(boxless, tmp_path / "road", {
+        ("gradcam", 0): ([None, 0.2, 0.3], [0.5, 0.6, 0.7]),  # a NaN in MoRF only
+        ("xgradcam", 0): ([None, None, None], [0.5, 0.6, 0.9]),  # MoRF NaN at every percentile
+        ("xgradcam", 1): (None, None)})  # ROAD failed
+    paths = write_report(run, overlays=0)
+    summary = pd.read_csv(paths["summary"]).set_index("method")
+    rows = rows_of(run)
+    for method, n in (("gradcam", 2), ("xgradcam", 1)):
+        mine = rows[rows["method"] == method]
+        both = [(np.mean(m), np.mean(lv)) for m, lv in zip(mine["road_morf"], mine["road_lerf"], strict=True)
+                if m is not None and lv is not None and np.isfinite(np.array(m, float)).all()]
+        assert len(mine) == 3 and summary.loc[method, "road_n"] == len(both) == n
+        r = summary.loc[method]
+        assert r["road_morf"] == pytest.approx(np.mean([m for m, _ in both]), abs=1e-12)
+        assert r["road_lerf"] == pytest.approx(np.mean([lv for _, lv in both]), abs=1e-12)
+        assert r["road_combined"] == (r["road_lerf"] - r["road_morf"]) / 2  # exactly
+    md, page = Path(paths["markdown"]).read_text(), Path(paths["html"]).read_text()
+    assert md_table(md, "| Method")["ROAD n"].tolist() == ["2", "1"] == html_table(page, "summary")["ROAD n"].tolist()
+    notes = ["ROAD: 1 image(s) of method gradcam left out (ROAD n = 2 of 3): 1 where a ROAD threshold removed "
+             "every pixel (NaN).",
+             "ROAD: 2 image(s) of method xgradcam left out (ROAD n = 1 of 3): 1 where a ROAD threshold removed "
+             "every pixel (NaN), 1 where ROAD failed (no values)."]
+    for note in notes:
+        assert f"- {note}" in md and f"<li>{note}</li>" in page
+    assert "All three average over the same images (ROAD n, road_n in summary.csv)" in md
+    assert (run / "report" / "road.png").is_file()
 
 
 # -- 8. checking the report ---------------------------------------------------------------------------

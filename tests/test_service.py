@@ -92,9 +92,17 @@ def test_shard_rows_maps_and_metrics_match_an_independent_recomputation(tmp_path
     counts = ev.evaluate(str(shard_dir[0]), cfg.out)
     rows = read_metrics(cfg.out).to_pandas()
     keys = [k for k in rows["key"].unique()]
+    st = shard_dir[0].stat()
+    files = {}
+    for folder in ("metrics", "maps"):  # each output's record: its size, the sha256 of its bytes, its stamp
+        path = Path(cfg.out) / folder / "t-000000.parquet"
+        files[folder] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                         "stamp": f"{path.stat().st_size}:{path.stat().st_mtime_ns}"}
     assert counts == {"images": 8, "rows": 8 * 3, "maps": 8 * 3 - 3 * 3, "errors": 3 * 3, "seconds": counts["seconds"],
-                      "compiled_graphs": 0, "source": {"uri": str(shard_dir[0]), "bytes": shard_dir[0].stat().st_size,
-                                                       "sha256": hashlib.sha256(shard_dir[0].read_bytes()).hexdigest()}}
+                      "compiled_graphs": 0, "files": files,
+                      "source": {"uri": str(shard_dir[0]), "bytes": st.st_size,
+                                 "stamp": f"{st.st_size}:{st.st_mtime_ns}",
+                                 "sha256": hashlib.sha256(shard_dir[0].read_bytes()).hexdigest()}}
     assert len(keys) == 8 and len(rows) == 24 and not rows.duplicated(["key", "method"]).any()
 
     good = rows[rows["error"].isna()]

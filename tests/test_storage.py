@@ -24,9 +24,9 @@ from unioncam.cli import main as cli
 from unioncam.data.shards import expand_shards, iter_samples, write_shards
 from unioncam.service import EvalConfig, read_metrics
 from unioncam.service.config import ConfigError
+from unioncam.service.lock import RunLock
 from unioncam.service.report import write_report
 from unioncam.service.results import load_manifest, verify_shard
-from unioncam.service.runner import RunLock
 from unioncam.service.worker import ShardEvaluator
 
 BUCKET = "unioncam-test"
@@ -229,14 +229,14 @@ def test_missing_shards_of_a_range_and_malformed_uris_are_errors(tmp_path):
 
 
 def test_a_driver_whose_lock_was_taken_over_stops(tmp_path, monkeypatch):
-    from unioncam.service import runner
+    from unioncam.service import lock as lock_module
 
     out = str(tmp_path / "run")
     lock = RunLock(out)
     lock.acquire()
     storage.write_text(storage.join(out, "lock.json"), json.dumps(
         {"host": "elsewhere", "pid": 1, "since": "x", "heartbeat": 9e18}))  # another driver took it over
-    monkeypatch.setattr(runner, "LOCK_HEARTBEAT", 0.0)
+    monkeypatch.setattr(lock_module, "LOCK_HEARTBEAT", 0.0)
     with pytest.raises(ConfigError, match="taken by another driver"):
         lock.heartbeat()
     lock.release()  # leaves the other driver's lock alone

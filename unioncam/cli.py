@@ -104,6 +104,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for path, image in zip(paths, images, strict=True):
         x = image[None].to(device)
         predicted, logits = predict(model, x)
+        if not bool(torch.isfinite(logits).all()):
+            source = storage.redact(args.weights) if args.weights else f"{loaded.name}'s default weights"
+            raise UsageError(f"{source}: the model's output for {path.name} is not finite (NaN/inf logits): the "
+                             "weights are damaged or not this model's")
         probs = logits.softmax(-1)[0]
         target = int(predicted[0]) if args.target is None else args.target
         print(f"{path.name}: {loaded.class_names[target]} (class {target}, p={float(probs[target]):.3f})",
@@ -190,8 +194,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+VERIFY_INCOMPLETE = 3  # `unioncam verify`: nothing damaged, but the run is not finished (or a driver holds it)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check every shard of a run as resume does; exit 0 when all are finished, 1 otherwise."""
+    """Check every shard of a run as resume does. Exit 0: every shard of the run's shard set is done
+    and intact; 1: something is damaged (a file changed, missing or foreign, a changed source);
+    :data:`VERIFY_INCOMPLETE` (3): nothing damaged, but shards are not done or a lock is present."""
+    from unioncam.service.lock import lock_state
     from unioncam.service.results import load_manifest, source_changed, verify_shard
 
     try:
@@ -201,27 +211,53 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     save_maps = bool(manifest["config"].get("save_maps", True))
-    bad = 0
-    for name, entry in sorted(manifest["shards"].items()):
-        if entry.get("status") == "done":
-            why = verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps)
-            try:
-                why = why or source_changed(name, entry)
-            except storage.StorageError as exc:
-                print(f"??   {name}  its source cannot be read now: {exc}")
-        else:
-            why = f"{entry.get('status')}: {entry.get('error', '')}".strip()
-        bad += why is not None
+    shards = manifest["shards"]
+    damaged = unchecked = 0
+    not_done: dict[str, str] = {}
+    for name, entry in sorted(shards.items()):
+        if entry.get("status") != "done":
+            not_done[name] = f"{entry.get('status')}: {entry.get('error', '')}".strip().rstrip(":")
+            continue
+        why = verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps, deep=args.deep)
+        unchecked += why is None and not entry.get("files")
+        try:
+            why = why or source_changed(name, entry, deep=args.deep)
+        except storage.StorageError as exc:
+            print(f"??   {name}  its source cannot be read now: {exc}")
+        damaged += why is not None
         print(f"{'ok' if why is None else 'BAD'}  {name}{'' if why is None else '  ' + why}")
-    listed = set(manifest["shards"])
-    for folder in ("metrics", "maps"):
+    recorded = manifest.get("shard_set")
+    shard_set: dict[str, str] = recorded if isinstance(recorded, dict) else {}
+    limit = manifest["config"].get("limit")
+    beyond = 0
+    for name in sorted(set(shard_set) - set(shards)):
+        if limit is not None:
+            beyond += 1  # with --limit, later shards may hold no image of the run
+        else:
+            not_done[name] = "not started"
+    for name, why in list(not_done.items())[:20]:
+        print(f"TODO {name}  {why}")
+    if len(not_done) > 20:
+        print(f"TODO ... and {len(not_done) - 20} more shard(s) not done")
+    listed = set(shards)
+    for folder in ("metrics", "maps", "sanity"):
         for f in storage.list_files(storage.join(args.run_dir, folder), ".parquet"):
             if storage.basename(f).removesuffix(".parquet") not in listed:
-                bad += 1
+                damaged += 1
                 print(f"BAD  {folder}/{storage.basename(f)}  not in the manifest (foreign file)")
-    done = sum(e.get("status") == "done" for e in manifest["shards"].values())
-    print(f"run {manifest['run_id']}: {len(manifest['shards'])} shards, {done} done, {bad} problem(s)")
-    return 1 if bad else 0
+    lock = lock_state(args.run_dir)
+    if lock:
+        print(f"LOCK {lock}")
+    done = len(shards) - sum(n in shards for n in not_done)
+    total = len(set(shard_set) | set(shards))
+    notes = [f"{len(not_done)} not done" if not_done else "", f"{beyond} not evaluated (--limit {limit})" if beyond
+             else "", f"{unchecked} without content hashes (written by an earlier unioncam: bytes not checked)"
+             if unchecked else "", "a lock is present" if lock else ""]
+    print(f"run {manifest['run_id']}: {total} shards in its shard set, {done} done, {damaged} problem(s)"
+          + "".join(f", {n}" for n in notes if n) + (" (deep: every byte hashed)" if args.deep else ""))
+    if damaged:
+        return 1
+    return VERIFY_INCOMPLETE if not_done or lock else 0
 
 
 EVAL_DATASETS: tuple[str, ...] = ("imagenet", "voc")
@@ -338,8 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the first --overlays images that every method explained)")
     rp.set_defaults(func=cmd_report)
 
-    vf = sub.add_parser("verify", help="check that every shard of RUN_DIR is complete and this run's (as resume does)")
+    vf = sub.add_parser("verify", help="check that every shard of RUN_DIR is complete and this run's (as resume does)",
+                        epilog="Exit codes: 0 every shard of the run's shard set done and intact; 1 damaged (a file "
+                               "changed, missing or foreign, a source changed); 3 nothing damaged but the run is "
+                               "unfinished (shards not done, or a lock present); 2 not a run directory.")
     vf.add_argument("run_dir", metavar="RUN_DIR", help="the job's --out (a folder or a URI such as s3://bucket/run)")
+    vf.add_argument("--deep", action="store_true",
+                    help="hash every output file and every shard source (default: hash only files whose size or "
+                         "modification time moved since they were written)")
     vf.set_defaults(func=cmd_verify)
 
     rs = sub.add_parser("rescore", help="score a run's saved maps again under another metric protocol "

@@ -33,28 +33,29 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._items: dict[str, T] = {}
+        self._items: dict[str, tuple[str, T]] = {}  # key -> (registered spelling, item)
 
     @staticmethod
     def _key(name: str) -> str:
         return name_key(name)
 
     def add(self, name: str, item: T) -> None:
-        self._items[self._key(name)] = item
+        self._items[self._key(name)] = (name, item)
 
     def names(self) -> list[str]:
-        return list(self._items)
+        """The registered spellings (``pytorch-grad-cam``, as documented)."""
+        return [name for name, _ in self._items.values()]
 
     def canonical(self, name: str) -> str:
         """The registered spelling of ``name``; raises :class:`UnknownNameError` if absent."""
         key = self._key(name)
         if key not in self._items:
-            hint = _did_you_mean(key, {k: k for k in self._items})
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self._items)}")
-        return key
+            hint = _did_you_mean(key, {k: shown for k, (shown, _) in self._items.items()})
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}")
+        return self._items[key][0]
 
     def get(self, name: str) -> T:
-        return self._items[self.canonical(name)]
+        return self._items[self._key(self.canonical(name))][1]
 
 
 def parse_names(spec: str | Sequence[str], valid: Sequence[str], kind: str, *, empty_ok: bool = False) -> list[str]:

@@ -388,11 +388,28 @@ def write_text(location: str, text: str) -> None:
     write_bytes(location, text.encode("utf-8"))
 
 
+def file_mode() -> int:
+    """The mode of a new file under this process's umask (``0o644`` under umask 022), as ``open()``
+    gives: the files unioncam writes through a temporary file (``mkstemp`` makes them 0600) get it
+    too, so colleagues on shared storage can read the results their umask lets them."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:  # Linux: read without changing it
+            found = re.search(r"^Umask:\s*([0-7]+)", handle.read(), re.MULTILINE)
+        if found:
+            return 0o666 & ~int(found.group(1), 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief window, at a write)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_local(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -424,6 +441,7 @@ def put_file(local: str, location: str) -> None:
     if not is_uri(location):
         with open(local, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(local, file_mode())  # a temporary file (0600): the umask's mode, as a file written in place
         dest = local_path(location)
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         try:
@@ -521,10 +539,34 @@ def create_exclusive(location: str, data: bytes) -> bool:
     raise StorageError(f"cannot create {redact(location)} exclusively: {parts.scheme}:// has no conditional write")
 
 
+def stamp(location: str) -> str | None:
+    """``"<bytes>:<mtime_ns>"``: what changes whenever a file is rewritten, read without reading its
+    content (a ``stat``; on object stores the object's size and last-modified time, one HEAD);
+    None where the store reports no modification time. Equal stamps let a check skip hashing; a
+    change that keeps both (bit rot, a restored mtime) needs a hash (``unioncam verify --deep``).
+
+    Raises:
+        StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
+    """
+    if not is_uri(location):
+        try:
+            st = os.stat(local_path(location))
+        except FileNotFoundError:
+            raise _error(FileNotFoundError, f"{location} is missing") from None
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    r = _remote(location)
+    info = retrying(f"cannot stat {redact(location)}", lambda: r.fs.get_file_info(r.path))  # type: ignore[attr-defined]
+    if info.size is None:
+        raise _error(FileNotFoundError, f"{redact(location)} is missing")
+    return None if info.mtime_ns is None else f"{info.size}:{info.mtime_ns}"
+
+
 def fingerprint(location: str) -> dict[str, Any]:
-    """What identifies a file's content, to tell later whether it changed: ``{"uri", "bytes", "sha256"}``
-    for local files, ``{"uri", "bytes", "etag"}`` for ``s3://`` objects (a HEAD request, through boto3
-    when installed), else ``sha256`` streamed. ``uri`` is redacted (no credentials).
+    """What identifies a file's content, to tell later whether it changed: ``{"uri", "bytes",
+    "stamp", "sha256"}`` for local files, ``{"uri", "bytes", "stamp", "etag"}`` for ``s3://`` objects
+    (a HEAD request, through boto3 when installed), else ``sha256`` streamed. ``uri`` is redacted (no
+    credentials); ``stamp`` (:func:`stamp`) is taken first, so a file rewritten while it is hashed
+    shows another stamp at the next check.
 
     Raises:
         StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
@@ -532,7 +574,7 @@ def fingerprint(location: str) -> dict[str, Any]:
     kind, size = file_info(location)
     if kind != "file":
         raise _error(FileNotFoundError, f"{redact(location)} is not a file")
-    found: dict[str, Any] = {"uri": redact(location), "bytes": size}
+    found: dict[str, Any] = {"uri": redact(location), "bytes": size, "stamp": stamp(location)}
     etag = _s3_etag(location) if urlsplit(location).scheme == "s3" else None
     if etag is not None:
         found["etag"] = etag

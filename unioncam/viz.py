@@ -16,6 +16,9 @@ class ImageError(ValueError):
 
 #: What PIL may open an image as: raster formats PIL decodes itself (never EPS, which runs Ghostscript).
 IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "WEBP", "TIFF", "GIF")
+#: The member extensions a shard's image may have: one per spelling of :data:`IMAGE_FORMATS` (an
+#: animated GIF gives its first frame, as in ``unioncam explain``).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "bmp", "webp", "tif", "tiff", "gif")
 #: The most pixels (width × height) an image may claim before it is decoded: PIL's own default
 #: ``Image.MAX_IMAGE_PIXELS`` (2**30 / 4 / 3, i.e. 256 MiB as 24-bit RGB), checked on the header, so a
 #: decompression bomb is refused without allocating it; PIL itself only warns up to twice this.

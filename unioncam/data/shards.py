@@ -29,11 +29,10 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from unioncam import storage
-from unioncam.viz import IMAGE_FORMATS, check_pixels, pil_to_tensor
+from unioncam.viz import IMAGE_EXTENSIONS, IMAGE_FORMATS, check_pixels, pil_to_tensor
 
 MANIFEST = "manifest.json"
 FORMAT = "unioncam-shards/1"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "ppm", "bmp", "webp", "tif", "tiff")
 T = TypeVar("T")
 # what reading a damaged archive raises (gzip/bz2 report bad data as OSError): damage in the data,
 # unlike storage.StorageError, which is an I/O failure and is never caught as damage
@@ -278,7 +277,7 @@ def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> d
     rules of :func:`unioncam.viz.pil_to_tensor`), label, and boxes rescaled to the resized image. An image
     whose header claims more than :data:`unioncam.viz.MAX_PIXELS` pixels is refused before it is decoded.
     Raises ``ValueError`` with the reason on failure."""
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
     if ext is None:
         raise ValueError(f"no image member (have: {', '.join(sorted(parts)) or 'nothing'})")
     try:
@@ -363,6 +362,26 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
             yield {"key": exc.key or f"{name}:damaged", "shard": name, "error": f"truncated or corrupt tar: {exc}"}
         except DATA_ERRORS as exc:
             yield {"key": f"{name}:damaged", "shard": name, "error": f"unreadable tar: {exc}"}
+
+
+def count_samples(path: str) -> int:
+    """How many records :func:`iter_samples` yields for the shard ``path`` (samples and error records
+    alike), read without decoding an image, so a progress total is one the count can reach.
+
+    Raises:
+        storage.StorageError: the shard could not be read.
+    """
+    n = 0
+    try:
+        with storage.open_input(path) as stream, \
+                tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+            for _, parts, problem in _group(tar):
+                n += bool(parts or problem)
+    except storage.StorageError:
+        raise
+    except (DamagedShardError, *DATA_ERRORS):  # iter_samples yields one error record for the damage
+        n += 1
+    return n
 
 
 def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:

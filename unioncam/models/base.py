@@ -240,13 +240,36 @@ def load_state_dict(net: nn.Module, path: str | os.PathLike[str]) -> str:
         WeightsError: as :func:`read_state_dict`, or keys or shapes that do not match ``net``.
     """
     state, sha = read_state_dict(path)
+    shown = storage.redact(os.fspath(path))
+    mismatch = state_mismatch(net, state)
+    if mismatch:
+        raise WeightsError(f"{shown} does not match the architecture of {type(net).__name__}: {mismatch}")
+    params = {name for name, _ in net.named_parameters()}
+    bad = [k for k, v in state.items() if v.is_floating_point()
+           and not bool((torch.isfinite(v) if k in params else ~torch.isnan(v)).all())]
+    if bad:
+        raise WeightsError(f"{shown} holds non-finite values (NaN{' or inf' if set(bad) & params else ''}) in "
+                           f"{len(bad)} tensor(s), e.g. {', '.join(bad[:3])}: the file is damaged or the training "
+                           "diverged; its model would give NaN scores")
     try:
         net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[:4]
-        raise WeightsError(f"{storage.redact(os.fspath(path))} does not match the architecture: "
-                           f"{' '.join(first)}") from exc
+    except RuntimeError as exc:  # what state_mismatch does not see (a module's own checks)
+        raise WeightsError(f"{shown} does not match the architecture: {' '.join(str(exc).split())[:300]}") from exc
     return sha
+
+
+def state_mismatch(net: nn.Module, state: dict[str, Tensor], shown: int = 3) -> str:
+    """How ``state``'s keys and shapes differ from ``net``'s ("" when they match): how many keys are
+    missing, unexpected and mis-shaped, and at most ``shown`` of each."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(found)} {what} ({', '.join(found[:shown])}{', ...' if len(found) > shown else ''})"
+             for what, found in (("keys missing", missing), ("unexpected keys", unexpected),
+                                 ("mis-shaped tensors", shaped)) if found]
+    return "; ".join(parts)
 
 
 def state_sha256(net: nn.Module) -> str:

@@ -83,7 +83,8 @@ class EvalConfig:
             on every image: ``sanity/<shard>.parquet``, Spearman and SSIM per method and cascade step.
         sanity_layers: with ``sanity``, compare after every K-th parameterized layer from the logits
             down (and the last); None: after every layer (VGG16: 16, EfficientNet-Lite0: 99 steps).
-        sanity_seed: seeds the re-initialization (recorded in the manifest and provenance).
+        sanity_seed: seeds the re-initialization (recorded in the manifest and provenance); default 0.
+            ``sanity_layers`` and ``sanity_seed`` without ``sanity`` are refused (they would do nothing).
         target: "predicted" (REFERENCE.md default), "label" (the dataset's label; refused for VOC
             shards, whose 20 labels are not the model's ImageNet classes), or "topk:K" (K rows per
             image, one per predicted class, with ``rank`` 1..K).
@@ -121,7 +122,7 @@ class EvalConfig:
     rescore: str | None = None
     sanity: bool = False
     sanity_layers: int | None = None
-    sanity_seed: int = 0
+    sanity_seed: int | None = None  # 0 with sanity (resolved()); given without sanity: refused
     target: str = "predicted"
     save_maps: bool = True
     address: str | None = None
@@ -154,10 +155,15 @@ class EvalConfig:
                 raise ConfigError("--sanity recomputes maps on randomized models: run it as an evaluation, "
                                   "not a rescore")
             c = _rescoring(c, protocol.name)
+        if not c.sanity and (c.sanity_layers is not None or c.sanity_seed is not None):
+            given = [f"--{k.replace('_', '-')}" for k in ("sanity_layers", "sanity_seed") if getattr(c, k) is not None]
+            raise ConfigError(f"{' and '.join(given)} only apply with --sanity: add --sanity, or drop them")
         if c.sanity_layers is not None and c.sanity_layers < 1:
             raise ConfigError(f"sanity_layers must be >= 1 (every K-th layer), got {c.sanity_layers}")
-        if c.sanity_seed < 0:
+        if c.sanity_seed is not None and c.sanity_seed < 0:
             raise ConfigError(f"sanity_seed must be >= 0, got {c.sanity_seed}")
+        if c.sanity and c.sanity_seed is None:
+            c.sanity_seed = 0
         if c.is_sample:
             c.sample = True
             c.shards = str(SAMPLE_DIR / c.dataset / f"sample-{c.dataset}-*.tar")
@@ -274,7 +280,7 @@ class EvalConfig:
             if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None)
                    for e in yaml.parse(text, Loader=yaml.SafeLoader)):
                 raise ConfigError(f"config {path} uses YAML anchors or aliases (&x / *x); write values out")
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=_unique_key_loader(str(path))) or {}
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {' '.join(str(exc).split())}") from None
         if not isinstance(values, dict):
@@ -294,6 +300,29 @@ class EvalConfig:
             if key in given:
                 given[key] = _names(key, given[key])
         return dataclasses.replace(base, **given).resolved()
+
+
+def _unique_key_loader(path: str) -> type:
+    """A ``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last silently),
+    naming the key and both lines."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"config {path}: key {key!r} is given twice (lines {seen[key]} and {line}); "
+                                          "keep one")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the mapping constructor reports it
+                    pass
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:

@@ -45,11 +45,15 @@ table.t{border-collapse:collapse;margin:1em 0;font-size:14px}
 table.t th,table.t td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
 table.t th{background:#f3f3f3}table.t td:first-child,table.t th:first-child{text-align:left}
 img{max-width:100%;margin:0.5em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#555}
-ul.notes{font-size:14px;color:#333}"""
+ul.notes{font-size:14px;color:#333}
+div.ov{overflow-x:auto}table.ov{border-collapse:collapse;font-size:14px}
+table.ov th{padding:2px 6px;text-align:center}table.ov th.row{font-weight:normal;text-align:left}
+table.ov td{padding:2px}table.ov td img{display:block;margin:0 auto}
+p.ovbar{font-size:14px}p.ovbar img{vertical-align:middle;margin:0 6px}"""
 
 SUMMARY_COLUMNS = ["method", "n", "errors", "average_drop", "ad_ci_low", "ad_ci_high", "average_increase",
                    "ai_ci_low", "ai_ci_high", "insertion_auc", "deletion_auc", "epg", "n_epg", "road_morf", "road_lerf",
-                   "road_combined", "seconds_per_image"]
+                   "road_combined", "road_n", "seconds_per_image"]
 
 
 def run_protocol(run_dir: str | os.PathLike[str]) -> Protocol:
@@ -81,6 +85,36 @@ def road_matrix(values: pd.Series) -> np.ndarray:
     return out
 
 
+def road_complete(rows: pd.DataFrame) -> pd.Series:
+    """Per row, whether every ROAD value is defined: each percentile of ``road_morf`` and of
+    ``road_lerf`` finite (no null list, no null entry). The ROAD columns average over these rows."""
+    morf, lerf = road_matrix(rows["road_morf"]), road_matrix(rows["road_lerf"])
+    defined = np.isfinite(morf).all(axis=1) & np.isfinite(lerf).all(axis=1) & (morf.shape[1] > 0) & (lerf.shape[1] > 0)
+    return pd.Series(defined, index=rows.index, dtype=bool)
+
+
+def road_notes(df: pd.DataFrame, methods: list[str]) -> list[str]:
+    """Per method, how many error-free images the ROAD columns leave out (:func:`road_complete`) and why."""
+    ok = df[df["error"].isna()]
+    complete = road_complete(ok)
+    none = ok["road_morf"].map(_missing_list) | ok["road_lerf"].map(_missing_list)
+    notes = []
+    for method in methods:
+        mine = ok["method"] == method
+        failed, nan = int((mine & none).sum()), int((mine & ~none & ~complete).sum())
+        if failed or nan:
+            why = [f"{nan} where a ROAD threshold removed every pixel (NaN)"] if nan else []
+            why += [f"{failed} where ROAD failed (no values)"] if failed else []
+            notes.append(f"ROAD: {failed + nan} image(s) of method {method} left out (ROAD n = "
+                         f"{int((mine & complete).sum())} of {int(mine.sum())}): {', '.join(why)}.")
+    return notes
+
+
+def _missing_list(value: Any) -> bool:
+    """Whether a ``road_morf``/``road_lerf`` cell holds no values (null or empty: ROAD failed or was not run)."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or len(value) == 0
+
+
 def _road_means(values: pd.Series) -> pd.Series:
     """Per row, the mean over ROAD's percentiles (grad-cam's ``...Average``); NaN if none is defined."""
     m = road_matrix(values)
@@ -93,9 +127,11 @@ def _road_means(values: pd.Series) -> pd.Series:
 def _road_plot(df: pd.DataFrame, methods: list[str], percentiles: list[float]) -> bytes | None:
     """ROAD curves: mean f_c after imputing the most (MoRF ↓) / least (LeRF ↑) relevant pixels per
     method, against the share removed: ``100 − p`` at grad-cam's percentile ``p`` (the pixels above
-    the map's ``p``-th percentile, or below the ``(100 − p)``-th for LeRF, are removed)."""
+    the map's ``p``-th percentile, or below the ``(100 − p)``-th for LeRF, are removed); over the
+    images of the ROAD columns (:func:`road_complete`)."""
     ok = df[df["error"].isna()]
-    if not ok["road_morf"].notna().any():
+    ok = ok[road_complete(ok)]
+    if ok.empty:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -107,7 +143,7 @@ def _road_plot(df: pd.DataFrame, methods: list[str], percentiles: list[float]) -
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     ax.plot([100 - p for p in percentiles[:m.shape[1]]], np.nanmean(m, axis=0), marker="o",
-                            label=method)
+                            label=f"{method} (n={len(m)})")
         ax.set_xlabel("pixels removed and imputed (%)")
         ax.set_ylabel("f_c (probability)")
         ax.set_title(title)
@@ -124,7 +160,12 @@ def _mean(values: pd.Series) -> float:
 
 
 def summary_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
-    """One row per method: n, errors, AD and AI with 95% CIs, insertion/deletion AUC, EPG, s/image."""
+    """One row per method: n, errors, AD and AI with 95% CIs, insertion/deletion AUC, EPG, ROAD, s/image.
+
+    ROAD: MoRF and LeRF are the means over images of each image's mean over the percentiles, both over
+    the same images, ``road_n`` of them: the error-free rows whose every ROAD value is defined
+    (:func:`road_complete`; an image with a NaN percentile, or no values, is left out of all three);
+    ``road_combined`` = (LeRF − MoRF)/2 of those means, which is the mean of each image's (LeRF − MoRF)/2."""
     methods = methods or list(dict.fromkeys(df["method"]))
     rows = []
     for method in methods:
@@ -137,11 +178,11 @@ def summary_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.Data
             row[name] = s.mean if s else float("nan")
             row[f"{prefix}_ci_low"] = s.ci_low if s else float("nan")
             row[f"{prefix}_ci_high"] = s.ci_high if s else float("nan")
-        morf, lerf = _road_means(ok["road_morf"]), _road_means(ok["road_lerf"])
+        road = ok[road_complete(ok)]
+        morf, lerf = _mean(_road_means(road["road_morf"])), _mean(_road_means(road["road_lerf"]))
         row.update(insertion_auc=_mean(ok["insertion_auc"]), deletion_auc=_mean(ok["deletion_auc"]),
-                   epg=_mean(ok["epg"]), n_epg=int(ok["epg"].notna().sum()), road_morf=_mean(morf),
-                   road_lerf=_mean(lerf), road_combined=_mean((lerf - morf) / 2),
-                   seconds_per_image=_mean(ok["seconds"]))
+                   epg=_mean(ok["epg"]), n_epg=int(ok["epg"].notna().sum()), road_morf=morf, road_lerf=lerf,
+                   road_combined=(lerf - morf) / 2, road_n=len(road), seconds_per_image=_mean(ok["seconds"]))
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -196,7 +237,7 @@ def fmt_text(v: Any) -> str:
 
 #: The display format of each column of the CSVs (the md and html tables show these).
 COLUMN_FORMATS: dict[str, Callable[[Any], str]] = {
-    **dict.fromkeys(("n", "errors", "n_epg", "dereg", "region"), fmt_int),
+    **dict.fromkeys(("n", "errors", "n_epg", "road_n", "dereg", "region"), fmt_int),
     **dict.fromkeys(("average_drop", "ad_ci_low", "ad_ci_high", "average_increase", "ai_ci_low", "ai_ci_high",
                      "dereg_pct", "region_pct"), fmt_pct),
     **dict.fromkeys(("insertion_auc", "deletion_auc", "epg", "road_morf", "road_lerf", "road_combined"), fmt_auc),
@@ -352,7 +393,8 @@ def _table1(summary: pd.DataFrame, requested: set[str] | None = None, no_boxes: 
         "Insertion ↑": one("insertion_auc", "insdel"), "Deletion ↓": one("deletion_auc", "insdel"),
         "EPG ↑": one("epg", "epg"),
         **({"ROAD MoRF ↓": one("road_morf", "road"), "ROAD LeRF ↑": one("road_lerf", "road"),
-            "ROAD combined ↑": one("road_combined", "road")} if requested and "road" in requested else {}),
+            "ROAD combined ↑": one("road_combined", "road"), "ROAD n": summary["road_n"].map(fmt_int)}
+           if requested and "road" in requested else {}),
         "s/image": seconds})
 
 
@@ -565,14 +607,39 @@ def _overlay_rows(run_dir: str, df: pd.DataFrame, methods: list[str], shards: di
     return drawn, captions, cells
 
 
+def _png_img(image: Any, alt: str) -> str:
+    """A PIL image as an ``<img>`` with the PNG embedded (a data URI)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _overlay_table(drawn: list[str], captions: list[str], methods: list[str], cells: list[list[Any]]) -> str:
+    """The overlay grid for report.html: a table whose labels are HTML text (14 px, readable at any
+    page width; the methods above, each image's key and classes left of its row) and whose cells are
+    the overlays, each an embedded PNG; the colour bar under it."""
+    from unioncam.viz import COLORBAR_WIDTH, colorbar
+
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"
+    body = "".join('<tr><th class="row">' + "<br>".join(map(html.escape, caption.split("\n"))) + "</th>"
+                   + "".join(f"<td>{_png_img(cell, f'{key}, {m}')}</td>" for m, cell in zip(methods, row, strict=True))
+                   + "</tr>" for key, caption, row in zip(drawn, captions, cells, strict=True))
+    bar = _png_img(colorbar(COLORBAR_WIDTH, 12), "colour bar")
+    return (f'<div class="ov"><table class="ov" id="overlays">{head}{body}</table></div>'
+            f'<p class="ovbar">0{bar}1 {html.escape(COLORBAR_LABEL)}</p>')
+
+
 def _overlay_grid(run_dir: str, df: pd.DataFrame, methods: list[str], shards: dict[str, str | None],
-                  keys: list[str]) -> tuple[bytes | None, str]:
-    """The overlay grid's PNG (or None) and a sentence for the report: what it shows, or why it is missing."""
+                  keys: list[str]) -> tuple[bytes | None, str, str]:
+    """The overlay grid as a PNG (``overlays.png``, the markdown's; or None) and as HTML
+    (:func:`_overlay_table`, report.html's), and a sentence for the report: what it shows, or why it
+    is missing."""
     from unioncam.viz import grid
 
     result = _overlay_rows(run_dir, df, methods, shards, keys)
     if isinstance(result, str):
-        return None, f"No overlays: {result}."
+        return None, "", f"No overlays: {result}."
     drawn, captions, cells = result
     buf = io.BytesIO()
     grid(cells, captions, methods, colorbar_label=COLORBAR_LABEL).save(buf, format="PNG")
@@ -582,7 +649,7 @@ def _overlay_grid(run_dir: str, df: pd.DataFrame, methods: list[str], shards: di
     text = (f"Rows are images ({listed}), columns methods; each photo at its own aspect ratio; "
             "the colour bar is the saliency scale (0 → 1). Choose the images with: unioncam report RUN_DIR "
             "--overlay-keys KEY1,KEY2")
-    return buf.getvalue(), text
+    return buf.getvalue(), _overlay_table(drawn, captions, methods, cells), text
 
 
 # -- markdown and html -----------------------------------------------------------------------------
@@ -605,7 +672,8 @@ def _html_table(frame: pd.DataFrame, table_id: str | None = None) -> str:
     return frame.to_html(index=False, na_rep="–", border=0, classes="t", escape=True, table_id=table_id)
 
 
-#: A report block: ("h2", text), ("p", text), ("notes", [text]), ("table", (frame, id)) or ("img", (name, text)).
+#: A report block: ("h2", text), ("p", text), ("notes", [text]), ("table", (frame, id)), ("img", (name, text))
+#: or ("overlays", (name, text, html)): the markdown shows the figure ``name``, the html its table ``html``.
 Block = tuple[str, Any]
 
 
@@ -620,7 +688,7 @@ def _render_md(blocks: list[Block]) -> str:
             out += [*(f"- {n}" for n in value), ""]
         elif kind == "table":
             out += [_markdown(value[0]), ""]
-        elif kind == "img":  # a caption names keys and classes from the data: HTML escaped, as in tables
+        elif kind in ("img", "overlays"):  # a caption names keys and classes from the data: HTML escaped
             out += [f"![{value[0]}]({value[0]})", ""] + ([html.escape(str(value[1]), quote=False), ""]
                                                          if value[1] else [])
     return "\n".join(out)
@@ -643,6 +711,10 @@ def _render_html(blocks: list[Block], figures: dict[str, bytes]) -> str:
             caption = f"<figcaption>{html.escape(name)}{': ' if text else ''}{html.escape(str(text or ''))}"
             out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
                        f"{caption}</figcaption></figure>")
+        elif kind == "overlays":
+            name, text, table = value
+            out.append(f"<figure>{table}<figcaption>{html.escape(str(text))}; {html.escape(name)} beside this "
+                       "report is the same grid as one image.</figcaption></figure>")
     return "".join(out)
 
 
@@ -741,14 +813,14 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     ams_png = _ams_plot(df) if "unioncam" in methods else None
     if ams_png:
         figures["ams_beta.png"] = ams_png
-    overlay_text = ""
+    overlay_text = overlay_html = ""
     if keys or overlays:
         if not keys:
             overlay_text = "No overlays: no image has an error-free row for every method."
         elif not has_maps:
             overlay_text = "No overlays: the run saved no maps (--no-maps)."
         else:
-            grid_png, overlay_text = _overlay_grid(run_dir, df, methods, shards, keys)
+            grid_png, overlay_html, overlay_text = _overlay_grid(run_dir, df, methods, shards, keys)
             if grid_png:
                 figures["overlays.png"] = grid_png
     sanity = sanity_table(run_dir)
@@ -805,7 +877,10 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
                      "most (MoRF) or least (LeRF) relevant 10…90% of the pixels (grad-cam's percentiles p = 90…10: "
                      "the pixels beyond the map's p-th percentile) replaced by noisy linear imputation; MoRF/LeRF "
                      "are the mean f_c over the percentiles, combined = (LeRF − MoRF)/2 (grad-cam's ROADCombined). "
-                     "A percentile whose threshold removes every pixel is left out.")
+                     "All three average over the same images (ROAD n, road_n in summary.csv): those with every "
+                     "ROAD value defined; an image with a percentile whose threshold removed every pixel (NaN), "
+                     "or on which ROAD failed, is left out of all three.")
+        notes += road_notes(df, methods)
     blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png", "road.png") if n in figures]
 
     if sanity is not None:
@@ -861,7 +936,8 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
 
     if overlay_text:
         blocks.append(("h2", "Overlays"))
-        blocks.append(("img", ("overlays.png", overlay_text)) if "overlays.png" in figures else ("p", overlay_text))
+        blocks.append(("overlays", ("overlays.png", overlay_text, overlay_html)) if "overlays.png" in figures
+                      else ("p", overlay_text))
     errors = df[df["error"].notna()][["key", "shard", "method", "error"]].drop_duplicates(["key", "error"])
     if len(errors):
         blocks += [("h2", "Errors"), ("table", (_formatted(errors.head(50)), None))]

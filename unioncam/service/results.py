@@ -7,13 +7,23 @@ in their schema metadata (``unioncam.*`` keys: schema version, run id, model, we
 target layer, input size, precision, library versions). Each file is written once, whole, under its
 final name (:func:`unioncam.storage.write_bytes`: rename locally, one PUT on object stores), so a
 reader never sees half a file and a rerun replaces, never appends.
+
+Integrity: every file is written with Parquet page checksums (CRC32 of each data page) and every
+reader here verifies them, so a changed byte in a data page is an error naming the file, never a
+wrong value. Each write also returns the file's record (:func:`file_record`: size, sha256 of the
+bytes as written, and :func:`unioncam.storage.stamp`), which the driver keeps in the shard's
+manifest entry; :func:`verify_shard` compares it (the stamp first, the hash when the stamp moved or
+with ``deep``). Every reader checks the schema version (:func:`open_output`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,6 +103,59 @@ def maps_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays([*columns, maps], schema=schema)
 
 
+class RunFileError(ValueError):
+    """A run's Parquet file that cannot be read as this version writes it: damaged, not a unioncam
+    output, or of another schema version. The message (one line) names the file and what to do."""
+
+
+def check_schema_version(schema: pa.Schema, location: str) -> None:
+    """Raise :class:`RunFileError` unless ``schema`` (a run file's) carries :data:`SCHEMA_VERSION`."""
+    meta = schema.metadata or {}
+    found = meta.get(b"unioncam.schema_version")
+    shown = storage.redact(location)
+    if found is None:
+        raise RunFileError(f"{shown} carries no unioncam schema version: not a file the unioncam job wrote")
+    if found.decode() != SCHEMA_VERSION:
+        from unioncam import __version__
+
+        wrote = meta.get(b"unioncam.unioncam_version", b"?").decode()
+        raise RunFileError(f"{shown} has schema version {found.decode()}; unioncam {__version__} reads version "
+                           f"{SCHEMA_VERSION}: rerun the job into a new --out with this version, or read it with the "
+                           f"unioncam release that wrote it ({wrote})")
+
+
+def _damaged(location: str, exc: BaseException) -> RunFileError:
+    text = " ".join(str(exc).split())[:200]
+    return RunFileError(f"{storage.redact(location)} is damaged ({type(exc).__name__}: {text}); `unioncam verify "
+                        "RUN_DIR` lists the damaged shards, and rerunning the job redoes them")
+
+
+@contextlib.contextmanager
+def open_output(location: str) -> Iterator[pq.ParquetFile]:
+    """A run's Parquet file (local or a URI), open for reading with page checksums verified, after
+    :func:`check_schema_version`.
+
+    Raises:
+        RunFileError: the file is damaged (a bad footer, or a data page whose checksum or encoding
+            fails while the caller reads it) or of another schema version.
+        storage.StorageError: it cannot be read now (``FileNotFoundError`` when it is missing).
+    """
+    with storage.open_random(location) as handle:
+        try:
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+        except storage.StorageError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            raise _damaged(location, exc) from None
+        check_schema_version(parquet.schema_arrow, location)
+        try:
+            yield parquet
+        except storage.StorageError:
+            raise
+        except (OSError, pa.ArrowException) as exc:  # a page's checksum, decompression or decoding failed
+            raise _damaged(location, exc) from None
+
+
 def with_provenance(schema: pa.Schema, provenance: dict[str, Any]) -> pa.Schema:
     """``schema`` with ``unioncam.<name>`` metadata (values JSON-encoded unless strings)."""
     meta = {f"unioncam.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in provenance.items()}
@@ -119,29 +182,54 @@ def _provenance(schema: pa.Schema) -> dict[str, Any]:
 
 
 def _parquet_schema(location: str) -> pa.Schema:
-    with storage.open_random(location) as handle:
-        return pq.ParquetFile(handle).schema_arrow
+    with open_output(location) as parquet:
+        return parquet.schema_arrow
 
 
 def parquet_bytes(rows: Sequence[dict[str, Any]] | pa.Table, schema: pa.Schema, row_group_size: int | None = None
                   ) -> bytes:
-    """``rows`` (dicts, or a table) as a Parquet file's bytes (validated against ``schema`` by Arrow)."""
+    """``rows`` (dicts, or a table) as a Parquet file's bytes (validated against ``schema`` by Arrow),
+    with page checksums."""
     table = rows.cast(schema) if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_size)
+    pq.write_table(table, sink, row_group_size=row_group_size, write_page_checksum=True)
     return bytes(sink.getvalue())
 
 
+def file_record(location: str, size: int, sha256: str) -> dict[str, Any]:
+    """What a shard's manifest entry keeps of an output file just written: ``bytes``, ``sha256`` of
+    the bytes as written (computed while writing, never by reading the file again) and ``stamp``
+    (:func:`unioncam.storage.stamp`, taken now)."""
+    return {"bytes": size, "sha256": sha256, "stamp": storage.stamp(location)}
+
+
 def write_parquet(rows: Sequence[dict[str, Any]] | pa.Table, schema: pa.Schema,
-                  location: str | os.PathLike[str], row_group_size: int | None = None) -> None:
-    """Write ``rows`` as the Parquet file ``location``, all or nothing (:func:`unioncam.storage.write_bytes`)."""
-    storage.write_bytes(os.fspath(location), parquet_bytes(rows, schema, row_group_size))
+                  location: str | os.PathLike[str], row_group_size: int | None = None) -> dict[str, Any]:
+    """Write ``rows`` as the Parquet file ``location``, all or nothing (:func:`unioncam.storage.write_bytes`);
+    returns its :func:`file_record`."""
+    data = parquet_bytes(rows, schema, row_group_size)
+    storage.write_bytes(os.fspath(location), data)
+    return file_record(os.fspath(location), len(data), hashlib.sha256(data).hexdigest())
 
 
 def read_parquet(location: str, schema: pa.Schema | None = None) -> pa.Table:
-    """One Parquet file, local or on an object store."""
-    with storage.open_random(location) as handle:
-        return pq.read_table(handle, schema=schema)
+    """One of a run's Parquet files (local or a URI), checked by :func:`open_output`."""
+    with open_output(location) as parquet:
+        table = parquet.read()
+    return table if schema is None else table.select(schema.names).cast(schema)
+
+
+def content_changed(location: str, record: dict[str, Any], deep: bool = False) -> str | None:
+    """None when ``location`` still holds the bytes its :func:`file_record` describes, else what
+    changed (one line). The stamp is compared first (no read); a moved stamp, or ``deep``, hashes
+    the file (local: read; object stores: downloaded)."""
+    if not deep and record.get("stamp") is not None and storage.stamp(location) == record["stamp"]:
+        return None
+    digest = storage.sha256(location)
+    if digest != record.get("sha256"):
+        return (f"changed after it was written (sha256 {str(record.get('sha256'))[:12]} when written, "
+                f"{digest[:12]} now)")
+    return None
 
 
 def load_manifest(run_dir: str) -> dict[str, Any]:
@@ -173,15 +261,17 @@ def load_manifest(run_dir: str) -> dict[str, Any]:
     return data
 
 
-def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], save_maps: bool) -> str | None:
+def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], save_maps: bool,
+                 deep: bool = False) -> str | None:
     """None when shard ``name``'s files are complete and this run's, else what is wrong (one line).
 
     A shard is finished when ``metrics/<name>.parquet`` opens, carries ``run_id`` and
     :data:`SCHEMA_VERSION`, has every column of :data:`METRICS_SCHEMA` and the row count the manifest
     recorded (``entry["rows"]``); ``sanity/<name>.parquet`` the same when the entry records sanity
     rows; and, when maps are saved, ``maps/<name>.parquet`` passes the same
-    checks against :func:`maps_schema` of its recorded shape (``entry["maps"]`` rows). Resume and
-    ``unioncam verify`` use this.
+    checks against :func:`maps_schema` of its recorded shape (``entry["maps"]`` rows). Each file
+    then still holds the bytes it was written with (:func:`content_changed` against the entry's
+    ``files`` record; ``deep`` hashes every file). Resume and ``unioncam verify`` use this.
     """
     checks: list[tuple[str, pa.Schema | None, Any]] = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
     if entry.get("sanity"):
@@ -192,7 +282,7 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
         location = storage.join(run_dir, folder, f"{name}.parquet")
         try:
             with storage.open_random(location) as handle:
-                parquet = pq.ParquetFile(handle)  # one footer read: row count, metadata and schema
+                parquet = pq.ParquetFile(handle, page_checksum_verification=True)  # one footer read
                 meta, arrow = parquet.metadata, parquet.schema_arrow
                 kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
         except FileNotFoundError:
@@ -220,15 +310,25 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
             return f"{folder}/{name}.parquet has other types for columns {retyped[:5]}"
         if rows is not None and meta.num_rows != rows:
             return f"{folder}/{name}.parquet has {meta.num_rows} rows, the manifest recorded {rows}"
+        record = (entry.get("files") or {}).get(folder)
+        if isinstance(record, dict):
+            try:
+                why = content_changed(location, record, deep)
+            except FileNotFoundError:
+                why = "vanished while it was checked"
+            if why is not None:
+                return f"{folder}/{name}.parquet {why}"
     return None
 
 
-def source_changed(name: str, entry: dict[str, Any], path: str | None = None) -> str | None:
+def source_changed(name: str, entry: dict[str, Any], path: str | None = None, deep: bool = False) -> str | None:
     """None when shard ``name`` (its manifest ``entry``) was computed from ``path``'s current content
     (default: the source it recorded), else what changed, on one line. Entries of runs older than
     source fingerprints (no ``source``) are not checked.
 
     The fingerprint is :func:`unioncam.storage.fingerprint`'s: size plus sha256 (files) or ETag (S3).
+    When the source's stamp (size and modification time, :func:`unioncam.storage.stamp`) is the one
+    recorded, nothing is read (a rerun does not read the dataset again) unless ``deep``.
 
     Raises:
         storage.StorageError: the source cannot be read now (nothing is known about a change).
@@ -243,6 +343,8 @@ def source_changed(name: str, entry: dict[str, Any], path: str | None = None) ->
         path = uri
     elif uri != storage.redact(path):
         return f"{name} was computed from {uri}, this run names {storage.redact(path)}"
+    if not deep and recorded.get("stamp") is not None and storage.stamp(path) == recorded["stamp"]:
+        return None
     now = storage.fingerprint(path)  # a StorageError (unreadable now) is the caller's to report
     for field in ("bytes", "sha256", "etag"):
         if field in recorded and recorded[field] != now.get(field):
@@ -267,11 +369,43 @@ def run_files(run_dir: str, folder: str) -> list[str]:
             if shards[name]["status"] == "done" and (not optional or shards[name].get(folder, 0) > 0)]
 
 
+class _HashingFile(io.RawIOBase):
+    """A local file written front to back that hashes its bytes as they go (no second read)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.handle = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.size += len(view)
+        return self.handle.write(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        if not self.handle.closed:
+            self.handle.flush()
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+        super().close()
+
+
 class MapsWriter:
     """Maps rows streamed to a local temporary Parquet file, :data:`MAPS_ROW_GROUP` per row group, so a
-    worker holds one row group of maps, not a shard's (1,000 images × 7 maps × 224² × 2 B ≈ 700 MB).
-    :meth:`commit` moves the finished file into place (:func:`unioncam.storage.put_file`: a rename,
-    or one upload); :meth:`discard` removes it."""
+    worker holds one row group of maps, not a shard's (1,000 images × 7 maps × 224² × 2 B ≈ 700 MB),
+    hashed as it is written. :meth:`commit` moves the finished file into place
+    (:func:`unioncam.storage.put_file`: a rename, or one upload) and returns its :func:`file_record`;
+    :meth:`discard` removes it."""
 
     def __init__(self, schema: pa.Schema) -> None:
         import tempfile
@@ -279,7 +413,8 @@ class MapsWriter:
         self.schema = schema
         fd, self.path = tempfile.mkstemp(prefix="unioncam-maps-", suffix=".parquet")
         os.close(fd)
-        self.writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, schema)
+        self.sink = _HashingFile(self.path)
+        self.writer: pq.ParquetWriter | None = pq.ParquetWriter(self.sink, schema, write_page_checksum=True)
         self.pending: list[dict[str, Any]] = []
         self.count = 0
 
@@ -297,18 +432,21 @@ class MapsWriter:
             self.writer.write_table(maps_table(self.pending, self.schema), row_group_size=MAPS_ROW_GROUP)
             self.pending = []
 
-    def commit(self, location: str) -> None:
-        """Finish the file and put it at ``location`` (all or nothing)."""
-        self._flush()
+    def _close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        self.sink.close()
+
+    def commit(self, location: str) -> dict[str, Any]:
+        """Finish the file and put it at ``location`` (all or nothing); returns its :func:`file_record`."""
+        self._flush()
+        self._close()
         storage.put_file(self.path, location)
+        return file_record(location, self.sink.size, self.sink.digest.hexdigest())
 
     def discard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self._close()
         if os.path.exists(self.path):
             os.unlink(self.path)
 
@@ -361,13 +499,15 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
     parts: list[pa.Table] = []
     shape: tuple[int, int] = (0, 0)
     methods: set[str] = set()
+    have: set[str] = set()  # every key of the files read (an error names a few when requested keys are missing)
     for f in files:
-        with storage.open_random(f) as handle:
-            parquet = pq.ParquetFile(handle)
-            shape = _map_shape(parquet)
+        with open_output(f) as parquet:
+            shape = _map_shape(parquet, f)
             for group in range(parquet.num_row_groups):
                 index = parquet.read_row_group(group, columns=["key", "method", "rank"])
                 methods.update(index.column("method").unique().to_pylist())
+                if wanted is not None:
+                    have.update(index.column("key").unique().to_pylist())
                 mask = pa.array(np.ones(index.num_rows, dtype=bool))
                 if method is not None:
                     mask = pc.and_(mask, pc.equal(index.column("method"), method))
@@ -391,21 +531,27 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
     if wanted is not None:
         missing = sorted(set(wanted.to_pylist()) - set(got))
         if missing:
-            raise KeyError(f"{len(missing)} key(s) have no map{' for ' + method if method else ''}: {missing[:5]}")
+            some = sorted(have)[:5]
+            raise KeyError(f"{len(missing)} key(s) have no map{' for ' + method if method else ''}: {missing[:5]}; "
+                           f"the run's maps have {len(have)} keys, e.g. {some}")
     return got, found.column("method").to_pylist(), map_array(found, shape) if got else np.zeros((0, *shape))
 
 
 def read_maps_file(location: str) -> tuple[pa.Table, tuple[int, int]]:
     """One maps file (local or a URI): its table (:data:`MAPS_COLUMNS`) and the maps' ``(H, W)``."""
-    with storage.open_random(location) as handle:  # one open: provenance and rows
-        parquet = pq.ParquetFile(handle)
-        return parquet.read(columns=list(MAPS_COLUMNS)), _map_shape(parquet)
+    with open_output(location) as parquet:  # one open: provenance and rows
+        shape = _map_shape(parquet, location)
+        return parquet.read(columns=list(MAPS_COLUMNS)), shape
 
 
-def _map_shape(parquet: pq.ParquetFile) -> tuple[int, int]:
+def _map_shape(parquet: pq.ParquetFile, location: str) -> tuple[int, int]:
     """The ``(H, W)`` a maps file records in its provenance."""
-    h, w = _provenance(parquet.schema_arrow)["map_shape"]
-    return int(h), int(w)
+    try:
+        h, w = _provenance(parquet.schema_arrow)["map_shape"]
+        return int(h), int(w)
+    except (KeyError, TypeError, ValueError):
+        raise RunFileError(f"{storage.redact(location)} records no map shape (unioncam.map_shape): not a maps file "
+                           "the unioncam job wrote") from None
 
 
 def map_array(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:

@@ -14,9 +14,7 @@ import contextlib
 import json
 import os
 import re
-import socket
 import sys
-import tarfile
 import time
 import uuid
 from collections import deque
@@ -28,16 +26,16 @@ import ray
 
 from unioncam import storage
 from unioncam.data.sample import write_sample_shards
-from unioncam.data.shards import DATA_ERRORS, IMAGE_EXTS, MANIFEST, expand_shards, member_key, shard_name
+from unioncam.data.shards import MANIFEST, count_samples, expand_shards, shard_name
+from unioncam.models import LoadedModel, WeightsError, load
 from unioncam.ops import resolve_precision
-from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig
+from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, top_k
+from unioncam.service.lock import RunLock
 from unioncam.service.results import load_manifest, source_changed, verify_shard
 from unioncam.service.worker import ShardWorker
 
 RUN_FORMAT = "unioncam-run/1"
 LOOPBACK = ("127.0.0.1", "localhost")
-LOCK_HEARTBEAT = 30.0
-LOCK_STALE = 300.0
 
 
 class WorkerStartError(RuntimeError):
@@ -121,8 +119,9 @@ class ProgressLine:
 
 
 def shard_counts(paths: list[str]) -> dict[str, int | None]:
-    """Images per shard, from the shard set's ``manifest.json`` when present, else the tar headers
-    (streamed: for object stores without a manifest this reads every shard once more); None for a
+    """Images per shard (the records a worker yields, error records included), from the shard set's
+    ``manifest.json`` when present, else by reading the tar (:func:`unioncam.data.shards.count_samples`,
+    streamed: for object stores without a manifest this reads every shard once more); None for a
     shard that cannot be read now."""
     listed: dict[str, int] = {}
     for folder in {storage.parent(p) for p in paths}:
@@ -139,13 +138,9 @@ def shard_counts(paths: list[str]) -> dict[str, int | None]:
             out[path] = listed[path]
             continue
         try:
-            with storage.open_input(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                keys = {member_key(m.name)[0] for m in tar if member_key(m.name)[1] in IMAGE_EXTS}
-            out[path] = len(keys)
+            out[path] = count_samples(path)  # the records the worker will yield, error records included
         except storage.StorageError:
             out[path] = None  # unreadable now: the worker tries (and fails, retryably) on its own
-        except DATA_ERRORS:
-            out[path] = 0  # damaged: the worker reports what it can read
     return out
 
 
@@ -197,13 +192,16 @@ class RunManifest:
             log(f"cannot check the source of {name} now ({exc}); keeping its rows")
             return None
 
-    def check_shard_set(self, current: dict[str, str]) -> None:
+    def check_shard_set(self, current: dict[str, str], grow: bool = False) -> None:
         """A run directory holds one shard set (name → URI without credentials): the first command
         records it; a later one that names other shards, or the same names elsewhere, is refused once
-        any shard is done (before that, the new set is taken)."""
+        any shard is done (before that, the new set is taken). With ``grow`` (a rescore, whose shard
+        set is the rescored run's done shards, growing as that run is completed) a set that only adds
+        shards is taken."""
         recorded = self.data.get("shard_set")
         done = any(e.get("status") == "done" for e in self.data["shards"].values())
-        if isinstance(recorded, dict) and recorded != current and done:
+        grows = grow and isinstance(recorded, dict) and all(current.get(n) == u for n, u in recorded.items())
+        if isinstance(recorded, dict) and recorded != current and done and not grows:
             new = sorted(set(current) - set(recorded))
             missing = sorted(set(recorded) - set(current))
             moved = sorted(n for n in current if n in recorded and recorded[n] != current[n])
@@ -229,84 +227,6 @@ class RunManifest:
             "error_rows": sum(s.get("errors", 0) for s in shards if s["status"] == "done")}
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         storage.write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-
-
-class RunLock:
-    """``RUN_DIR/lock.json``: at most one driver per run directory (a second one is refused).
-
-    Created exclusively (``O_EXCL`` locally, a conditional PUT on S3/GCS). The holder rewrites it
-    every :data:`LOCK_HEARTBEAT` seconds; a lock whose holder is a dead process on this host, or whose
-    heartbeat is older than :data:`LOCK_STALE` seconds (a driver killed on another machine), is taken
-    over. It is removed when the run ends, however it ends.
-    """
-
-    def __init__(self, out: str) -> None:
-        self.path = storage.join(out, "lock.json")
-        self.out = out
-        self.beat = 0.0
-
-    def _content(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
-                           "heartbeat": time.time()}).encode()
-
-    def acquire(self) -> None:
-        self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        if storage.create_exclusive(self.path, self._content()):
-            self.beat = time.monotonic()
-            return
-        held = self._holder()
-        try:
-            host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
-        except (ValueError, KeyError, TypeError):
-            held, host, pid, beat = {}, "?", -1, 0.0
-        dead_here = host == socket.gethostname() and pid > 0 and not _alive(pid)
-        if held and not dead_here and time.time() - beat < LOCK_STALE:
-            raise ConfigError(
-                f"another driver is running on {storage.redact(self.out)} (host {host}, pid {pid}, since "
-                f"{held.get('since')}); wait for it to finish, or delete {storage.redact(self.path)} if it is gone")
-        log(f"taking over a stale lock on {storage.redact(self.out)} (host {host}, pid {pid})")
-        storage.delete(self.path)
-        if not storage.create_exclusive(self.path, self._content()):
-            raise ConfigError(f"another driver took {storage.redact(self.path)} just now; only one may run")
-        self.beat = time.monotonic()
-
-    def heartbeat(self) -> None:
-        """Refresh the lock (at most every :data:`LOCK_HEARTBEAT` s); raise if another driver took it."""
-        if time.monotonic() - self.beat < LOCK_HEARTBEAT:
-            return
-        held = self._holder()
-        if not self._mine(held):
-            raise ConfigError(f"{storage.redact(self.path)} was taken by another driver (host {held.get('host')}, "
-                              f"pid {held.get('pid')}); stopping this one")
-        storage.write_bytes(self.path, self._content())
-        self.beat = time.monotonic()
-
-    def release(self) -> None:
-        """Remove the lock if it is still this driver's (never another driver's that took it over)."""
-        if self._mine(self._holder()):
-            storage.delete(self.path)
-
-    def _holder(self) -> dict[str, Any]:
-        """The lock's content ({} when it is missing or unreadable)."""
-        try:
-            held = json.loads(storage.read_text(self.path))
-        except (OSError, ValueError):
-            return {}
-        return held if isinstance(held, dict) else {}
-
-    @staticmethod
-    def _mine(held: dict[str, Any]) -> bool:
-        return (held.get("host"), held.get("pid")) == (socket.gethostname(), os.getpid())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def connect(address: str | None) -> None:
@@ -434,14 +354,39 @@ def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int | None], dict[str
     return paths, counts, limits
 
 
+def check_model(cfg: EvalConfig) -> LoadedModel:
+    """Build ``cfg``'s model here, in the driver, before the lock is taken and any worker starts, so
+    missing, damaged or mismatched weights (and a model name the families refuse) are one line, not
+    every worker's traceback; also refuses ``--target topk:K`` beyond the model's classes."""
+    try:
+        loaded = load(cfg.model or "vgg16", cfg.weights, allow_download=cfg.allow_download)
+    except (WeightsError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    k = top_k(cfg.target)
+    if k is not None and k > len(loaded.class_names):
+        raise ConfigError(f"--target topk:{k} asks for more classes than {loaded.name} has "
+                          f"({len(loaded.class_names)}): use K <= {len(loaded.class_names)}")
+    return loaded
+
+
 def _rescored_shards(run_dir: str) -> list[str]:
     """The shards a rescore of ``run_dir`` reads: those its manifest lists as done (one whose rows are
     all errors has no maps: its rows are copied)."""
-    entries = load_manifest(run_dir)["shards"]
+    manifest = load_manifest(run_dir)
+    entries = manifest["shards"]
+    recorded = manifest.get("shard_set")
+    shard_set: dict[str, str] = recorded if isinstance(recorded, dict) else {}
+    skipped = {n: "not started" for n in shard_set if n not in entries}
+    skipped.update({n: str(e["status"]) for n, e in entries.items() if e["status"] != "done"})
+    if skipped:
+        names = sorted(skipped)
+        shown = ", ".join(f"{n} ({skipped[n]})" for n in names[:10]) + (f" and {len(names) - 10} more"
+                                                                          if len(names) > 10 else "")
+        log(f"rescore: skipping {len(names)} shard(s) not done in {storage.redact(run_dir)}: {shown}; rescore "
+            "again once the run is complete, and this rescore's directory is extended with them")
     paths = []
     for name, entry in sorted(entries.items()):
         if entry["status"] != "done":
-            log(f"rescore: skipping {name}: it is {entry['status']} in {storage.redact(run_dir)}")
             continue
         uri = str((entry.get("source") or {}).get("uri") or entry.get("path") or "")
         if not uri or "***" in uri:
@@ -470,7 +415,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     weights = storage.absolute(cfg.weights) if cfg.weights else None
     cfg = replace(cfg, out=out, weights=weights)
     paths, counts, limits = prepare(cfg)
-    sha = storage.sha256(weights) if weights else None
+    sha = check_model(cfg).weights_sha256 if weights else None
     if cfg.rescore:
         then = load_manifest(cfg.rescore)["config"].get("weights_sha256")
         if then != sha:
@@ -488,7 +433,7 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
                 limits: dict[str, int | None], sha: str | None, lock: RunLock) -> dict[str, Any]:
     shown = storage.redact(out)
     manifest = RunManifest(out, {**cfg.identity(), "weights_sha256": sha})
-    manifest.check_shard_set({shard_name(p): storage.redact(p) for p in paths})
+    manifest.check_shard_set({shard_name(p): storage.redact(p) for p in paths}, grow=bool(cfg.rescore))
     todo, done = [], []
     for p in paths:
         lock.heartbeat()  # verifying thousands of shards on a store takes a while
@@ -633,6 +578,8 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                         log(f"worker {i} died while starting ({_reason(exc)}); going on without it")
                         actors[i] = None
                         continue
+                    if info.get("error"):  # the worker caught its own start failure: its root cause, once
+                        raise WorkerStartError(f"a worker could not start: {info['error']}")
                     started += 1
                     manifest.data["workers"].append(info)  # saved with the next shard's record
                     for _ in range(2):  # two shards per worker: one computes while the other's files are written

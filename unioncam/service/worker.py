@@ -319,18 +319,21 @@ class ShardEvaluator:
         computes the next (:class:`ShardWorker`)."""
         name, rows, maps, seen, start, source, prov = (
             computed[k] for k in ("name", "rows", "maps", "images", "start", "source", "provenance"))
+        files: dict[str, Any] = {}  # each file's size, sha256 as written and stamp: the manifest entry's
         try:
             if self.cfg.save_maps:
-                maps.commit(storage.join(out, "maps", f"{name}.parquet"))
+                files["maps"] = maps.commit(storage.join(out, "maps", f"{name}.parquet"))
         finally:
             maps.discard()
         if self.cfg.sanity:  # before the metrics file: a shard whose metrics exist has its sanity rows too
             sanity_prov = {**prov, "sanity_seed": self.cfg.sanity_seed, "sanity_layers": self.cfg.sanity_layers,
                            "sanity_seeding": "distinct", "sanity_layer_seeds": self.layer_seeds}
-            write_parquet(computed["sanity"], with_provenance(SANITY_SCHEMA, sanity_prov),
-                          storage.join(out, "sanity", f"{name}.parquet"))
-        write_parquet(rows, with_provenance(METRICS_SCHEMA, prov), storage.join(out, "metrics", f"{name}.parquet"))
+            files["sanity"] = write_parquet(computed["sanity"], with_provenance(SANITY_SCHEMA, sanity_prov),
+                                            storage.join(out, "sanity", f"{name}.parquet"))
+        files["metrics"] = write_parquet(rows, with_provenance(METRICS_SCHEMA, prov),
+                                         storage.join(out, "metrics", f"{name}.parquet"))
         return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0, "source": source,
+                "files": files,
                 **({"sanity": len(computed["sanity"])} if self.cfg.sanity else {}),
                 "errors": sum(r["error"] is not None for r in rows), "seconds": time.perf_counter() - start,
                 "compiled_graphs": compiled_graphs() if self.compile else 0}
@@ -417,7 +420,7 @@ class ShardEvaluator:
         this batch, into :attr:`sanity_rows`; a batch that fails is retried image by image, and an
         image that fails alone gets one error row per method."""
         try:
-            result = sanity_check(self.model, self._sanity_methods(), x, targets, seed=self.cfg.sanity_seed,
+            result = sanity_check(self.model, self._sanity_methods(), x, targets, seed=self.cfg.sanity_seed or 0,
                                   layers=self.cfg.sanity_layers)
         except Exception as exc:  # isolate the failure per image, as _explain does
             if x.shape[0] > 1:
@@ -568,8 +571,13 @@ class ShardWorker:
                 print(f"[unioncam] worker {os.getpid()}: GPU {self.gpu_ids} assigned but CUDA is unavailable; "
                       "running on CPU", flush=True)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.start_error: str | None = None
         start = time.perf_counter()
-        self.evaluator = ShardEvaluator(cfg, device, run_id)
+        try:
+            self.evaluator = ShardEvaluator(cfg, device, run_id)
+        except Exception as exc:  # reported by info() in one line, not as Ray's actor-creation traceback
+            self.start_error = " ".join(_error_text(exc).split())[:1000]
+            return
         e = self.evaluator
         plan = (f", GPU plan: {e.plan.per_input / 2**20:.1f} MiB per masked input within "
                 f"{e.plan.budget / 2**30:.2f} GiB") if e.plan else ""
@@ -597,13 +605,18 @@ class ShardWorker:
             time.sleep(FORWARDS_INTERVAL)
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs: pid, host, Ray node, GPU ids, torch device, threads."""
+        """Where this worker runs: pid, host, Ray node, GPU ids, torch device, threads; or, for a
+        worker that could not start, ``{"error": why}``."""
+        if self.start_error is not None:
+            return {"error": self.start_error}
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": self.node_id,
                 "gpu_ids": self.gpu_ids, "device": str(self.evaluator.device), "threads": torch.get_num_threads()}
 
     def run(self, shard: str, limit: int | None, expected: int | None = None) -> dict[str, Any]:
         """Evaluate one shard; a marker in ``out/running/`` says who works on it until it ends
         (removed however it ends; one left behind means the worker process was killed)."""
+        if self.start_error is not None:  # a restarted worker that could not start again
+            raise RuntimeError(f"the worker could not start: {self.start_error}")
         name = shard_name(shard)
         marker = storage.join(self.out, "running", f"{name}.json")
         info = self.info()
