@@ -73,9 +73,11 @@ def test_a_shard_whose_count_is_unknown_never_shows_more_done_than_total(clock, 
     assert "1/1 images (100%)" in lines(capsys)[-1]
 
 
-def test_the_worker_knows_about_how_many_forwards_an_image_needs(tmp_path):
+def test_the_worker_knows_exactly_how_many_forwards_a_batch_of_images_needs(tmp_path):
     from service_data import make_shards
 
+    from unioncam.data.shards import iter_samples
+    from unioncam.ops import is_constant
     from unioncam.service import EvalConfig
     from unioncam.service.worker import ShardEvaluator
 
@@ -83,7 +85,28 @@ def test_the_worker_knows_about_how_many_forwards_an_image_needs(tmp_path):
     cfg = EvalConfig(shards=str(shard), out=str(tmp_path / "run"), model="tiny_cnn", methods=["gradcam", "scorecam"],
                      metrics=["ad", "insdel"], insdel_steps=8, report=False).resolved()
     ev = ShardEvaluator(cfg, "cpu")
-    assert ev.forwards_per_image == 16 + 2 * (2 + 2 * 9)  # Score-CAM's 16 channels; per map Y, O, 2 curves of 8 + 1
+    x = next(iter(iter_samples(str(shard), ev.size)))["image"][None]
+    acts: list[torch.Tensor] = []
+    layer = ev.model.net.get_submodule(ev.loaded.target_layer)
+    handle = layer.register_forward_hook(lambda _m, _i, out: acts.append(out))
+    with torch.no_grad():
+        ev.model(x)
+    handle.remove()
+    live = int((~is_constant(acts[0])).sum())  # Score-CAM's channels with a non-constant map on this image
+    assert 0 < live <= 16
+    assert ev.forwards_needed(x) == live + 2 * (2 + 2 * 9)  # per map: Y, O, 2 curves of 8 + 1 points
     before = masked_inputs()
     ev.evaluate(str(shard), cfg.out)
-    assert 0 < masked_inputs() - before <= ev.forwards_per_image  # constant channels are skipped
+    assert masked_inputs() - before == ev.forwards_needed(x)  # the count reaches its total, exactly
+    assert ev.needed == ev.forwards_needed(x) and masked_inputs() - ev.batch_start == ev.needed
+
+
+def test_the_eta_moves_within_a_long_batch_of_images(clock, capsys):
+    line = runner.ProgressLine(total_images=10, total_shards=1, already=0, already_shards=0, interval=1)
+    clock.now += 10
+    line.show(1, 0, 0)  # 0.1 img/s: 9 images left, 90 s
+    assert "ETA 1m30s" in lines(capsys)[-1]
+    clock.now += 5
+    line.show(1, 0, 0, forwards=500, needed=1000, partial=0.5)  # half of the next image's forwards done
+    last = lines(capsys)[-1]
+    assert "500/1000 masked forwards" in last and "ETA 1m25s" in last

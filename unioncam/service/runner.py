@@ -49,18 +49,20 @@ class _Progress:
 
     def __init__(self) -> None:
         self.done: dict[str, int] = {}
-        self.forwards: dict[int, tuple[int, int]] = {}
+        self.forwards: dict[int, tuple[int, int, int]] = {}
 
     def update(self, shard: str, n: int) -> None:
         self.done[shard] = n
 
-    def update_forwards(self, worker: int, done: int, needed: int) -> None:
-        self.forwards[worker] = (done, needed)
+    def update_forwards(self, worker: int, done: int, needed: int, images: int) -> None:
+        self.forwards[worker] = (min(done, needed), needed, images)
 
-    def total(self) -> tuple[int, int, int]:
-        """Images done; masked forwards done and (about) needed in the batches being explained now."""
-        return (sum(self.done.values()), sum(d for d, _ in self.forwards.values()),
-                sum(n for _, n in self.forwards.values()))
+    def total(self) -> tuple[int, int, int, float]:
+        """Images done; masked forwards done and needed in the batches of images being explained now;
+        and those batches' images weighted by their share of forwards done (the ETA's partial images)."""
+        f = self.forwards.values()
+        return (sum(self.done.values()), sum(d for d, _, _ in f), sum(n for _, n, _ in f),
+                sum(i * d / n for d, n, i in f if n))
 
 
 def log(message: str) -> None:
@@ -75,13 +77,17 @@ def _fmt_seconds(s: float) -> str:
 
 class ProgressLine:
     """Driver-side progress over images and shards: ``done/total images, masked forwards done / needed
-    (about: constant channels are skipped) in the images being explained now, img/s, ETA``.
+    in the batches of images being explained now, img/s, ETA``.
 
-    A line is printed when something changed (images, shards, failures or the workers' masked
-    forwards, which move within a long image) and at least ``interval`` seconds after the last one,
-    or unchanged every ``6 × interval`` seconds as a heartbeat; a finished shard always prints. The
-    rate is an exponential moving average of the rate between lines (weight :data:`ALPHA` on the
-    newest), so the ETA does not jump with each image.
+    ``needed`` is each batch's own count, known once its target layer ran
+    (:meth:`unioncam.service.worker.ShardEvaluator.forwards_needed`: constant channels excluded), and
+    the count restarts with each batch. A line is printed when something changed (images, shards,
+    failures or the workers' masked forwards, which move within a long image) and at least
+    ``interval`` seconds after the last one, or unchanged every ``6 × interval`` seconds as a
+    heartbeat; a finished shard always prints. The rate is an exponential moving average of the rate
+    between lines (weight :data:`ALPHA` on the newest), so the ETA does not jump with each image;
+    the images still to do are counted less the share of the current batches already done, so the
+    ETA moves within a long image too.
     """
 
     ALPHA = 0.3
@@ -96,7 +102,9 @@ class ProgressLine:
         self.sampled = 0
 
     def show(self, done_now: int, shards_done: int, failed: int, force: bool = False, forwards: int = 0,
-             needed: int = 0) -> None:
+             needed: int = 0, partial: float = 0.0) -> None:
+        """``partial``: images of the batches being explained now, weighted by their share of masked
+        forwards done, so the ETA moves between images."""
         now = time.monotonic()
         state = (done_now, shards_done, failed, forwards, needed)
         quiet = now - self.last < self.interval
@@ -109,7 +117,8 @@ class ProgressLine:
         self.last, self.shown = now, state
         done = self.already + done_now
         total = max(self.total, done)  # a shard its count could not read (not a tar) still yields records
-        eta = _fmt_seconds((total - done) / self.rate) if self.rate and done < total else "-"
+        left = max(total - done - partial, 0.0)
+        eta = _fmt_seconds(left / self.rate) if self.rate and done < total else "-"
         pct = 100.0 * done / total if total else 100.0
         rate = self.rate or 0.0
         speed = f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
@@ -612,8 +621,9 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
                 if actors[i] is actor:
                     submit(i)
             give_up_slow_starters()
-            images, forwards, needed = ray.get(progress.total.remote())
-            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards, needed=needed)
+            images, forwards, needed, partial = ray.get(progress.total.remote())
+            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards, needed=needed,
+                      partial=partial)
             lock.heartbeat()
         for path in pending:  # every worker is gone: these shards stay for a rerun
             manifest.record(shard_name(path), status="failed", path=storage.redact(path),

@@ -43,7 +43,7 @@ from unioncam.methods import CAM, get_method
 from unioncam.methods.base import default_batch_size, find_layer, gpu_plan, masked_inputs, predict
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
-from unioncam.ops import autocast, normalize, resolve_precision
+from unioncam.ops import autocast, is_constant, normalize, resolve_precision
 from unioncam.protocols import curve_counts, get_protocol
 from unioncam.road import PERCENTILES, road
 from unioncam.sanity import cascade_steps, sanity_check
@@ -100,7 +100,8 @@ class ShardEvaluator:
             self.model.compile_inference(pad_to=self.batch_size)
             self.warmup_seconds = self._warm_up()
         self.share_region = "unioncam" in cfg.methods and "scorecam" in cfg.methods
-        self.forwards_per_image = self._forwards_per_image()
+        self.per_map = self._metric_forwards_per_map()
+        self.batch_start, self.needed, self.batch_images = masked_inputs(), 0, 0  # progress within a batch
         self.cams: dict[str, CAM] = {
             m: get_method(m)(self.model, batch_size=self.batch_size, precision=self.precision)
             for m in cfg.methods if not (self.share_region and m == "scorecam")}
@@ -117,35 +118,47 @@ class ShardEvaluator:
             "unioncam_version": unioncam.__version__, "torch_version": torch.__version__,
             "ray_version": _ray_version(), "device": str(self.device)}
 
-    def _forwards_per_image(self) -> int:
-        """About how many masked inputs one image needs (progress within an image): Score-CAM's and
-        UnionCAM's one per channel of the target layer (shared when both run; constant channels are
-        skipped, so this is an upper bound), and per map the metrics' 2 (Y and O) and 2 × (steps + 1)
-        (the insertion and deletion curves)."""
+    def _metric_forwards_per_map(self) -> int:
+        """The metrics' masked inputs per scored map: 2 (Y and O), 2 × the curve points (insertion
+        and deletion), 2 × ROAD's percentiles (MoRF and LeRF)."""
+        points = 0
+        if "insdel" in self.cfg.metrics and self.protocol.curves is not None:
+            points = curve_counts(self.size[0] * self.size[1], self.cfg.insdel_steps or self.protocol.curves.steps,
+                                  self.protocol.curves.step_rule).numel()
+        return 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * points + 2 * len(PERCENTILES) * (
+            "road" in self.cfg.metrics)
+
+    def forwards_needed(self, x: Tensor, repeat: int = 1) -> int:
+        """The masked inputs explaining and scoring the images ``x`` (each for ``repeat`` targets) will
+        run, for progress within a batch of images: Score-CAM's and UnionCAM's one per *non-constant*
+        channel of the target layer on these images (shared when both run; one hooked forward counts
+        them), UnionCAM's at most 3 β inputs per image, and :meth:`_metric_forwards_per_map` per map.
+        Exact without ``sanity`` (UnionCAM: 1 fewer per image whose AMS needs no ``L_Dereg``); with
+        ``sanity`` the randomized models' constant channels are taken as the original's."""
+        maps = x.shape[0] * repeat * len(self.cfg.methods)
+        if self.cfg.rescore:  # the maps are read, not computed
+            return maps * self.per_map
         channels = 0
         if {"scorecam", "unioncam"} & set(self.cfg.methods):
             layer = find_layer(self.model, None)
             grid = self.model.reshape_transform or (lambda out: out)  # transformers: channels of the token grid
             seen: list[int] = []
-            handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(int(grid(out).shape[1])))
+            handle = layer.register_forward_hook(
+                lambda _m, _i, out: seen.append(int((~is_constant(grid(out))).sum())))
             try:  # no_grad, not inference_mode: the eager forward, so a compiled graph never sees this hook
                 with torch.no_grad():
-                    self.model(torch.zeros((1, 3, *self.size), device=self.device))
+                    self.model(x)
             finally:
                 handle.remove()
-            channels = seen[0] if seen else 0
-        points = 0
-        if "insdel" in self.cfg.metrics and self.protocol.curves is not None:
-            points = curve_counts(self.size[0] * self.size[1], self.cfg.insdel_steps or self.protocol.curves.steps,
-                                  self.protocol.curves.step_rule).numel()
-        per_map = 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * points + 2 * len(PERCENTILES) * (
-            "road" in self.cfg.metrics)
-        if self.cfg.rescore:  # the maps are read, not computed
-            return len(self.cfg.methods) * per_map
-        explaining = channels + 2 * ("unioncam" in self.cfg.methods)
+            channels = seen[0] * repeat if seen else 0
+        explaining = channels + 3 * x.shape[0] * repeat * ("unioncam" in self.cfg.methods)
         if self.cfg.sanity:  # the maps again on the original and at every cascade step (+ step 0)
             explaining *= 2 + len(cascade_steps(self.model, self.cfg.sanity_layers))
-        return explaining + len(self.cfg.methods) * per_map
+        return explaining + maps * self.per_map
+
+    def _begin_batch(self, needed: int, images: int) -> None:
+        """Mark the start of a batch of images: progress counts masked inputs from here, of ``needed``."""
+        self.batch_start, self.needed, self.batch_images = masked_inputs(), needed, images
 
     def _warm_up(self) -> float:
         """Compile the grad-free forward for every setting a shard uses (the methods' precision and the
@@ -302,6 +315,7 @@ class ShardEvaluator:
                     items.append((record, j, i))
         if not items:
             return
+        self._begin_batch(len(items) * self.per_map, len(batch))
         x = torch.stack([record["image"] for record, _, _ in items]).to(self.device)
         targets = torch.tensor([out[j]["target"] for _, j, _ in items], device=self.device)
         maps = [torch.from_numpy(saved[i].values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(self.size))
@@ -372,6 +386,8 @@ class ShardEvaluator:
         else:
             targets = predict(self.model, x)[0]  # an ordinary tensor: the methods' backward uses it
             ranks = [1] * len(batch)
+        repeat = len(ranks) // len({id(s) for s in batch})  # topk:K repeats each image K times
+        self._begin_batch(self.forwards_needed(x[::repeat], repeat), len(batch) // repeat)
         outcomes = self._explain_all(x, targets)
         done = [(m, i) for m, per_image in outcomes.items() for i, o in enumerate(per_image) if not isinstance(o, str)]
         to_score = [o[0] for per_image in outcomes.values() for o in per_image if not isinstance(o, str)]  # done's maps
@@ -588,21 +604,34 @@ class ShardWorker:
         self.progress = ray.get_actor(progress) if progress else None  # a name: handles in args break restarts
         self.out = cfg.out or "."
         self.computing = threading.Lock()
-        self.batch_start = masked_inputs()  # masked forwards when the current batch of images began
+        self.sending = threading.Lock()  # one report of masked forwards at a time (the thread's, or run()'s last)
+        self.sent: tuple[int, int, int] = (0, 0, 0)  # the last (done, needed, images) reported
         if self.progress is not None:  # within-image progress: this process's masked forwards, every few s
             threading.Thread(target=self._report_forwards, name="unioncam-forwards", daemon=True).start()
 
     def _report_forwards(self) -> None:
-        """Every few seconds: the masked forwards done since the current batch of images began (its
-        start is marked by each progress call of :meth:`run`) and about how many it needs."""
-        sent: tuple[int, int] | None = None
+        """Every few seconds, while a shard computes: the masked forwards done since its current batch
+        of images began, of how many that batch needs (:meth:`ShardEvaluator.forwards_needed`), and
+        its image count (the driver's ETA moves within a batch)."""
         while True:
-            current = (masked_inputs() - self.batch_start, self.evaluator.forwards_per_image
-                       * self.evaluator.images_per_batch if self.computing.locked() else 0)
-            if current != sent and self.progress is not None:
-                self.progress.update_forwards.remote(os.getpid(), *current)
-                sent = current
+            with self.sending:
+                e = self.evaluator
+                current = (masked_inputs() - e.batch_start, e.needed, e.batch_images) \
+                    if self.computing.locked() and e.needed else (0, 0, 0)
+                if current != self.sent and self.progress is not None:
+                    self.progress.update_forwards.remote(os.getpid(), *current)
+                    self.sent = current
             time.sleep(FORWARDS_INTERVAL)
+
+    def _forwards_done(self) -> None:
+        """A shard's compute ended: clear this worker's within-batch count before its result reaches
+        the driver (so a finished shard never shows a stale count)."""
+        with self.sending:
+            if self.progress is not None and self.sent != (0, 0, 0):
+                import ray
+
+                ray.get(self.progress.update_forwards.remote(os.getpid(), 0, 0, 0))
+                self.sent = (0, 0, 0)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: pid, host, Ray node, GPU ids, torch device, threads; or, for a
@@ -623,7 +652,6 @@ class ShardWorker:
         last = [0.0]
 
         def progress(done: int) -> None:
-            self.batch_start = masked_inputs()  # a batch of images is done: the next one begins
             if self.progress is not None:
                 self.progress.update.remote(name, done)
             now = time.monotonic()
@@ -634,7 +662,11 @@ class ShardWorker:
         try:
             progress(0)
             with self.computing:  # one shard on the device at a time; the write below overlaps the next one
-                computed = self.evaluator.compute(shard, limit, progress, expected)
+                try:
+                    computed = self.evaluator.compute(shard, limit, progress, expected)
+                finally:
+                    self.evaluator.needed = 0
+            self._forwards_done()
             result = self.evaluator.write(computed, self.out)
         finally:
             storage.delete(marker)
