@@ -146,6 +146,36 @@ def test_truncated_tar_keeps_what_was_read(val_dir, tmp_path):
     assert [r["label"] for r in records if "error" not in r] == [0, 1, 2, 3]
 
 
+def test_gif_members_decode_and_the_count_is_the_records_yielded(tmp_path):
+    """An animated GIF is an image member (its first frame, as ``unioncam explain`` reads it), and
+    :func:`count_samples` (the progress total) counts every record the reader yields, error records
+    of keys without an image included, also for a truncated shard."""
+    from unioncam.data.shards import count_samples
+    from unioncam.viz import load_image
+
+    frames = [Image.new("RGB", (40, 30), c) for c in ((200, 10, 10), (10, 200, 10))]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    members = [("a.jpg", jpeg(1)), ("a.cls", b"1"), ("b.gif", gif.getvalue()), ("b.cls", b"2"), ("c.cls", b"3"),
+               ("d.jpg", jpeg(2)), ("d.cls", b"4")]
+    path = tmp_path / "g.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    records = list(iter_samples(path, (30, 40)))
+    assert [(r["key"], "error" in r) for r in records] == [("a", False), ("b", False), ("c", True), ("d", False)]
+    (tmp_path / "b.gif").write_bytes(gif.getvalue())
+    first = records[1]["image"].numpy()  # the first frame: red, not the second's green
+    assert np.allclose(first, np.array([200, 10, 10])[:, None, None] / 255, atol=3 / 255)
+    assert np.allclose(records[1]["image"].numpy(), load_image(tmp_path / "b.gif", (30, 40)).numpy(), atol=1 / 255)
+    assert count_samples(str(path)) == len(records) == 4
+    data = path.read_bytes()
+    path.write_bytes(data[:data.index(b"d.jpg") + 512 + 50])  # d's image cut short: an error record for d
+    assert count_samples(str(path)) == len(list(iter_samples(path, (30, 40)))) == 4
+
+
 def test_voc_conversion_boxes_and_flags(tmp_path):
     root = tmp_path / "VOCdevkit" / "VOC2007"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):

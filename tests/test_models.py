@@ -88,6 +88,46 @@ def test_bad_weights_files_get_clear_errors(tmp_path):
         load("tiny_cnn", unsafe)
 
 
+def test_wrong_architecture_weights_are_counted_not_listed(vgg_weights, tmp_path):
+    path, net = vgg_weights
+    with pytest.raises(WeightsError) as caught:
+        load("tiny_cnn", path)  # VGG16's 32 tensors for tiny_cnn's
+    text = str(caught.value)
+    tiny = load("tiny_cnn").model.net.state_dict()
+    missing = sum(k not in net.state_dict() for k in tiny)
+    unexpected = sum(k not in tiny for k in net.state_dict())
+    assert f"{missing} keys missing (" in text and f"{unexpected} unexpected keys (" in text
+    assert len(text) < 600 and "\n" not in text and text.count("features.") <= 9  # at most 3 shown of each kind
+    shaped = {k: torch.zeros(2, *v.shape[1:]) if v.dim() else v for k, v in tiny.items()}
+    torch.save(shaped, tmp_path / "shaped.pth")
+    n_shaped = sum(v.dim() > 0 and v.shape[0] != 2 for v in tiny.values())
+    with pytest.raises(WeightsError, match=rf"{n_shaped} mis-shaped tensors \(features\.0\.weight \(2, 3, 3, 3\) "
+                                           r"for \(8, 3, 3, 3\)"):
+        load("tiny_cnn", tmp_path / "shaped.pth")
+
+
+def test_non_finite_weights_are_refused_in_one_line(tmp_path, capsys):
+    from unioncam.cli import main as cli
+
+    state = load("tiny_cnn").model.net.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=rf"nan\.pth holds non-finite values \(NaN or inf\) in 1 tensor\(s\), "
+                                           rf"e\.g\. {name}"):
+        load("tiny_cnn", path)
+    image = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(image)
+    rc = cli(["explain", str(image), "--model", "tiny_cnn", "--weights", str(path), "--method", "gradcam",
+              "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "nan.pth holds non-finite values" in err[0], err
+
+
 def test_tiny_weights_roundtrip(tmp_path):
     net = unioncam.models.TinyCNN()
     torch.nn.init.constant_(net.classifier.bias, 0.25)

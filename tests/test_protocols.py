@@ -60,6 +60,10 @@ def test_registry_and_declarations() -> None:
     assert get_protocol("pytorch-grad-cam").name == "pytorch-grad-cam"
     with pytest.raises(ValueError, match=r"unknown protocol 'ryse'.*did you mean 'rise'"):
         get_protocol("ryse")
+    with pytest.raises(ValueError, match=r"did you mean 'pytorch-grad-cam'\?\); valid: reference, rise, "
+                                         r"pytorch-grad-cam, torchcam$"):  # the documented spellings
+        get_protocol("pytorch-gradcam")
+    assert get_protocol("PYTORCH_GRAD_CAM").name == "pytorch-grad-cam"
     for name in PROTOCOL_NAMES:
         p = get_protocol(name)
         assert p.differs and p.sources and p.score == "probability"

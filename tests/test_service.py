@@ -80,6 +80,48 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
         EvalConfig.from_yaml(tmp_path / "c.yaml")
 
 
+def test_a_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("methods: gradcam\nmodel: tiny_cnn\nmethods: scorecam\n")
+    with pytest.raises(ConfigError, match=r"key 'methods' is given twice \(lines 1 and 3\)"):
+        EvalConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("flags", [["--sanity-layers", "2"], ["--sanity-seed", "3"], ["--sanity-seed", "0"]])
+def test_sanity_options_without_sanity_are_refused(flags, capsys):
+    from unioncam.cli import main as cli
+
+    with pytest.raises(ConfigError, match=r"only apply with --sanity"):
+        EvalConfig.from_argv(flags, "imagenet")
+    assert cli(["eval", "--dataset", "imagenet", *flags]) == 2  # before Ray: one line
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert EvalConfig.from_argv(["--sanity", *flags], "imagenet").sanity_seed == (int(flags[1]) if "seed" in flags[0]
+                                                                                 else 0)
+
+
+def test_the_driver_checks_the_model_before_any_worker_starts(tmp_path, monkeypatch):
+    """Missing weights, mismatched weights and a top-K beyond the model's classes are one line
+    (ConfigError) from the driver; Ray is never started (runner.connect is not reached)."""
+    from unioncam.service import runner
+
+    def no_ray(*_: object) -> None:
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(runner, "connect", no_ray)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached torchvision weights
+    shards = make_shards(tmp_path / "shards", n_images=1, shard_size=1)
+    base = {"shards": str(shards[0]), "methods": ["gradcam"], "metrics": ["ad"], "report": False}
+    with pytest.raises(ConfigError, match=r"^no weights for torchvision:resnet18: pass --weights"):
+        runner.run(EvalConfig(**base, model="torchvision:resnet18", out=str(tmp_path / "a")).resolved())
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(ConfigError, match=r"does not match the architecture of TinyCNN: \d+ keys missing"):
+        runner.run(EvalConfig(**base, model="tiny_cnn", weights=str(wrong), out=str(tmp_path / "b")).resolved())
+    with pytest.raises(ConfigError, match=r"--target topk:11 asks for more classes than tiny_cnn has \(10\)"):
+        runner.run(EvalConfig(**base, model="tiny_cnn", target="topk:11", out=str(tmp_path / "c")).resolved())
+    assert not any((tmp_path / d / "lock.json").exists() for d in "abc")  # refused before the lock, too
+
+
 # -- one shard -----------------------------------------------------------------------------------
 @pytest.fixture
 def shard_dir(tmp_path):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -149,7 +150,9 @@ def test_new_settings_are_taken_while_no_shard_is_done_and_refused_once_one_is(t
 # -- 15.16 / 15.18: a worker that cannot start ------------------------------------------------------
 
 
-def test_a_worker_that_cannot_start_fails_in_one_line_and_leaves_the_run_open(cluster, tmp_path, capsys):
+def test_a_worker_that_cannot_start_fails_in_one_line_and_leaves_the_run_open(cluster, tmp_path, capfd,
+                                                                              monkeypatch):
+    from unioncam.service import runner
     from unioncam.service.runner import WorkerStartError, run
 
     make_shards(tmp_path / "shards", n_images=4, shard_size=2)
@@ -159,6 +162,13 @@ def test_a_worker_that_cannot_start_fails_in_one_line_and_leaves_the_run_open(cl
     cfg = EvalConfig(shards=str(tmp_path / "shards" / "*.tar"), out=str(out), model="tiny_cnn", weights=str(bad),
                      methods=["gradcam"], metrics=["ad"], workers=1, cpus_per_worker=1, gpus_per_worker=0,
                      report=False)
+    with pytest.raises(ConfigError, match=r"^cannot read weights file .*corrupt\.pth"):  # the driver checks first
+        run(cfg.resolved())
+    assert not out.exists()
+    # a worker that fails all the same (here: the driver's check skipped) gives its root cause, once
+    sha = hashlib.sha256(bad.read_bytes()).hexdigest()
+    monkeypatch.setattr(runner, "check_model", lambda c: replace(runner.load("tiny_cnn"), weights_sha256=sha))
+    capfd.readouterr()
     started = time.monotonic()
     with pytest.raises(WorkerStartError) as failed:
         run(cfg.resolved())
@@ -167,15 +177,18 @@ def test_a_worker_that_cannot_start_fails_in_one_line_and_leaves_the_run_open(cl
     assert message.startswith("a worker could not start: ")
     assert "\n" not in message, message
     assert "cannot read weights file" in message and "corrupt.pth" in message, message
+    time.sleep(1)  # what Ray's log monitor would stream from the worker
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err
     assert markers(out) == [] and not (out / "lock.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert not any(s["status"] == "done" for s in manifest["shards"].values())
     assert manifest["counts"]["shards_done"] == 0 and manifest["config"]["weights_sha256"] is not None
 
     # The failed start did not lock the settings: the same --out with the built-in weights runs.
-    capsys.readouterr()
+    capfd.readouterr()
     again = run(replace(cfg, weights=None).resolved())
-    assert "taking the new settings (weights_sha256: " in capsys.readouterr().out
+    assert "taking the new settings (weights_sha256: " in capfd.readouterr().out
     assert again["config"]["weights_sha256"] is None
     assert again["counts"] == {"shards_done": 2, "shards_failed": 0, "images": 4, "error_rows": 0}
     assert len(read_metrics(out)) == 4 and markers(out) == []

@@ -424,7 +424,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     weights = storage.absolute(cfg.weights) if cfg.weights else None
     cfg = replace(cfg, out=out, weights=weights)
     paths, counts, limits = prepare(cfg)
-    sha = check_model(cfg).weights_sha256 if weights else None
+    loaded = check_model(cfg)  # before the lock and any worker: bad weights are one line
+    sha = loaded.weights_sha256 if weights else None
+    del loaded
     if cfg.rescore:
         then = load_manifest(cfg.rescore)["config"].get("weights_sha256")
         if then != sha:
