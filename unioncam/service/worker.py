@@ -132,8 +132,10 @@ class ShardEvaluator:
         """The masked inputs explaining and scoring the images ``x`` (each for ``repeat`` targets) will
         run, for progress within a batch of images: Score-CAM's and UnionCAM's one per *non-constant*
         channel of the target layer on these images (shared when both run; one hooked forward counts
-        them), UnionCAM's at most 3 β inputs per image, and :meth:`_metric_forwards_per_map` per map.
-        Exact without ``sanity`` (UnionCAM: 1 fewer per image whose AMS needs no ``L_Dereg``); with
+        them), UnionCAM's 2 β inputs per image (``L_Den``, ``L_Reg``), and
+        :meth:`_metric_forwards_per_map` per map. Exact without ``sanity``, except UnionCAM's third
+        β input (``L_Dereg``, run only when AMS needs it), which the count may pass by one per image
+        (the driver shows it capped at the total: the count always reaches the total); with
         ``sanity`` the randomized models' constant channels are taken as the original's."""
         maps = x.shape[0] * repeat * len(self.cfg.methods)
         if self.cfg.rescore:  # the maps are read, not computed
@@ -151,7 +153,7 @@ class ShardEvaluator:
             finally:
                 handle.remove()
             channels = seen[0] * repeat if seen else 0
-        explaining = channels + 3 * x.shape[0] * repeat * ("unioncam" in self.cfg.methods)
+        explaining = channels + 2 * x.shape[0] * repeat * ("unioncam" in self.cfg.methods)
         if self.cfg.sanity:  # the maps again on the original and at every cascade step (+ step 0)
             explaining *= 2 + len(cascade_steps(self.model, self.cfg.sanity_layers))
         return explaining + maps * self.per_map
