@@ -10,7 +10,7 @@ import torch
 
 from unioncam.models import WeightsError, load
 from unioncam.service import ConfigError, EvalConfig
-from unioncam.service.results import load_manifest
+from unioncam.service.rundir import load_manifest
 from unioncam.service.runner import main as job_main
 
 

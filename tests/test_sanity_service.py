@@ -15,7 +15,8 @@ from unioncam.models import load
 from unioncam.sanity import sanity_check
 from unioncam.service import ConfigError, EvalConfig
 from unioncam.service.report import write_report
-from unioncam.service.results import provenance_of, read_parquet, verify_shard
+from unioncam.service.results import provenance_of, read_parquet
+from unioncam.service.rundir import verify_shard
 from unioncam.service.runner import RunManifest
 from unioncam.service.worker import ShardEvaluator
 
@@ -57,7 +58,7 @@ def test_sanity_rows_equal_the_library_and_reach_the_report(tmp_path: Path) -> N
     assert verify_shard(str(cfg.out), shards[0].stem, manifest.run_id, entry, cfg.save_maps) is None
     Path(location).unlink()
     assert "sanity/" in str(verify_shard(str(cfg.out), shards[0].stem, manifest.run_id, entry, cfg.save_maps))
-    ev.evaluate(str(shards[0]), str(cfg.out))
+    manifest.record(shards[0].stem, status="done", path=str(shards[0]), **ev.evaluate(str(shards[0]), str(cfg.out)))
 
     written = write_report(str(cfg.out), overlays=0)
     assert {"sanity"} <= set(written) and (Path(str(cfg.out)) / "report" / "sanity.png").is_file()

@@ -24,9 +24,8 @@ from unioncam.cli import main as cli
 from unioncam.data.shards import expand_shards, iter_samples, write_shards
 from unioncam.service import EvalConfig, read_metrics
 from unioncam.service.config import ConfigError
-from unioncam.service.lock import RunLock
 from unioncam.service.report import write_report
-from unioncam.service.results import load_manifest, verify_shard
+from unioncam.service.rundir import RunLock, load_manifest, verify_shard
 from unioncam.service.worker import ShardEvaluator
 
 BUCKET = "unioncam-test"
@@ -229,7 +228,7 @@ def test_missing_shards_of_a_range_and_malformed_uris_are_errors(tmp_path):
 
 
 def test_a_driver_whose_lock_was_taken_over_stops(tmp_path, monkeypatch):
-    from unioncam.service import lock as lock_module
+    from unioncam.service import rundir as lock_module
 
     out = str(tmp_path / "run")
     lock = RunLock(out)

@@ -15,6 +15,7 @@ import os
 import socket
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from service_data import make_shards
@@ -86,7 +87,8 @@ def test_a_changed_byte_is_refused_by_verify_resume_and_the_readers(tmp_path, ca
             assert rc == 1 and f"BAD  t-000000  {folder}/t-000000.parquet changed after it was written" in text, text
             why = manifest.check_done("t-000000", save_maps=True)  # resume's test: the shard is redone
             assert why is not None and f"{folder}/t-000000.parquet" in why
-            with pytest.raises(RunFileError, match=rf"{folder}/t-000000\.parquet is damaged") as caught:
+            with pytest.raises(RunFileError, match=rf"{folder}/t-000000\.parquet changed after it was written") \
+                    as caught:  # the readers check the stamps as verify does
                 read()
             assert "\n" not in str(caught.value)
             stat = os.stat(path)  # a change that keeps the size and modification time: --deep hashes every byte
@@ -121,20 +123,27 @@ def test_verify_names_the_shards_not_done_and_a_lock_left_behind(tmp_path, capsy
 
 
 def test_every_reader_checks_the_schema_version(tmp_path):
-    cfg, _, _ = finished_run(tmp_path)
+    cfg, manifest, _ = finished_run(tmp_path)
     out = Path(str(cfg.out))
+
+    def rewrite(folder: str, table: pa.Table, schema: pa.Schema) -> None:
+        """Write ``folder``'s file as the run's own (its record in the manifest updated)."""
+        record = write_parquet(table, schema, str(out / folder / "t-000000.parquet"))
+        entry = {k: v for k, v in manifest.data["shards"]["t-000000"].items() if k != "attempts"}
+        manifest.record("t-000000", **{**entry, "files": {**entry["files"], folder: record}})
+
     readers = {"metrics": (lambda: read_metrics(out), lambda: SaliencyDataset(out)),
                "maps": (lambda: read_saliency(out), lambda: SaliencyDataset(out)[0])}
     for folder, reads in readers.items():
         path = out / folder / "t-000000.parquet"
         table = pq.read_table(path)
         meta = {**table.schema.metadata, b"unioncam.schema_version": b"2"}
-        write_parquet(table, table.schema.with_metadata(meta), str(path))
+        rewrite(folder, table, table.schema.with_metadata(meta))
         for read in reads:
             with pytest.raises(RunFileError, match=rf"{folder}/t-000000\.parquet has schema version 2; unioncam .* "
                                                    r"reads version 3: rerun the job into a new --out"):
                 read()
-        write_parquet(table, table.schema, str(path))  # back to version 3, as it was
+        rewrite(folder, table, table.schema)  # back to version 3, as it was
     # a maps file without its provenance and no manifest: one line, not KeyError('map_shape')
     loose = tmp_path / "loose"
     table = pq.read_table(out / "maps" / "t-000000.parquet")

@@ -201,8 +201,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Check every shard of a run as resume does. Exit 0: every shard of the run's shard set is done
     and intact; 1: something is damaged (a file changed, missing or foreign, a changed source);
     :data:`VERIFY_INCOMPLETE` (3): nothing damaged, but shards are not done or a lock is present."""
-    from unioncam.service.lock import lock_state
-    from unioncam.service.results import load_manifest, source_changed, verify_shard
+    from unioncam.service.rundir import check, load_manifest, lock_state, source_changed
 
     try:
         manifest = load_manifest(args.run_dir)
@@ -214,11 +213,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     shards = manifest["shards"]
     damaged = unchecked = 0
     not_done: dict[str, str] = {}
+    done_names = sorted(n for n, e in shards.items() if e.get("status") == "done")
+    checked = check(args.run_dir, manifest, done_names, save_maps, deep=args.deep)  # resume's check
     for name, entry in sorted(shards.items()):
         if entry.get("status") != "done":
             not_done[name] = f"{entry.get('status')}: {entry.get('error', '')}".strip().rstrip(":")
             continue
-        why = verify_shard(args.run_dir, name, manifest["run_id"], entry, save_maps, deep=args.deep)
+        why = checked[name]
         unchecked += why is None and not entry.get("files")
         try:
             why = why or source_changed(name, entry, deep=args.deep)

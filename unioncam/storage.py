@@ -541,9 +541,10 @@ def create_exclusive(location: str, data: bytes) -> bool:
 
 def stamp(location: str) -> str | None:
     """``"<bytes>:<mtime_ns>"``: what changes whenever a file is rewritten, read without reading its
-    content (a ``stat``; on object stores the object's size and last-modified time, one HEAD);
-    None where the store reports no modification time. Equal stamps let a check skip hashing; a
-    change that keeps both (bit rot, a restored mtime) needs a hash (``unioncam verify --deep``).
+    content (a ``stat``; on object stores the object's size and last-modified time in seconds,
+    ``"<bytes>:<s>s"``, one HEAD); None where the store reports no modification time. Equal stamps
+    let a check skip hashing; a change that keeps both (bit rot, a restored mtime) needs a hash
+    (``unioncam verify --deep``).
 
     Raises:
         StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
@@ -558,7 +559,38 @@ def stamp(location: str) -> str | None:
     info = retrying(f"cannot stat {redact(location)}", lambda: r.fs.get_file_info(r.path))  # type: ignore[attr-defined]
     if info.size is None:
         raise _error(FileNotFoundError, f"{redact(location)} is missing")
-    return None if info.mtime_ns is None else f"{info.size}:{info.mtime_ns}"
+    return _remote_stamp(info)
+
+
+def _remote_stamp(info: Any) -> str | None:
+    """An object's stamp from its ``pyarrow.fs.FileInfo``: size and modification time in whole
+    seconds (``"<bytes>:<s>s"``), the precision both a HEAD and a listing report."""
+    return None if info.mtime_ns is None else f"{info.size}:{info.mtime_ns // 1_000_000_000}s"
+
+
+def list_stamps(folder: str, suffix: str = "") -> dict[str, str | None]:
+    """``{location: stamp}`` (:func:`stamp`) of the files directly in ``folder`` whose names end with
+    ``suffix``, from one listing (a paginated LIST on object stores, no HEAD per object); ``{}``
+    when the folder does not exist."""
+    if not is_uri(folder):
+        root = local_path(folder)
+        found: dict[str, str | None] = {}
+        try:
+            entries = list(os.scandir(root))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        for entry in entries:
+            if entry.name.endswith(suffix) and entry.is_file():
+                st = entry.stat()
+                found[join(folder, entry.name)] = f"{st.st_size}:{st.st_mtime_ns}"
+        return found
+    import pyarrow.fs as pafs
+
+    r = _remote(folder)
+    selector = pafs.FileSelector(r.path, recursive=False, allow_not_found=True)
+    infos = retrying(f"cannot list {redact(folder)}", lambda: r.fs.get_file_info(selector))  # type: ignore[attr-defined]
+    return {join(folder, i.base_name): _remote_stamp(i) for i in infos
+            if i.type == pafs.FileType.File and i.base_name.endswith(suffix)}
 
 
 def fingerprint(location: str) -> dict[str, Any]:

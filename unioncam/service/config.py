@@ -330,7 +330,7 @@ def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:
     model, methods, target, limit and precision are that run's (its maps are reused), the metrics
     those of its metrics that ``c`` asks for, no maps are written, and ``out`` defaults to
     ``RUN_DIR/rescore/<protocol>``."""
-    from unioncam.service.results import load_manifest
+    from unioncam.service.rundir import load_manifest
 
     if c.shards is not None or c.sample:
         raise ConfigError("a rescore reads the shards of the run it rescores: give no --shards")

@@ -31,14 +31,8 @@ import pandas as pd
 from unioncam import storage
 from unioncam.metrics import summarize
 from unioncam.protocols import PROTOCOL_NAMES, Protocol, get_protocol
-from unioncam.service.results import (
-    load_manifest,
-    provenance_of,
-    read_metrics,
-    read_parquet,
-    read_saliency,
-    run_files,
-)
+from unioncam.service.results import provenance_of, read_metrics, read_parquet, read_saliency
+from unioncam.service.rundir import load_manifest, run_files
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table.t{border-collapse:collapse;margin:1em 0;font-size:14px}

@@ -12,8 +12,8 @@ Integrity: every file is written with Parquet page checksums (CRC32 of each data
 reader here verifies them, so a changed byte in a data page is an error naming the file, never a
 wrong value. Each write also returns the file's record (:func:`file_record`: size, sha256 of the
 bytes as written, and :func:`unioncam.storage.stamp`), which the driver keeps in the shard's
-manifest entry; :func:`verify_shard` compares it (the stamp first, the hash when the stamp moved or
-with ``deep``). Every reader checks the schema version (:func:`open_output`).
+manifest entry; :func:`unioncam.service.rundir.verify_shard` compares it (the stamp first, the hash
+when the stamp moved or with ``deep``). Every reader checks the schema version (:func:`open_output`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unioncam import storage
-from unioncam.data.shards import shard_name
 
 SCHEMA_VERSION = "3"  # 2: a rank column (--target topk:K), maps as FixedSizeList<float16>[H·W]; 3: ROAD, sanity
 MAP_DTYPE = "float16"  # recorded in the maps file's provenance
@@ -219,156 +218,6 @@ def read_parquet(location: str, schema: pa.Schema | None = None) -> pa.Table:
     return table if schema is None else table.select(schema.names).cast(schema)
 
 
-def content_changed(location: str, record: dict[str, Any], deep: bool = False) -> str | None:
-    """None when ``location`` still holds the bytes its :func:`file_record` describes, else what
-    changed (one line). The stamp is compared first (no read); a moved stamp, or ``deep``, hashes
-    the file (local: read; object stores: downloaded)."""
-    if not deep and record.get("stamp") is not None and storage.stamp(location) == record["stamp"]:
-        return None
-    digest = storage.sha256(location)
-    if digest != record.get("sha256"):
-        return (f"changed after it was written (sha256 {str(record.get('sha256'))[:12]} when written, "
-                f"{digest[:12]} now)")
-    return None
-
-
-def load_manifest(run_dir: str) -> dict[str, Any]:
-    """``RUN_DIR/manifest.json``, checked for the fields every reader relies on.
-
-    Raises:
-        ValueError: the file is not JSON or lacks/garbles ``run_id``, ``config`` or ``shards``
-            (the message names the file and the field).
-    """
-    location = storage.join(run_dir, "manifest.json")
-    shown = storage.redact(location)
-    try:
-        data = json.loads(storage.read_text(location))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{shown} is not valid JSON ({exc}); restore it or use a new --out") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{shown} is not a run manifest (a JSON {type(data).__name__})")
-    if str(data.get("format", "")).startswith("unioncam-shards"):
-        raise ValueError(f"{storage.redact(run_dir)} is a shard folder (its manifest.json lists shards), not a run "
-                         "directory: choose another --out")
-    for key, kind in (("run_id", str), ("config", dict), ("shards", dict)):
-        if not isinstance(data.get(key), kind):
-            raise ValueError(f"{shown}: '{key}' is missing or not a {kind.__name__}; restore it or use a new --out")
-    for name, entry in data["shards"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str) or not all(
-                isinstance(entry.get(k, 0), int) and not isinstance(entry.get(k, 0), bool)
-                for k in ("images", "rows", "maps", "errors", "attempts")):
-            raise ValueError(f"{shown}: the entry of shard {name!r} is malformed; restore it or use a new --out")
-    return data
-
-
-def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], save_maps: bool,
-                 deep: bool = False) -> str | None:
-    """None when shard ``name``'s files are complete and this run's, else what is wrong (one line).
-
-    A shard is finished when ``metrics/<name>.parquet`` opens, carries ``run_id`` and
-    :data:`SCHEMA_VERSION`, has every column of :data:`METRICS_SCHEMA` and the row count the manifest
-    recorded (``entry["rows"]``); ``sanity/<name>.parquet`` the same when the entry records sanity
-    rows; and, when maps are saved, ``maps/<name>.parquet`` passes the same
-    checks against :func:`maps_schema` of its recorded shape (``entry["maps"]`` rows). Each file
-    then still holds the bytes it was written with (:func:`content_changed` against the entry's
-    ``files`` record; ``deep`` hashes every file). Resume and ``unioncam verify`` use this.
-    """
-    checks: list[tuple[str, pa.Schema | None, Any]] = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
-    if entry.get("sanity"):
-        checks.append(("sanity", SANITY_SCHEMA, entry["sanity"]))
-    if save_maps:
-        checks.append(("maps", None, entry.get("maps")))  # its schema follows the map shape it records
-    for folder, schema, rows in checks:
-        location = storage.join(run_dir, folder, f"{name}.parquet")
-        try:
-            with storage.open_random(location) as handle:
-                parquet = pq.ParquetFile(handle, page_checksum_verification=True)  # one footer read
-                meta, arrow = parquet.metadata, parquet.schema_arrow
-                kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
-        except FileNotFoundError:
-            return f"{folder}/{name}.parquet is missing"
-        except (OSError, pa.ArrowException, ValueError) as exc:
-            return f"{folder}/{name}.parquet is damaged ({type(exc).__name__}: {str(exc)[:200]})"
-        if schema is None:
-            try:
-                schema = maps_schema(json.loads(kv.get("unioncam.map_shape", "")))
-            except (ValueError, TypeError):
-                return f"{folder}/{name}.parquet records no valid map shape"
-        owner = kv.get("unioncam.run_id")
-        if owner != run_id:
-            return f"{folder}/{name}.parquet belongs to run {owner!r}, not {run_id!r}"
-        source = kv.get("unioncam.shard_path")
-        if source is not None and shard_name(source) != name:
-            return f"{folder}/{name}.parquet holds the rows of shard {shard_name(source)!r}, not {name!r}"
-        if kv.get("unioncam.schema_version") != SCHEMA_VERSION:
-            return f"{folder}/{name}.parquet has schema version {kv.get('unioncam.schema_version')!r}"
-        missing = [f.name for f in schema if f.name not in arrow.names]
-        if missing:
-            return f"{folder}/{name}.parquet lacks columns {missing[:5]}"
-        retyped = [f.name for f in schema if not arrow.field(f.name).type.equals(f.type)]
-        if retyped:
-            return f"{folder}/{name}.parquet has other types for columns {retyped[:5]}"
-        if rows is not None and meta.num_rows != rows:
-            return f"{folder}/{name}.parquet has {meta.num_rows} rows, the manifest recorded {rows}"
-        record = (entry.get("files") or {}).get(folder)
-        if isinstance(record, dict):
-            try:
-                why = content_changed(location, record, deep)
-            except FileNotFoundError:
-                why = "vanished while it was checked"
-            if why is not None:
-                return f"{folder}/{name}.parquet {why}"
-    return None
-
-
-def source_changed(name: str, entry: dict[str, Any], path: str | None = None, deep: bool = False) -> str | None:
-    """None when shard ``name`` (its manifest ``entry``) was computed from ``path``'s current content
-    (default: the source it recorded), else what changed, on one line. Entries of runs older than
-    source fingerprints (no ``source``) are not checked.
-
-    The fingerprint is :func:`unioncam.storage.fingerprint`'s: size plus sha256 (files) or ETag (S3).
-    When the source's stamp (size and modification time, :func:`unioncam.storage.stamp`) is the one
-    recorded, nothing is read (a rerun does not read the dataset again) unless ``deep``.
-
-    Raises:
-        storage.StorageError: the source cannot be read now (nothing is known about a change).
-    """
-    recorded = entry.get("source")
-    if not isinstance(recorded, dict):
-        return None
-    uri = str(recorded.get("uri"))
-    if path is None:
-        if "***" in uri:
-            return None  # recorded without its credentials: only a rerun with the real URI can check it
-        path = uri
-    elif uri != storage.redact(path):
-        return f"{name} was computed from {uri}, this run names {storage.redact(path)}"
-    if not deep and recorded.get("stamp") is not None and storage.stamp(path) == recorded["stamp"]:
-        return None
-    now = storage.fingerprint(path)  # a StorageError (unreadable now) is the caller's to report
-    for field in ("bytes", "sha256", "etag"):
-        if field in recorded and recorded[field] != now.get(field):
-            was, new = recorded[field], now.get(field)
-            if field != "bytes":
-                was, new = str(was)[:12], str(new)[:12]
-            return f"the content of {storage.redact(path)} changed since {name} was computed ({field} {was} -> {new})"
-    return None
-
-
-
-
-def run_files(run_dir: str, folder: str) -> list[str]:
-    """The ``folder`` (``metrics``, ``maps`` or ``sanity``) Parquet files that belong to the run: one per shard its
-    manifest lists as done (other files there, e.g. copied from another run, are not part of it), or
-    every file when the directory has no manifest."""
-    if not storage.is_file(storage.join(run_dir, "manifest.json")):
-        return storage.list_files(storage.join(run_dir, folder), ".parquet")
-    shards = load_manifest(run_dir)["shards"]
-    optional = folder in ("maps", "sanity")  # a done shard has them when its entry counts their rows
-    return [storage.join(run_dir, folder, f"{name}.parquet") for name in sorted(shards)
-            if shards[name]["status"] == "done" and (not optional or shards[name].get(folder, 0) > 0)]
-
-
 class _HashingFile(io.RawIOBase):
     """A local file written front to back that hashes its bytes as they go (no second read)."""
 
@@ -452,8 +301,10 @@ class MapsWriter:
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> pa.Table:
-    """Every metrics row of a run (all its done shards, :func:`run_files`; ``run_dir`` a folder or a
-    URI), as one Arrow table."""
+    """Every metrics row of a run (all its done shards, :func:`unioncam.service.rundir.run_files`;
+    ``run_dir`` a folder or a URI), as one Arrow table."""
+    from unioncam.service.rundir import run_files
+
     run_dir = os.fspath(run_dir)
     files = run_files(run_dir, "metrics")
     if not files:
@@ -487,6 +338,8 @@ def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,
     row groups that hold a wanted row, so picking a few keys out of a large run stays cheap.
     """
     import pyarrow.compute as pc
+
+    from unioncam.service.rundir import run_files
 
     run_dir = os.fspath(run_dir)
     files = run_files(run_dir, "maps")

@@ -16,7 +16,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from collections import deque
 from dataclasses import asdict, replace
 from typing import Any
@@ -30,11 +29,9 @@ from unioncam.data.shards import MANIFEST, count_samples, expand_shards, shard_n
 from unioncam.models import LoadedModel, WeightsError, load
 from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, top_k
-from unioncam.service.lock import RunLock
-from unioncam.service.results import load_manifest, source_changed, verify_shard
+from unioncam.service.rundir import RunLock, RunManifest, check, load_manifest, source_changed
 from unioncam.service.worker import ShardWorker
 
-RUN_FORMAT = "unioncam-run/1"
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
@@ -151,91 +148,6 @@ def shard_counts(paths: list[str]) -> dict[str, int | None]:
         except storage.StorageError:
             out[path] = None  # unreadable now: the worker tries (and fails, retryably) on its own
     return out
-
-
-class RunManifest:
-    """``RUN_DIR/manifest.json``: config identity, provenance, and each shard's status.
-
-    Only the driver writes it. A finished shard is one the manifest lists as done *and* whose files
-    pass :func:`unioncam.service.results.verify_shard` (they open, carry this run's id and schema
-    version, have the expected columns and row count, and the maps file exists when maps are saved).
-    """
-
-    def __init__(self, out: str, identity: dict[str, Any]) -> None:
-        self.out = out
-        self.path = storage.join(out, "manifest.json")
-        self.data: dict[str, Any]
-        if storage.is_file(self.path):
-            self.data = load_manifest(out)
-            if self.data.get("config") != identity:
-                old, new = self.data.get("config", {}), identity
-                diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-                if any(s.get("status") == "done" for s in self.data["shards"].values()):
-                    raise ConfigError(f"{storage.redact(out)} holds a run with other settings ({diff}); "
-                                      "use a new --out")
-                log(f"no shard of {storage.redact(out)} is done yet: taking the new settings ({diff})")
-                self.data["config"] = identity
-        else:
-            self.data = {"format": RUN_FORMAT, "run_id": uuid.uuid4().hex[:12],
-                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": identity, "shards": {}}
-
-    @property
-    def run_id(self) -> str:
-        return str(self.data["run_id"])
-
-    def check_done(self, name: str, save_maps: bool) -> str | None:
-        """None when shard ``name`` is finished, else why it must be (re)done."""
-        entry = self.data["shards"].get(name)
-        if not entry:
-            return "not started"
-        if entry.get("status") != "done":
-            return f"{entry.get('status', 'unknown')} before"
-        return verify_shard(self.out, name, self.run_id, entry, save_maps)
-
-    def changed_source(self, name: str, path: str) -> str | None:
-        """None when done shard ``name`` was computed from ``path``'s current content (or the source
-        cannot be read now: its rows are kept, with a log line), else what changed."""
-        try:
-            return source_changed(name, self.data["shards"][name], path)
-        except storage.StorageError as exc:
-            log(f"cannot check the source of {name} now ({exc}); keeping its rows")
-            return None
-
-    def check_shard_set(self, current: dict[str, str], grow: bool = False) -> None:
-        """A run directory holds one shard set (name → URI without credentials): the first command
-        records it; a later one that names other shards, or the same names elsewhere, is refused once
-        any shard is done (before that, the new set is taken). With ``grow`` (a rescore, whose shard
-        set is the rescored run's done shards, growing as that run is completed) a set that only adds
-        shards is taken."""
-        recorded = self.data.get("shard_set")
-        done = any(e.get("status") == "done" for e in self.data["shards"].values())
-        grows = grow and isinstance(recorded, dict) and all(current.get(n) == u for n, u in recorded.items())
-        if isinstance(recorded, dict) and recorded != current and done and not grows:
-            new = sorted(set(current) - set(recorded))
-            missing = sorted(set(recorded) - set(current))
-            moved = sorted(n for n in current if n in recorded and recorded[n] != current[n])
-            example = (f"{moved[0]} was {recorded[moved[0]]}, now {current[moved[0]]}" if moved
-                       else f"e.g. {(new or missing)[0]}")
-            raise ConfigError(f"{storage.redact(self.out)} holds a run of {len(recorded)} shards; this command names "
-                              f"{len(current)} ({len(new)} new, {len(missing)} not named, {len(moved)} from another "
-                              f"location: {example}). A run directory holds one shard set: use a new --out")
-        self.data["shard_set"] = current
-
-    def record(self, name: str, **entry: Any) -> None:
-        previous = self.data["shards"].get(name, {})
-        entry["attempts"] = int(previous.get("attempts", 0)) + 1
-        self.data["shards"][name] = entry
-        self.save()
-
-    def save(self) -> None:
-        shards = self.data["shards"].values()
-        self.data["counts"] = {
-            "shards_done": sum(s["status"] == "done" for s in shards),
-            "shards_failed": sum(s["status"] == "failed" for s in shards),
-            "images": sum(s.get("images", 0) for s in shards if s["status"] == "done"),
-            "error_rows": sum(s.get("errors", 0) for s in shards if s["status"] == "done")}
-        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        storage.write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
 
 def connect(address: str | None) -> None:
@@ -446,17 +358,18 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     manifest = RunManifest(out, {**cfg.identity(), "weights_sha256": sha})
     manifest.check_shard_set({shard_name(p): storage.redact(p) for p in paths}, grow=bool(cfg.rescore))
     todo, done = [], []
+    checked = check(out, manifest.data, [shard_name(p) for p in paths if limits[p] != 0], cfg.save_maps)
     for p in paths:
-        lock.heartbeat()  # verifying thousands of shards on a store takes a while
         if limits[p] == 0:
             continue
-        why = manifest.check_done(shard_name(p), cfg.save_maps)
+        why = checked[shard_name(p)]
         if why is None:
             done.append(p)
             continue
         todo.append(p)
         if manifest.data["shards"].get(shard_name(p), {}).get("status") == "done":
             log(f"redoing {shard_name(p)}: {why}")
+    lock.heartbeat()
     changed = _changed_sources(manifest, done, lock)
     if changed:
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -502,16 +415,31 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
 
 
 def _changed_sources(manifest: RunManifest, done: list[str], lock: RunLock) -> list[str]:
-    """What changed in the sources of the shards ``done`` (hashed on a few threads: local shards are
-    read once more, object-store shards cost one HEAD each)."""
+    """What changed in the sources of the shards ``done``: each source folder is listed once and a
+    source whose stamp is the one recorded is not read; the others are hashed on a few threads
+    (local shards are read once more, object-store shards cost one HEAD each). A source that cannot
+    be read now keeps its rows (a log line)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not done:
         return []
     start = time.monotonic()
+    listed: dict[str, str | None] = {}
+    for folder in sorted({storage.parent(p) for p in done}):
+        with contextlib.suppress(storage.StorageError):  # then each source is checked on its own
+            listed.update(storage.list_stamps(folder))
+
+    def changed(path: str) -> str | None:
+        name = shard_name(path)
+        try:
+            return source_changed(name, manifest.data["shards"][name], path, listed=listed)
+        except storage.StorageError as exc:
+            log(f"cannot check the source of {name} now ({exc}); keeping its rows")
+            return None
+
     with ThreadPoolExecutor(max_workers=8) as pool:
         found = []
-        for why in pool.map(lambda p: manifest.changed_source(shard_name(p), p), done):
+        for why in pool.map(changed, done):
             lock.heartbeat()
             if why is not None:
                 found.append(why)

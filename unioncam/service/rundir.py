@@ -1,0 +1,511 @@
+"""The run directory (``RUN_DIR``, the job's ``--out``) as one object: its layout, its manifest, its
+lock, and the one answer to "is this shard done?" that resume, ``unioncam verify``, the report and
+the readers share (:meth:`RunDir.check`).
+
+Layout::
+
+    manifest.json               the summary: run id, settings, shard set, every shard's entry as of
+                                its last save, counts
+    shards/<shard>.json         each shard's record, written once per attempt: the truth
+    metrics/<shard>.parquet     rows (unioncam.service.results)
+    maps/<shard>.parquet        maps
+    sanity/<shard>.parquet      with --sanity
+    running/<shard>.json        while a worker has the shard
+    lock.json                   while a driver runs (at most one)
+    report/, rescore/<protocol>/
+
+Cost at scale: recording a finished shard writes its own small record (O(1) per completion, the
+same at 50 or 50,000 shards); the summary is rewritten at most every :data:`SUMMARY_INTERVAL`
+seconds (or 20 × its own write time, when that is longer) and when the command ends. After a crash
+the records are the truth: a reader takes the summary and fetches only the records written since
+its last save (one listing of ``shards/`` says which). Checking done shards lists each output
+folder once and compares every file's stamp (size and modification time) with the one recorded
+when it was written; a file is opened (footer) and hashed only when its stamp moved (or ``deep``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unioncam import storage
+from unioncam.data.shards import shard_name
+from unioncam.service.config import ConfigError
+from unioncam.service.results import (
+    METRICS_SCHEMA,
+    SANITY_SCHEMA,
+    SCHEMA_VERSION,
+    RunFileError,
+    maps_schema,
+)
+
+RUN_FORMAT = "unioncam-run/1"
+FOLDERS = ("metrics", "maps", "sanity")
+SUMMARY_INTERVAL = 5.0  # seconds between summary rewrites (at least; see RunManifest.record)
+RECORD_SKEW = 120.0  # seconds: records this much older than the summary's save are in it
+LOCK_HEARTBEAT = 30.0
+LOCK_STALE = 300.0
+
+
+def log(message: str) -> None:
+    print(f"[unioncam] {message}", flush=True)
+
+
+class RunDir:
+    """Paths of a run directory (local or a URI)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.root, "manifest.json")
+
+    @property
+    def lock(self) -> str:
+        return storage.join(self.root, "lock.json")
+
+    def output(self, folder: str, name: str) -> str:
+        """``<root>/<folder>/<name>.parquet`` (folder: metrics, maps or sanity)."""
+        return storage.join(self.root, folder, f"{name}.parquet")
+
+    def record(self, name: str) -> str:
+        return storage.join(self.root, "shards", f"{name}.json")
+
+    def running(self, name: str) -> str:
+        return storage.join(self.root, "running", f"{name}.json")
+
+
+# -- the manifest -------------------------------------------------------------------------------------
+def load_manifest(run_dir: str) -> dict[str, Any]:
+    """``RUN_DIR``'s manifest: the summary ``manifest.json`` with the shard records written since its
+    last save merged in (so it is complete after a crash), checked for the fields every reader
+    relies on.
+
+    Raises:
+        FileNotFoundError: no ``manifest.json``.
+        ValueError: the summary is not JSON or lacks/garbles ``run_id``, ``config`` or ``shards``, or
+            a record is malformed (the message names the file and the field).
+    """
+    where = RunDir(run_dir)
+    shown = storage.redact(where.manifest)
+    try:
+        data = json.loads(storage.read_text(where.manifest))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{shown} is not valid JSON ({exc}); restore it or use a new --out") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{shown} is not a run manifest (a JSON {type(data).__name__})")
+    if str(data.get("format", "")).startswith("unioncam-shards"):
+        raise ValueError(f"{storage.redact(run_dir)} is a shard folder (its manifest.json lists shards), not a run "
+                         "directory: choose another --out")
+    for key, kind in (("run_id", str), ("config", dict), ("shards", dict)):
+        if not isinstance(data.get(key), kind):
+            raise ValueError(f"{shown}: '{key}' is missing or not a {kind.__name__}; restore it or use a new --out")
+    saved = float(data.get("saved", 0) or 0)
+    for path, stamp in storage.list_stamps(storage.join(run_dir, "shards"), ".json").items():
+        name = storage.basename(path).removesuffix(".json")
+        mtime = _stamp_seconds(stamp)
+        if name in data["shards"] and mtime is not None and mtime < saved - RECORD_SKEW:
+            continue  # the summary has it
+        try:
+            entry = json.loads(storage.read_text(path))
+        except FileNotFoundError:
+            continue
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{storage.redact(path)} is not valid JSON ({exc}); delete it to redo shard {name}") \
+                from None
+        if isinstance(entry, dict) and entry.get("run_id", data["run_id"]) == data["run_id"]:
+            entry.pop("run_id", None)
+            data["shards"][name] = entry
+    for name, entry in data["shards"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str) or not all(
+                isinstance(entry.get(k, 0), int) and not isinstance(entry.get(k, 0), bool)
+                for k in ("images", "rows", "maps", "errors", "attempts")):
+            raise ValueError(f"{shown}: the entry of shard {name!r} is malformed; restore it or use a new --out")
+    return data
+
+
+def _stamp_seconds(stamp: str | None) -> float | None:
+    """The modification time (seconds) in a :func:`unioncam.storage.stamp`."""
+    if not stamp:
+        return None
+    value = stamp.split(":", 1)[1]
+    return float(value[:-1]) if value.endswith("s") else int(value) / 1e9
+
+
+class RunManifest:
+    """The driver's view of ``RUN_DIR``'s manifest: config identity, provenance, each shard's status.
+
+    Only the driver writes it: :meth:`record` writes the shard's own record (O(1)) and rewrites the
+    summary only now and then; :meth:`save` rewrites it now.
+    """
+
+    def __init__(self, out: str, identity: dict[str, Any]) -> None:
+        self.out = out
+        self.dir = RunDir(out)
+        self.data: dict[str, Any]
+        self.last_save = 0.0
+        self.save_cost = 0.0
+        if storage.is_file(self.dir.manifest):
+            self.data = load_manifest(out)
+            if self.data.get("config") != identity:
+                old, new = self.data.get("config", {}), identity
+                diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+                if any(s.get("status") == "done" for s in self.data["shards"].values()):
+                    raise ConfigError(f"{storage.redact(out)} holds a run with other settings ({diff}); "
+                                      "use a new --out")
+                log(f"no shard of {storage.redact(out)} is done yet: taking the new settings ({diff})")
+                self.data["config"] = identity
+        else:
+            self.data = {"format": RUN_FORMAT, "run_id": uuid.uuid4().hex[:12],
+                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": identity, "shards": {}}
+
+    @property
+    def run_id(self) -> str:
+        return str(self.data["run_id"])
+
+    def check_done(self, name: str, save_maps: bool) -> str | None:
+        """None when shard ``name`` is finished (:func:`check`), else why it must be (re)done."""
+        return check(self.out, self.data, [name], save_maps)[name]
+
+    def check_shard_set(self, current: dict[str, str], grow: bool = False) -> None:
+        """A run directory holds one shard set (name → URI without credentials): the first command
+        records it; a later one that names other shards, or the same names elsewhere, is refused once
+        any shard is done (before that, the new set is taken). With ``grow`` (a rescore, whose shard
+        set is the rescored run's done shards, growing as that run is completed) a set that only adds
+        shards is taken."""
+        recorded = self.data.get("shard_set")
+        done = any(e.get("status") == "done" for e in self.data["shards"].values())
+        grows = grow and isinstance(recorded, dict) and all(current.get(n) == u for n, u in recorded.items())
+        if isinstance(recorded, dict) and recorded != current and done and not grows:
+            new = sorted(set(current) - set(recorded))
+            missing = sorted(set(recorded) - set(current))
+            moved = sorted(n for n in current if n in recorded and recorded[n] != current[n])
+            example = (f"{moved[0]} was {recorded[moved[0]]}, now {current[moved[0]]}" if moved
+                       else f"e.g. {(new or missing)[0]}")
+            raise ConfigError(f"{storage.redact(self.out)} holds a run of {len(recorded)} shards; this command names "
+                              f"{len(current)} ({len(new)} new, {len(missing)} not named, {len(moved)} from another "
+                              f"location: {example}). A run directory holds one shard set: use a new --out")
+        self.data["shard_set"] = current
+
+    def record(self, name: str, **entry: Any) -> None:
+        """Record shard ``name``'s outcome: its own record file (one small write, whatever the run's
+        size), then the summary if it is due (every :data:`SUMMARY_INTERVAL` s, or 20 × the time a
+        summary takes to write when that is longer)."""
+        previous = self.data["shards"].get(name, {})
+        entry["attempts"] = int(previous.get("attempts", 0)) + 1
+        self.data["shards"][name] = entry
+        storage.write_text(self.dir.record(name), json.dumps({**entry, "run_id": self.run_id}, sort_keys=True))
+        if time.monotonic() - self.last_save >= max(SUMMARY_INTERVAL, 20 * self.save_cost):
+            self.save()
+
+    def save(self) -> None:
+        """Rewrite the summary now (compact JSON; its ``saved`` time lets readers skip older records)."""
+        start = time.monotonic()
+        shards = self.data["shards"].values()
+        self.data["counts"] = {
+            "shards_done": sum(s["status"] == "done" for s in shards),
+            "shards_failed": sum(s["status"] == "failed" for s in shards),
+            "images": sum(s.get("images", 0) for s in shards if s["status"] == "done"),
+            "error_rows": sum(s.get("errors", 0) for s in shards if s["status"] == "done")}
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.data["saved"] = time.time()
+        storage.write_text(self.dir.manifest, json.dumps(self.data, sort_keys=True, separators=(",", ":")) + "\n")
+        self.last_save = time.monotonic()
+        self.save_cost = self.last_save - start
+
+
+# -- is this shard done? ------------------------------------------------------------------------------
+def check(run_dir: str, manifest: dict[str, Any], names: Iterable[str], save_maps: bool,
+          deep: bool = False) -> dict[str, str | None]:
+    """The one answer to "is this shard done?": per name, None when it is finished, else why not
+    (one line). Finished: the manifest lists it done and :func:`verify_shard` passes. Each output
+    folder is listed once (its files' stamps), so unchanged files are neither opened nor read."""
+    names = list(names)
+    shards = manifest["shards"]
+    listed: dict[str, str | None] = {}
+    if any(shards.get(n, {}).get("status") == "done" for n in names):
+        for folder in FOLDERS:
+            listed.update(storage.list_stamps(storage.join(run_dir, folder), ".parquet"))
+    out: dict[str, str | None] = {}
+    for name in names:
+        entry = shards.get(name)
+        if not entry:
+            out[name] = "not started"
+        elif entry.get("status") != "done":
+            out[name] = f"{entry.get('status', 'unknown')} before"
+        else:
+            out[name] = verify_shard(run_dir, name, manifest["run_id"], entry, save_maps, deep, listed)
+    return out
+
+
+def _files(entry: dict[str, Any], save_maps: bool) -> list[tuple[str, pa.Schema | None, Any]]:
+    """The outputs a done shard's entry says it has: (folder, schema or None for maps, rows)."""
+    checks: list[tuple[str, pa.Schema | None, Any]] = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
+    if entry.get("sanity"):
+        checks.append(("sanity", SANITY_SCHEMA, entry["sanity"]))
+    if save_maps:
+        checks.append(("maps", None, entry.get("maps")))  # its schema follows the map shape it records
+    return checks
+
+
+def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], save_maps: bool,
+                 deep: bool = False, listed: dict[str, str | None] | None = None) -> str | None:
+    """None when shard ``name``'s files are complete, this run's and as written, else what is wrong.
+
+    A file whose stamp (in ``listed``, from a listing, else a stat) is the one its record kept was
+    not touched since it was written: it passes without being opened (unless ``deep``). Otherwise
+    ``metrics/<name>.parquet`` must open, carry ``run_id`` and :data:`SCHEMA_VERSION`, have every
+    column of :data:`METRICS_SCHEMA` and the row count recorded (``entry["rows"]``);
+    ``sanity/<name>.parquet`` the same when the entry records sanity rows; when maps are saved,
+    ``maps/<name>.parquet`` the same against :func:`maps_schema` of its recorded shape; and each
+    file must still hold the bytes it was written with (:func:`content_changed`).
+    """
+    where = RunDir(run_dir)
+    records = entry.get("files") or {}
+    for folder, schema, rows in _files(entry, save_maps):
+        location = where.output(folder, name)
+        record = records.get(folder)
+        if isinstance(record, dict) and not deep and record.get("stamp") is not None:
+            try:
+                now = listed[location] if listed is not None and location in listed else storage.stamp(location)
+            except FileNotFoundError:
+                return f"{folder}/{name}.parquet is missing"
+            if now == record["stamp"]:
+                continue  # untouched since it was written
+        why = _footer_problem(location, folder, name, run_id, schema, rows)
+        if why is None and isinstance(record, dict):
+            try:
+                changed = content_changed(location, record, deep=True)
+            except FileNotFoundError:
+                changed = "vanished while it was checked"
+            why = None if changed is None else f"{folder}/{name}.parquet {changed}"
+        if why is not None:
+            return why
+    return None
+
+
+def _footer_problem(location: str, folder: str, name: str, run_id: str, schema: pa.Schema | None,
+                    rows: Any) -> str | None:
+    """What is wrong with an output file's footer (identity, version, columns, row count), or None."""
+    try:
+        with storage.open_random(location) as handle:
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)  # one footer read
+            meta, arrow = parquet.metadata, parquet.schema_arrow
+            kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+    except FileNotFoundError:
+        return f"{folder}/{name}.parquet is missing"
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return f"{folder}/{name}.parquet is damaged ({type(exc).__name__}: {str(exc)[:200]})"
+    if schema is None:
+        try:
+            schema = maps_schema(json.loads(kv.get("unioncam.map_shape", "")))
+        except (ValueError, TypeError):
+            return f"{folder}/{name}.parquet records no valid map shape"
+    owner = kv.get("unioncam.run_id")
+    if owner != run_id:
+        return f"{folder}/{name}.parquet belongs to run {owner!r}, not {run_id!r}"
+    source = kv.get("unioncam.shard_path")
+    if source is not None and shard_name(source) != name:
+        return f"{folder}/{name}.parquet holds the rows of shard {shard_name(source)!r}, not {name!r}"
+    if kv.get("unioncam.schema_version") != SCHEMA_VERSION:
+        return f"{folder}/{name}.parquet has schema version {kv.get('unioncam.schema_version')!r}"
+    missing = [f.name for f in schema if f.name not in arrow.names]
+    if missing:
+        return f"{folder}/{name}.parquet lacks columns {missing[:5]}"
+    retyped = [f.name for f in schema if not arrow.field(f.name).type.equals(f.type)]
+    if retyped:
+        return f"{folder}/{name}.parquet has other types for columns {retyped[:5]}"
+    if rows is not None and meta.num_rows != rows:
+        return f"{folder}/{name}.parquet has {meta.num_rows} rows, the manifest recorded {rows}"
+    return None
+
+
+def content_changed(location: str, record: dict[str, Any], deep: bool = False) -> str | None:
+    """None when ``location`` still holds the bytes its :func:`unioncam.service.results.file_record`
+    describes, else what changed (one line). The stamp is compared first (no read); a moved stamp,
+    or ``deep``, hashes the file (local: read; object stores: downloaded)."""
+    if not deep and record.get("stamp") is not None and storage.stamp(location) == record["stamp"]:
+        return None
+    digest = storage.sha256(location)
+    if digest != record.get("sha256"):
+        return (f"changed after it was written (sha256 {str(record.get('sha256'))[:12]} when written, "
+                f"{digest[:12]} now)")
+    return None
+
+
+def source_changed(name: str, entry: dict[str, Any], path: str | None = None, deep: bool = False,
+                   listed: dict[str, str | None] | None = None) -> str | None:
+    """None when shard ``name`` (its manifest ``entry``) was computed from ``path``'s current content
+    (default: the source it recorded), else what changed, on one line. Entries of runs older than
+    source fingerprints (no ``source``) are not checked.
+
+    The fingerprint is :func:`unioncam.storage.fingerprint`'s: size plus sha256 (files) or ETag (S3).
+    When the source's stamp (size and modification time; from ``listed`` when given) is the one
+    recorded, nothing is read (a rerun does not read the dataset again) unless ``deep``.
+
+    Raises:
+        storage.StorageError: the source cannot be read now (nothing is known about a change).
+    """
+    recorded = entry.get("source")
+    if not isinstance(recorded, dict):
+        return None
+    uri = str(recorded.get("uri"))
+    if path is None:
+        if "***" in uri:
+            return None  # recorded without its credentials: only a rerun with the real URI can check it
+        path = uri
+    elif uri != storage.redact(path):
+        return f"{name} was computed from {uri}, this run names {storage.redact(path)}"
+    if not deep and recorded.get("stamp") is not None:
+        now = listed[path] if listed is not None and path in listed else storage.stamp(path)
+        if now == recorded["stamp"]:
+            return None
+    now_print = storage.fingerprint(path)  # a StorageError (unreadable now) is the caller's to report
+    for field in ("bytes", "sha256", "etag"):
+        if field in recorded and recorded[field] != now_print.get(field):
+            was, new = recorded[field], now_print.get(field)
+            if field != "bytes":
+                was, new = str(was)[:12], str(new)[:12]
+            return f"the content of {storage.redact(path)} changed since {name} was computed ({field} {was} -> {new})"
+    return None
+
+
+def run_files(run_dir: str, folder: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """The ``folder`` (``metrics``, ``maps`` or ``sanity``) Parquet files that belong to the run: one per
+    shard its manifest lists as done (other files there, e.g. copied from another run, are not part
+    of it), or every file when the directory has no manifest.
+
+    Raises:
+        RunFileError: a done shard's file was changed after it was written (its stamp moved and its
+            bytes differ: :func:`content_changed`), so no reader takes wrong values from it.
+    """
+    where = RunDir(run_dir)
+    if manifest is None:
+        if not storage.is_file(where.manifest):
+            return storage.list_files(storage.join(run_dir, folder), ".parquet")
+        manifest = load_manifest(run_dir)
+    shards = manifest["shards"]
+    optional = folder in ("maps", "sanity")  # a done shard has them when its entry counts their rows
+    names = [n for n in sorted(shards) if shards[n]["status"] == "done"
+             and (not optional or shards[n].get(folder, 0) > 0)]
+    listed = storage.list_stamps(storage.join(run_dir, folder), ".parquet") if names else {}
+    files = []
+    for name in names:
+        location = where.output(folder, name)
+        record = (shards[name].get("files") or {}).get(folder)
+        if isinstance(record, dict) and location in listed and listed[location] != record.get("stamp"):
+            changed = content_changed(location, record, deep=True)
+            if changed is not None:
+                raise RunFileError(f"{storage.redact(location)} {changed}: `unioncam verify "
+                                   f"{storage.redact(run_dir)}` lists the damaged shards, and rerunning the job "
+                                   "redoes them")
+        files.append(location)
+    return files
+
+
+# -- the lock -------------------------------------------------------------------------------------------
+class RunLock:
+    """``RUN_DIR/lock.json``: at most one driver per run directory (a second one is refused).
+
+    Created exclusively (``O_EXCL`` locally, a conditional PUT on S3/GCS). The holder rewrites it
+    every :data:`LOCK_HEARTBEAT` seconds; a lock whose holder is a dead process on this host, or whose
+    heartbeat is older than :data:`LOCK_STALE` seconds (a driver killed on another machine), is taken
+    over. It is removed when the run ends, however it ends.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.path = RunDir(out).lock
+        self.out = out
+        self.beat = 0.0
+
+    def _content(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
+                           "heartbeat": time.time()}).encode()
+
+    def acquire(self) -> None:
+        self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if storage.create_exclusive(self.path, self._content()):
+            self.beat = time.monotonic()
+            return
+        held = self._holder()
+        try:
+            host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
+        except (ValueError, KeyError, TypeError):
+            held, host, pid, beat = {}, "?", -1, 0.0
+        dead_here = host == socket.gethostname() and pid > 0 and not _alive(pid)
+        if held and not dead_here and time.time() - beat < LOCK_STALE:
+            raise ConfigError(
+                f"another driver is running on {storage.redact(self.out)} (host {host}, pid {pid}, since "
+                f"{held.get('since')}); wait for it to finish, or delete {storage.redact(self.path)} if it is gone")
+        log(f"taking over a stale lock on {storage.redact(self.out)} (host {host}, pid {pid})")
+        storage.delete(self.path)
+        if not storage.create_exclusive(self.path, self._content()):
+            raise ConfigError(f"another driver took {storage.redact(self.path)} just now; only one may run")
+        self.beat = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Refresh the lock (at most every :data:`LOCK_HEARTBEAT` s); raise if another driver took it."""
+        if time.monotonic() - self.beat < LOCK_HEARTBEAT:
+            return
+        held = self._holder()
+        if not self._mine(held):
+            raise ConfigError(f"{storage.redact(self.path)} was taken by another driver (host {held.get('host')}, "
+                              f"pid {held.get('pid')}); stopping this one")
+        storage.write_bytes(self.path, self._content())
+        self.beat = time.monotonic()
+
+    def release(self) -> None:
+        """Remove the lock if it is still this driver's (never another driver's that took it over)."""
+        if self._mine(self._holder()):
+            storage.delete(self.path)
+
+    def _holder(self) -> dict[str, Any]:
+        """The lock's content ({} when it is missing or unreadable)."""
+        try:
+            held = json.loads(storage.read_text(self.path))
+        except (OSError, ValueError):
+            return {}
+        return held if isinstance(held, dict) else {}
+
+    @staticmethod
+    def _mine(held: dict[str, Any]) -> bool:
+        return (held.get("host"), held.get("pid")) == (socket.gethostname(), os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_state(out: str) -> str | None:
+    """None when ``out`` has no ``lock.json``, else one line on it: a driver running now (its host is
+    this one and its pid alive, or its heartbeat is recent), or a lock left behind by a driver that
+    is gone (killed: the next run takes it over)."""
+    path = RunDir(out).lock
+    if not storage.is_file(path):
+        return None
+    try:
+        held = json.loads(storage.read_text(path))
+        host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "lock.json is present but unreadable: a driver may have been killed while writing it"
+    age = time.time() - beat
+    here = host == socket.gethostname()
+    if (here and _alive(pid)) or (not here and age < LOCK_STALE):
+        return f"a driver holds lock.json (host {host}, pid {pid}, since {held.get('since')}): the run is in progress"
+    return (f"lock.json was left behind by a driver that is gone (host {host}, pid {pid}, last heartbeat "
+            f"{age:.0f} s ago): it was killed; rerun the command to finish the run (it takes the lock over)")
