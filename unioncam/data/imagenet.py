@@ -10,7 +10,8 @@ wnids (``imagenet_wnids.txt``, shipped with the package). Accepted label sources
   devkit's ``data/meta.mat`` is required (found beside the txt, or given with ``meta=``).
 * the ImageFolder layout: ``DIR/<wnid>/*.JPEG`` (then ``labels`` is not needed).
 
-Both layouts take visible files ending in ``.jpeg``, ``.jpg`` or ``.png`` (any case), nothing else.
+Both layouts take visible files with an image extension a shard accepts (``.jpeg``, ``.jpg``, ``.png``,
+..., :data:`unioncam.viz.IMAGE_EXTENSIONS`; any case), nothing else.
 
 Boxes (optional): the val XMLs (a folder of ``ILSVRC2012_val_XXXXXXXX.xml``) or the LOC csv.
 ImageNet boxes are inclusive pixel indices; we store ``[xmin, ymin, xmax + 1, ymax + 1]`` in
@@ -30,6 +31,7 @@ from typing import Any
 
 from unioncam.data.annotations import read_xml_objects
 from unioncam.data.shards import Sample, clean_key
+from unioncam.viz import IMAGE_EXTENSIONS
 
 
 @cache
@@ -96,7 +98,8 @@ def read_box_xml(path: Path) -> list[tuple[str, list[float]]]:
             for obj in read_xml_objects(path) if obj.box is not None]
 
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")  # what both layouts take (case-insensitive)
+# what both layouts take (case-insensitive): the image members shards accept (unioncam.viz.IMAGE_EXTENSIONS)
+IMAGE_SUFFIXES: tuple[str, ...] = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 
 
 def _is_image(path: Path) -> bool:
