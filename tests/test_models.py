@@ -128,6 +128,23 @@ def test_non_finite_weights_are_refused_in_one_line(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "nan.pth holds non-finite values" in err[0], err
 
 
+def test_explain_refuses_a_model_whose_output_is_not_finite(tmp_path, capsys):
+    from PIL import Image
+
+    from unioncam.cli import main as cli
+
+    state = {k: v * 1e20 if v.is_floating_point() else v for k, v in load("tiny_cnn").model.net.state_dict().items()}
+    path = tmp_path / "huge.pth"
+    torch.save(state, path)  # finite weights whose activations overflow float32
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(image)
+    rc = cli(["explain", str(image), "--model", "tiny_cnn", "--weights", str(path), "--method", "gradcam",
+              "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "huge.pth: the model's output for photo.png is not finite (NaN/inf logits)" in err[0]
+
+
 def test_tiny_weights_roundtrip(tmp_path):
     net = unioncam.models.TinyCNN()
     torch.nn.init.constant_(net.classifier.bias, 0.25)

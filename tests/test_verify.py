@@ -97,8 +97,14 @@ def test_a_changed_byte_is_refused_by_verify_resume_and_the_readers(tmp_path, ca
             assert verify(str(out), capsys=capsys)[0] == 0  # the stamp is the one recorded: not read
             rc, text = verify(str(out), "--deep", capsys=capsys)
             assert rc == 1 and f"{folder}/t-000000.parquet changed after it was written" in text
-            with pytest.raises(RunFileError, match="is damaged"):  # the page checksums still catch it on read
+            assert "must be deleted first" in text
+            with pytest.raises(RunFileError, match=r"is damaged .*: delete it and rerun the job"):  # page checksums
                 read()
+            assert manifest.check_done("t-000000", save_maps=True) is None  # the stamp is unchanged ...
+            moved = out / "moved.bin"
+            path.rename(moved)
+            assert f"{folder}/t-000000.parquet is missing" in str(manifest.check_done("t-000000", save_maps=True))
+            moved.rename(path)  # ... so, as the messages say, a deleted file is what makes a rerun redo it
         path.write_bytes(clean)
     assert verify(str(out), "--deep", capsys=capsys)[0] == 0  # restored: the same bytes, a new stamp
 
@@ -120,6 +126,15 @@ def test_verify_names_the_shards_not_done_and_a_lock_left_behind(tmp_path, capsy
     lock.unlink()
     (Path(out) / "metrics" / "t-000000.parquet").unlink()  # damage wins over unfinished: exit 1
     assert verify(out, capsys=capsys)[0] == 1
+
+
+def test_verify_counts_only_the_shards_a_limited_run_takes(tmp_path, capsys):
+    cfg, manifest, _ = finished_run(tmp_path, n_shards=3, done=1, limit=4)  # 2 images a shard: 2 shards taken
+    manifest.data["planned"] = ["t-000000", "t-000001"]  # as the runner records it
+    manifest.save()
+    rc, text = verify(str(cfg.out), capsys=capsys)
+    assert rc == 3 and "TODO t-000001  not started" in text and "t-000002" not in text.split("run ")[0]
+    assert "1 not done, 1 not evaluated (--limit 4)" in text
 
 
 def test_every_reader_checks_the_schema_version(tmp_path):
@@ -194,4 +209,10 @@ def test_a_rescore_of_an_unfinished_run_names_what_it_skips_and_grows_with_the_r
     assert cli(["verify", str(cfg.out)]) == 0
     second = run(rescore.resolved())  # the same rescore directory, extended (not refused)
     assert {n: e["status"] for n, e in second["shards"].items()} == {"t-000000": "done", "t-000001": "done"}
-    assert "skipping" not in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "skipping" not in text
+    # the run redid t-000000 since the first rescore: its rows are rescored from the new maps
+    assert "redoing t-000000: the rescored run redid this shard since it was rescored" in text
+    assert second["shards"]["t-000000"]["attempts"] == 2 and second["shards"]["t-000001"]["attempts"] == 1
+    third = run(rescore.resolved())
+    assert third["shards"]["t-000000"]["attempts"] == 2  # nothing changed: nothing redone

@@ -229,13 +229,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{'ok' if why is None else 'BAD'}  {name}{'' if why is None else '  ' + why}")
     recorded = manifest.get("shard_set")
     shard_set: dict[str, str] = recorded if isinstance(recorded, dict) else {}
+    planned = manifest.get("planned")  # the shards the run takes: its shard set less those beyond --limit
+    wanted = set(planned) if isinstance(planned, list) else set(shard_set)
     limit = manifest["config"].get("limit")
-    beyond = 0
-    for name in sorted(set(shard_set) - set(shards)):
-        if limit is not None:
-            beyond += 1  # with --limit, later shards may hold no image of the run
-        else:
-            not_done[name] = "not started"
+    beyond = len(set(shard_set) - wanted - set(shards))
+    for name in sorted(wanted - set(shards)):
+        not_done[name] = "not started"
     for name, why in list(not_done.items())[:20]:
         print(f"TODO {name}  {why}")
     if len(not_done) > 20:
@@ -257,6 +256,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"run {manifest['run_id']}: {total} shards in its shard set, {done} done, {damaged} problem(s)"
           + "".join(f", {n}" for n in notes if n) + (" (deep: every byte hashed)" if args.deep else ""))
     if damaged:
+        print("rerun the job to redo the shards marked BAD" + ("; a file only --deep finds (its size and modification "
+                                                               "time unchanged) must be deleted first" if args.deep
+                                                               else ""))
         return 1
     return VERIFY_INCOMPLETE if not_done or lock else 0
 

@@ -113,7 +113,8 @@ def check_schema_version(schema: pa.Schema, location: str) -> None:
     found = meta.get(b"unioncam.schema_version")
     shown = storage.redact(location)
     if found is None:
-        raise RunFileError(f"{shown} carries no unioncam schema version: not a file the unioncam job wrote")
+        raise RunFileError(f"{shown} carries no unioncam schema version (this release reads version {SCHEMA_VERSION}): "
+                           "not a file the unioncam job wrote; point the reader at a run directory's files")
     if found.decode() != SCHEMA_VERSION:
         from unioncam import __version__
 
@@ -125,8 +126,8 @@ def check_schema_version(schema: pa.Schema, location: str) -> None:
 
 def _damaged(location: str, exc: BaseException) -> RunFileError:
     text = " ".join(str(exc).split())[:200]
-    return RunFileError(f"{storage.redact(location)} is damaged ({type(exc).__name__}: {text}); `unioncam verify "
-                        "RUN_DIR` lists the damaged shards, and rerunning the job redoes them")
+    return RunFileError(f"{storage.redact(location)} is damaged ({type(exc).__name__}: {text}): delete it and rerun "
+                        "the job to redo its shard (`unioncam verify --deep RUN_DIR` lists every damaged file)")
 
 
 @contextlib.contextmanager

@@ -279,6 +279,8 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
                 now = listed[location] if listed is not None and location in listed else storage.stamp(location)
             except FileNotFoundError:
                 return f"{folder}/{name}.parquet is missing"
+            except storage.StorageError as exc:
+                return f"{folder}/{name}.parquet cannot be read now ({exc})"
             if now == record["stamp"]:
                 continue  # untouched since it was written
         why = _footer_problem(location, folder, name, run_id, schema, rows)
@@ -287,6 +289,8 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
                 changed = content_changed(location, record, deep=True)
             except FileNotFoundError:
                 changed = "vanished while it was checked"
+            except storage.StorageError as exc:  # unreadable now (after retries): not known to be intact
+                changed = f"cannot be read now ({exc})"
             why = None if changed is None else f"{folder}/{name}.parquet {changed}"
         if why is not None:
             return why
@@ -404,10 +408,9 @@ def run_files(run_dir: str, folder: str, manifest: dict[str, Any] | None = None)
         record = (shards[name].get("files") or {}).get(folder)
         if isinstance(record, dict) and location in listed and listed[location] != record.get("stamp"):
             changed = content_changed(location, record, deep=True)
-            if changed is not None:
-                raise RunFileError(f"{storage.redact(location)} {changed}: `unioncam verify "
-                                   f"{storage.redact(run_dir)}` lists the damaged shards, and rerunning the job "
-                                   "redoes them")
+            if changed is not None:  # its stamp moved: a rerun redoes the shard
+                raise RunFileError(f"{storage.redact(location)} {changed}: rerunning the job redoes its shard "
+                                   f"(`unioncam verify {storage.redact(run_dir)}` lists every such shard)")
         files.append(location)
     return files
 

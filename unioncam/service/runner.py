@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 from urllib.parse import urlparse
@@ -29,14 +29,11 @@ from unioncam.data.shards import MANIFEST, count_samples, expand_shards, shard_n
 from unioncam.models import LoadedModel, WeightsError, load
 from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, top_k
+from unioncam.service.pool import ShardFailedError, ShardPool, WorkerDiedError, WorkerStartError
 from unioncam.service.rundir import RunLock, RunManifest, check, load_manifest, source_changed
 from unioncam.service.worker import ShardWorker
 
 LOOPBACK = ("127.0.0.1", "localhost")
-
-
-class WorkerStartError(RuntimeError):
-    """A worker could not start (e.g. bad weights): every shard would fail the same way."""
 
 
 @ray.remote(num_cpus=0)
@@ -81,13 +78,14 @@ class ProgressLine:
     the count restarts with each batch. A line is printed when something changed (images, shards,
     failures or the workers' masked forwards, which move within a long image) and at least
     ``interval`` seconds after the last one, or unchanged every ``6 × interval`` seconds as a
-    heartbeat; a finished shard always prints. The rate is an exponential moving average of the rate
-    between lines (weight :data:`ALPHA` on the newest), so the ETA does not jump with each image;
-    the images still to do are counted less the share of the current batches already done, so the
-    ETA moves within a long image too.
+    heartbeat; a finished shard prints (at most one line a second). The rate is an exponential
+    moving average of the rate between lines (weight :data:`ALPHA` on the newest), so the ETA does
+    not jump with each image; the images still to do are counted less the share of the current
+    batches already done, so the ETA moves within a long image too.
     """
 
     ALPHA = 0.3
+    FORCED_GAP = 1.0  # seconds between lines forced by finished shards (thousands may finish a second)
 
     def __init__(self, total_images: int, total_shards: int, already: int, already_shards: int,
                  interval: float) -> None:
@@ -105,6 +103,7 @@ class ProgressLine:
         now = time.monotonic()
         state = (done_now, shards_done, failed, forwards, needed)
         quiet = now - self.last < self.interval
+        force = force and now - self.last >= self.FORCED_GAP  # finished shards: at most a line a second
         if not force and (quiet or (state == self.shown and now - self.last < 6 * self.interval)):
             return
         if done_now != self.sampled:  # a new rate sample: images since the last sample, over its time
@@ -295,9 +294,10 @@ def _rescored_shards(run_dir: str) -> list[str]:
     all errors has no maps: its rows are copied)."""
     manifest = load_manifest(run_dir)
     entries = manifest["shards"]
-    recorded = manifest.get("shard_set")
-    shard_set: dict[str, str] = recorded if isinstance(recorded, dict) else {}
-    skipped = {n: "not started" for n in shard_set if n not in entries}
+    planned = manifest.get("planned")  # the shards the run takes (its shard set less those beyond --limit)
+    if not isinstance(planned, list):
+        planned = list(manifest.get("shard_set") or {}) if isinstance(manifest.get("shard_set"), dict) else []
+    skipped = {n: "not started" for n in planned if n not in entries}
     skipped.update({n: str(e["status"]) for n, e in entries.items() if e["status"] != "done"})
     if skipped:
         names = sorted(skipped)
@@ -357,26 +357,16 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     shown = storage.redact(out)
     manifest = RunManifest(out, {**cfg.identity(), "weights_sha256": sha})
     manifest.check_shard_set({shard_name(p): storage.redact(p) for p in paths}, grow=bool(cfg.rescore))
-    todo, done = [], []
-    checked = check(out, manifest.data, [shard_name(p) for p in paths if limits[p] != 0], cfg.save_maps)
-    for p in paths:
-        if limits[p] == 0:
-            continue
-        why = checked[shard_name(p)]
-        if why is None:
-            done.append(p)
-            continue
-        todo.append(p)
-        if manifest.data["shards"].get(shard_name(p), {}).get("status") == "done":
-            log(f"redoing {shard_name(p)}: {why}")
+    todo, done = resume_plan(manifest, out, paths, limits, cfg.save_maps, _rescored_files(cfg))
     lock.heartbeat()
-    changed = _changed_sources(manifest, done, lock)
+    changed = changed_sources(manifest, done, lock)
     if changed:
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         raise ConfigError(f"{changed[0]}{more}: its rows describe other data. Use a new --out, or delete "
                           f"{shown}/metrics/<shard>.parquet of each changed shard to recompute it here")
     wanted = {p: (limits[p] if limits[p] is not None else counts[p]) or 0 for p in paths}
     paths = [p for p in paths if limits[p] != 0]  # beyond --limit: not part of this command
+    manifest.data["planned"] = sorted(shard_name(p) for p in paths)  # what a finished run has done (verify)
     total = sum(wanted[p] for p in paths)
     already = sum(wanted[p] for p in done)
     unknown = sum(counts[p] is None for p in paths)
@@ -414,7 +404,44 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     return manifest.data
 
 
-def _changed_sources(manifest: RunManifest, done: list[str], lock: RunLock) -> list[str]:
+def resume_plan(manifest: RunManifest, out: str, paths: list[str], limits: dict[str, int | None], save_maps: bool,
+                rescored: dict[str, dict[str, str]] | None = None) -> tuple[list[str], list[str]]:
+    """``(todo, done)``: the shards of ``paths`` (those with images to take: ``limits`` not 0) to
+    (re)do and those finished (:func:`unioncam.service.rundir.check`, each redo logged with its
+    reason). For a rescore, ``rescored`` holds the rescored run's file hashes per shard: a rescored
+    shard whose run redid it since is redone too."""
+    names = [shard_name(p) for p in paths if limits[p] != 0]
+    checked = check(out, manifest.data, names, save_maps)
+    todo, done = [], []
+    for p in paths:
+        name = shard_name(p)
+        if limits[p] == 0:
+            continue
+        why = checked[name]
+        entry = manifest.data["shards"].get(name, {})
+        if why is None and rescored is not None and entry.get("rescored_files") != rescored.get(name):
+            why = "the rescored run redid this shard since it was rescored"
+        if why is None:
+            done.append(p)
+            continue
+        todo.append(p)
+        if entry.get("status") == "done":
+            log(f"redoing {name}: {why}")
+    return todo, done
+
+
+def _rescored_files(cfg: EvalConfig) -> dict[str, dict[str, str]] | None:
+    """For a rescore: the sha256 of each done shard's metrics and maps files in the rescored run (what
+    this rescore's rows were computed from), by shard; None otherwise."""
+    if not cfg.rescore:
+        return None
+    shards = load_manifest(cfg.rescore)["shards"]
+    return {name: {folder: str(rec.get("sha256")) for folder, rec in (entry.get("files") or {}).items()
+                   if folder in ("metrics", "maps") and isinstance(rec, dict)}
+            for name, entry in shards.items() if entry.get("status") == "done"}
+
+
+def changed_sources(manifest: RunManifest, done: list[str], lock: RunLock) -> list[str]:
     """What changed in the sources of the shards ``done``: each source folder is listed once and a
     source whose stamp is the one recorded is not read; the others are hashed on a few threads
     (local shards are read once more, object-store shards cost one HEAD each). A source that cannot
@@ -448,6 +475,81 @@ def _changed_sources(manifest: RunManifest, done: list[str], lock: RunLock) -> l
     return found
 
 
+class _RayBackend:
+    """The pool's workers as Ray actors (:class:`unioncam.service.worker.ShardWorker`), Ray's errors
+    turned into the pool's (:class:`WorkerStartError`, :class:`WorkerDiedError`, :class:`ShardFailedError`)
+    with their root cause on one line."""
+
+    def __init__(self, actor_cls: Any, args: tuple[Any, ...], limits: dict[str, int | None],
+                 counts: dict[str, int | None]) -> None:
+        self.actor_cls, self.args, self.limits, self.counts = actor_cls, args, limits, counts
+
+    def start(self) -> Any:
+        return self.actor_cls.remote(*self.args)
+
+    def info(self, worker: Any) -> Any:
+        return worker.info.remote()
+
+    def run(self, worker: Any, shard: str) -> Any:
+        return worker.run.remote(shard, self.limits[shard], self.counts.get(shard))
+
+    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
+        ready, _ = ray.wait(refs, num_returns=1 if timeout > 0 else len(refs), timeout=timeout)
+        return list(ready)
+
+    def get(self, ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            if exc.actor_init_failed:
+                raise WorkerStartError(f"a worker could not start: {_reason(exc)}") from None
+            raise WorkerDiedError(_reason(exc)) from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, WorkerStartError):  # a restarted worker that could not start again
+                raise WorkerStartError(str(cause)) from None
+            raise ShardFailedError(_reason(exc)) from None
+
+    def kill(self, worker: Any) -> None:
+        ray.kill(worker, no_restart=True)
+
+
+def drive(pool: ShardPool, manifest: RunManifest, lock: RunLock, line: ProgressLine,
+          progress: Callable[[], tuple[int, int, int, float]], forget: Callable[[str], None], interval: float,
+          extra: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
+    """The driver's loop: record each shard the pool finishes (its own small record,
+    :meth:`RunManifest.record`), show progress, keep the lock; returns the counts done/failed.
+    ``progress()`` gives (images done, masked forwards done, needed, partial images); ``forget(name)``
+    drops a failed shard's images from it; ``extra[name]`` is added to a done shard's record."""
+    tally = {"done": 0, "failed": 0}
+    graph_count: dict[int, int] = {}
+    while pool.busy():
+        finished = pool.collect(min(interval, 5.0))
+        for outcome in finished:
+            name = shard_name(outcome.shard)
+            path = storage.redact(outcome.shard)
+            if outcome.result is None:
+                manifest.record(name, status="failed", path=path, error=outcome.error)
+                forget(name)
+                tally["failed"] += 1
+                continue
+            result = dict(outcome.result)
+            graphs = result.pop("compiled_graphs", 0)
+            if graphs > graph_count.setdefault(outcome.slot, graphs):
+                log(f"warning: worker {outcome.slot} recompiled during {name} ({graphs} graphs)")
+            manifest.record(name, status="done", path=path, **result, **(extra or {}).get(name, {}))
+            tally["done"] += 1
+        images, forwards, needed, partial = progress()
+        line.show(images, tally["done"], tally["failed"], force=bool(finished), forwards=forwards, needed=needed,
+                  partial=partial)
+        lock.heartbeat()
+    for shard in pool.pending:  # every worker is gone: these shards stay for a rerun
+        manifest.record(shard_name(shard), status="failed", path=storage.redact(shard),
+                        error="no worker was left to run it")
+        tally["failed"] += 1
+    return tally
+
+
 def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: dict[str, int | None],
               counts: dict[str, int | None], lock: RunLock, line: ProgressLine) -> None:
     workers, gpus, cpus = plan_resources(cfg, len(todo), ceiling=cluster_ceiling())
@@ -467,106 +569,25 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
     progress_name = f"unioncam-progress-{manifest.run_id}-{os.getpid()}"
     progress = _Progress.options(name=progress_name).remote()  # type: ignore[attr-defined]
     manifest.data["workers"] = []  # the workers of this command, as each starts (info(): pid, host, GPUs)
-    actors: list[Any] = [None] * workers  # None: a slot given up (its worker never started)
-    starting: dict[ray.ObjectRef, tuple[int, float]] = {}  # a new worker's first call -> (slot, since)
-    pending = deque(todo)
-    inflight: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
-    started = 0
 
-    def start(i: int) -> None:
-        """A (new) worker in slot ``i``; it gets shards once it answers (so none waits on a worker that
-        never starts)."""
-        actors[i] = actor_cls.remote(cfg, manifest.run_id, progress_name)
-        starting[actors[i].info.remote()] = (i, time.monotonic())
+    def no_worker() -> str:
+        return (f"no worker started within {cfg.start_timeout:g} s: each asks for {gpus:g} GPU and {cpus:g} CPU, "
+                f"and the cluster has {_free()} free; raise --start-timeout (an autoscaler adding nodes) or ask "
+                "for less per worker")
 
-    def submit(i: int) -> None:
-        if pending and actors[i] is not None:
-            path = pending.popleft()
-            inflight[actors[i].run.remote(path, limits[path], counts.get(path))] = (i, path, actors[i])
-
-    def give_up_slow_starters() -> None:
-        for ref, (i, since) in list(starting.items()):
-            if time.monotonic() - since < cfg.start_timeout:
-                continue
-            del starting[ref]
-            ray.kill(actors[i], no_restart=True)
-            actors[i] = None
-            if started == 0 and not starting:
-                raise WorkerStartError(
-                    f"no worker started within {cfg.start_timeout:g} s: each asks for {gpus:g} GPU and {cpus:g} "
-                    f"CPU, and the cluster has {_free()} free; raise --start-timeout (an autoscaler adding nodes) "
-                    "or ask for less per worker")
-            log(f"worker {i} did not start within {cfg.start_timeout:g} s (waiting for resources?): going on "
-                f"with {sum(a is not None for a in actors)} worker(s)")
-
-    for i in range(workers):
-        start(i)
-    tally = {"done": 0, "failed": 0}
-    graph_count: dict[int, int] = {}
+    backend = _RayBackend(actor_cls, (cfg, manifest.run_id, progress_name), limits, counts)
+    pool = ShardPool(backend, workers, todo, cfg.start_timeout, on_start=manifest.data["workers"].append,
+                     no_worker=no_worker, log=log)
+    rescored = _rescored_files(cfg)
+    extra = {n: {"rescored_files": files} for n, files in rescored.items()} if rescored is not None else None
     try:
-        while inflight or (pending and starting):
-            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=min(cfg.progress_interval, 5.0))
-            for ref in ready:
-                if ref in starting:
-                    i, _ = starting.pop(ref)
-                    try:
-                        info = ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:
-                        if exc.actor_init_failed:
-                            raise WorkerStartError(f"a worker could not start: {_reason(exc)}") from None
-                        log(f"worker {i} died while starting ({_reason(exc)}); going on without it")
-                        actors[i] = None
-                        continue
-                    if info.get("error"):  # the worker caught its own start failure: its root cause, once
-                        raise WorkerStartError(f"a worker could not start: {info['error']}")
-                    started += 1
-                    manifest.data["workers"].append(info)  # saved with the next shard's record
-                    for _ in range(2):  # two shards per worker: one computes while the other's files are written
-                        submit(i)
-                    continue
-                i, path, actor = inflight.pop(ref)
-                name = shard_name(path)
-                try:
-                    result = ray.get(ref)
-                    graphs = result.pop("compiled_graphs", 0)
-                    if graphs > graph_count.setdefault(i, graphs):
-                        log(f"warning: worker {i} recompiled during {name} ({graphs} graphs)")
-                    manifest.record(name, status="done", path=storage.redact(path), **result)
-                    tally["done"] += 1
-                except ray.exceptions.RayActorError as exc:
-                    if exc.actor_init_failed:
-                        raise WorkerStartError(f"a worker could not start: {_reason(exc)}") from None
-                    manifest.record(name, status="failed", path=storage.redact(path),
-                                    error=f"worker died: {_reason(exc)}")
-                    progress.update.remote(name, 0)  # its images are not done
-                    tally["failed"] += 1
-                    if actors[i] is actor:  # its other in-flight shard fails too: replace the actor once
-                        ray.kill(actor, no_restart=True)
-                        start(i)
-                    continue
-                except ray.exceptions.RayTaskError as exc:
-                    manifest.record(name, status="failed", path=storage.redact(path), error=_reason(exc))
-                    progress.update.remote(name, 0)
-                    tally["failed"] += 1
-                if actors[i] is actor:
-                    submit(i)
-            give_up_slow_starters()
-            images, forwards, needed, partial = ray.get(progress.total.remote())
-            line.show(images, tally["done"], tally["failed"], force=bool(ready), forwards=forwards, needed=needed,
-                      partial=partial)
-            lock.heartbeat()
-        for path in pending:  # every worker is gone: these shards stay for a rerun
-            manifest.record(shard_name(path), status="failed", path=storage.redact(path),
-                            error="no worker was left to run it")
-            tally["failed"] += 1
+        drive(pool, manifest, lock, line, lambda: ray.get(progress.total.remote()),
+              lambda name: progress.update.remote(name, 0), cfg.progress_interval, extra)
     finally:
-        for actor in actors:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        ray.kill(progress)
-        for _, path, _ in inflight.values():  # shards cut short (Ctrl-C, an error): no worker holds them now
+        for shard in pool.shutdown():  # shards cut short (Ctrl-C, an error): no worker holds them now
             with contextlib.suppress(OSError):
-                storage.delete(storage.join(cfg.out or ".", "running", f"{shard_name(path)}.json"))
+                storage.delete(storage.join(cfg.out or ".", "running", f"{shard_name(shard)}.json"))
+        ray.kill(progress)
 
 
 def _free() -> str:

@@ -48,6 +48,7 @@ from unioncam.protocols import curve_counts, get_protocol
 from unioncam.road import PERCENTILES, road
 from unioncam.sanity import cascade_steps, sanity_check
 from unioncam.service.config import EvalConfig, top_k
+from unioncam.service.pool import WorkerStartError
 from unioncam.service.results import (
     MAP_DTYPE,
     METRICS_SCHEMA,
@@ -646,8 +647,8 @@ class ShardWorker:
     def run(self, shard: str, limit: int | None, expected: int | None = None) -> dict[str, Any]:
         """Evaluate one shard; a marker in ``out/running/`` says who works on it until it ends
         (removed however it ends; one left behind means the worker process was killed)."""
-        if self.start_error is not None:  # a restarted worker that could not start again
-            raise RuntimeError(f"the worker could not start: {self.start_error}")
+        if self.start_error is not None:  # a restarted worker that could not start again: the driver stops
+            raise WorkerStartError(f"a worker could not start: {self.start_error}")
         name = shard_name(shard)
         marker = storage.join(self.out, "running", f"{name}.json")
         info = self.info()
