@@ -110,3 +110,13 @@ def test_the_eta_moves_within_a_long_batch_of_images(clock, capsys):
     line.show(1, 0, 0, forwards=500, needed=1000, partial=0.5)  # half of the next image's forwards done
     last = lines(capsys)[-1]
     assert "500/1000 masked forwards" in last and "ETA 1m25s" in last
+
+
+def test_finished_shards_print_at_most_a_line_a_second_and_the_end_always(clock, capsys):
+    line = runner.ProgressLine(total_images=1000, total_shards=1000, already=0, already_shards=0, interval=10)
+    for i in range(1, 301):  # 300 shards finish within 3 s (64 workers on one-image shards)
+        clock.now += 0.01
+        line.show(i, i, 0, force=True)
+    assert len(lines(capsys)) == 2  # at 1.01 s and 2.02 s after the line started
+    line.show(300, 300, 0, final=True)  # the last state prints even 10 ms after a line
+    assert "300/1000 images (30%) | 300/1000 shards" in lines(capsys)[-1]

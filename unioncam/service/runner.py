@@ -97,13 +97,13 @@ class ProgressLine:
         self.sampled = 0
 
     def show(self, done_now: int, shards_done: int, failed: int, force: bool = False, forwards: int = 0,
-             needed: int = 0, partial: float = 0.0) -> None:
+             needed: int = 0, partial: float = 0.0, final: bool = False) -> None:
         """``partial``: images of the batches being explained now, weighted by their share of masked
-        forwards done, so the ETA moves between images."""
+        forwards done, so the ETA moves between images; ``final``: the last line, always printed."""
         now = time.monotonic()
         state = (done_now, shards_done, failed, forwards, needed)
         quiet = now - self.last < self.interval
-        force = force and now - self.last >= self.FORCED_GAP  # finished shards: at most a line a second
+        force = final or (force and now - self.last >= self.FORCED_GAP)  # finished shards: a line a second
         if not force and (quiet or (state == self.shown and now - self.last < 6 * self.interval)):
             return
         if done_now != self.sampled:  # a new rate sample: images since the last sample, over its time
@@ -547,6 +547,8 @@ def drive(pool: ShardPool, manifest: RunManifest, lock: RunLock, line: ProgressL
         manifest.record(shard_name(shard), status="failed", path=storage.redact(shard),
                         error="no worker was left to run it")
         tally["failed"] += 1
+    images, _, _, _ = progress()
+    line.show(images, tally["done"], tally["failed"], final=True)  # the finished state, whatever the last line was
     return tally
 
 
