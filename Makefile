@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Benchmarks (not part of the test run): each prints its table; README "Performance" has the latest.
+# Benchmarks (not part of the test run): each prints its table; docs/performance.md has the latest.
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	cd benchmarks && TQDM_DISABLE=1 ../$(BIN)/python bench_unioncam.py

@@ -113,7 +113,7 @@ def machine(device: torch.device | str = "cpu") -> str:
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
-    """A Markdown table (what the README's Performance section pastes)."""
+    """A Markdown table (what docs/performance.md pastes)."""
     cells = [[str(c) for c in r] for r in rows]
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
                       *["| " + " | ".join(r) + " |" for r in cells]])

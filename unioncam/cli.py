@@ -76,7 +76,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     gpu = device.type == "cuda"
-    compile_ = args.compile if args.compile is not None else gpu  # GPU default: compiled (README, Performance)
+    compile_ = args.compile if args.compile is not None else gpu  # GPU default: compiled (docs/performance.md)
     try:
         loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=compile_,
                       allow_download=args.allow_download)
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(model_names())}")
     p.add_argument("--allow-download", action="store_true",
                    help="let torchvision/timm download missing weights into their own caches (default: never)")
-    p.add_argument("--weights", default=None, help="state-dict file (weights_only); default: see README")
+    p.add_argument("--weights", default=None, help="state-dict file (weights_only); default: see docs/models.md")
     p.add_argument("--method", default="unioncam", help=f"'all' or comma-separated: {', '.join(METHODS.names())}")
     p.add_argument("--out", required=True, help="output folder for the overlay PNGs")
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: predicted)")

@@ -81,7 +81,7 @@ class Protocol:
         confidence_space: where ``L ⊙ I0`` (Average Drop / Increase) is taken, when not ``space``.
         curves: the insertion/deletion recipe, or None where the library has none.
         score: what ``Y`` and ``O`` are: softmax ``"probability"`` of the target class (all four).
-        differs: one line, how it differs from ``reference`` (the report and README print it).
+        differs: one line, how it differs from ``reference`` (the report and docs/metrics.md print it).
         sources: where each value comes from.
     """
 

@@ -114,7 +114,7 @@ def default_batch_size(device: torch.device) -> int:
 
 
 MAX_BATCH = 256  # masked inputs per forward: beyond this, the H100 runs gained nothing
-DEFAULT_GPU_MEMORY_GIB = 4.0  # the job's --max-gpu-memory default (README: the trade-off against 2.5 GiB)
+DEFAULT_GPU_MEMORY_GIB = 4.0  # the job's --max-gpu-memory default (docs/performance.md: the trade-off against 2.5 GiB)
 GPU_RESERVE = 768 << 20  # bytes kept for cuDNN workspaces, autocast weight copies and the allocator's slack
 
 

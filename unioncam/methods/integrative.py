@@ -12,7 +12,7 @@ through a batch norm):
 and the output ``norm(Σ_l λ_l · norm(up(M_l)))``. With ``layers=[target_layer]``, ``bias=False``
 and ``phi="exp"`` this is Grad-CAM++ exactly (φ'' = φ''' = e^S cancel in α).
 
-Decisions of ours (README, "Reference notes"): ``w_k`` uses ``ReLU(g)`` rather than
+Decisions of ours (docs/reference-notes.md): ``w_k`` uses ``ReLU(g)`` rather than
 ``ReLU(φ'(S)·g)``: ``φ' > 0`` for both φ, so this only rescales ``M_l`` by a positive constant
 per image (and the bias term with it), which the per-layer normalization removes.
 """

@@ -56,7 +56,7 @@ def check(name: str) -> str:
 
 
 def default_layer(name: str, net: nn.Module, size: tuple[int, int]) -> tuple[str, Reshape | None]:
-    """The usual CAM layer of a torchvision family (README, "Models"), else the last spatial
+    """The usual CAM layer of a torchvision family (docs/models.md), else the last spatial
     activation found by a dry run (:func:`unioncam.models.base.last_spatial_layer`)."""
     family = name.split("_")[0].rstrip("0123456789")
     features = getattr(net, "features", None)

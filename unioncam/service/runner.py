@@ -565,7 +565,7 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
     log(f"{workers} worker(s), each {gpus:g} GPU and {cpus:g} CPU; methods' masked forwards in {precision}")
     if gpus > 0 and precision == "fp32":
         log("fp32 on GPUs is IEEE fp32 (TF32 off); the default (auto = fp16) is faster (its effect on Average "
-            "Drop: README, Performance)")
+            "Drop: docs/performance.md)")
     actor_cls = ray.remote(ShardWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=cfg.max_restarts,
                                                  max_task_retries=cfg.max_task_retries, max_concurrency=2)
     progress_name = f"unioncam-progress-{manifest.run_id}-{os.getpid()}"

@@ -9,7 +9,7 @@ Increase are recomputed from them), insertion/deletion AUC, the energy pointing 
 sample has boxes, UnionCAM's β's and AMS branch, and seconds. A sample that cannot be decoded, or a
 method that fails on an image, gives rows with ``error`` set; the rest of the shard goes on.
 
-Decisions (see README, "Reference notes"):
+Decisions (see docs/reference-notes.md):
 - When both ``unioncam`` and ``scorecam`` are requested, Score-CAM's map is taken from UnionCAM's
   ``L_Region`` (REFERENCE.md: ``L_Region`` *is* Score-CAM's map), so its channel forwards run once;
   the scorecam row's ``seconds`` then counts only its own extra work.
