@@ -251,11 +251,11 @@ def test_xgradcam_equal_to_gradcam_is_noted(boxed, boxless):
     assert "xgradcam = gradcam in this run: their rows (O and, where recorded, insertion/deletion AUC and EPG) " \
            "agree on all 11 images." in md
     df = load_rows(boxed)
-    assert identical_methods(df) == 11
+    assert identical_methods(df, "gradcam", "xgradcam") == 11
     changed = df.copy()
     pick = changed.index[(changed["method"] == "xgradcam") & changed["error"].isna()][3]
     changed.loc[pick, "o"] *= 1.001
-    assert identical_methods(changed) == 0
+    assert identical_methods(changed, "gradcam", "xgradcam") == 0
     assert identical_methods(df, "gradcam", "scorecam") == 0
     assert "xgradcam = gradcam" not in Path(write_report(boxless, overlays=0)["markdown"]).read_text()
 
@@ -278,7 +278,8 @@ def test_one_number_format_per_column_and_the_seconds_note(boxed):
     assert table.set_index("Method").loc["scorecam", "s/image"].endswith(" †")
     after = md[md.index("| unioncam |"):md.index("![ad_ai.png]")]  # the notes right under the table
     assert "- s/image: the mean wall-clock seconds per image to compute the method's map" in after
-    assert "- † scorecam's maps are UnionCAM's L_Region" in after and "- Formats: percentages" in after
+    assert "- † scorecam's maps are unioncam's region_map (REFERENCE.md: UnionCAM's L_Region" in after
+    assert "- Formats: percentages" in after
 
 
 # -- 6. a self-contained report.html -------------------------------------------------------------------

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -193,7 +194,7 @@ def test_scorecam_taken_from_unioncam_equals_scorecam_alone(tmp_path, shard_dir)
     both = config(tmp_path, out=str(tmp_path / "both"), methods=["scorecam", "unioncam"], metrics=["ad"])
     alone = config(tmp_path, out=str(tmp_path / "alone"), methods=["scorecam"], metrics=["ad"])
     ev_both = ShardEvaluator(both)
-    assert ev_both.share_region and "scorecam" not in ev_both.cams
+    assert ev_both.provided == {"scorecam": ("unioncam", "region_map")} and "scorecam" not in ev_both.cams
     ev_both.evaluate(str(shard_dir[0]), both.out)
     ShardEvaluator(alone).evaluate(str(shard_dir[0]), alone.out)
     k1, _, m1 = read_saliency(both.out, method="scorecam")
@@ -203,6 +204,48 @@ def test_scorecam_taken_from_unioncam_equals_scorecam_alone(tmp_path, shard_dir)
     o1 = read_metrics(both.out).to_pandas().query("method == 'scorecam'")["o"].to_numpy()
     o2 = read_metrics(alone.out).to_pandas()["o"].to_numpy()
     np.testing.assert_allclose(o1, o2, rtol=1e-6)
+
+
+def test_the_service_takes_what_a_registered_method_declares(tmp_path, shard_dir, monkeypatch):
+    """A new method is one class and one registration: the service learns from its declarations which
+    of its details become row columns and whose maps it computes along the way (that method is then
+    not run), and counts its masked forwards, without naming it."""
+    from unioncam.methods import CAM, METHODS, GradCAM
+    from unioncam.ops import normalize, upsample
+
+    class Toy(CAM):
+        """1 − Grad-CAM's map; Grad-CAM's own map on the way (``plain``), and its AMS-like branch."""
+
+        name = "toycam"
+        row_details = ("selected",)
+        provides: ClassVar[dict[str, str]] = {"gradcam": "plain"}
+
+        def compute(self, images, targets, acts, grads, logits):
+            raw = (grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1).clamp_min(0)
+            plain = normalize(upsample(raw, (images.shape[-2], images.shape[-1])))  # at input size, as maps
+            return 1 - plain, {"plain": plain, "selected": ["toy"] * images.shape[0]}
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("gradcam must be taken from toycam, not run")
+
+    monkeypatch.setitem(METHODS._items, "toycam", ("toycam", Toy))
+    cfg = config(tmp_path, out=str(tmp_path / "toy"), methods=["toycam", "gradcam"], metrics=["ad"])
+    alone = config(tmp_path, out=str(tmp_path / "alone"), methods=["gradcam"], metrics=["ad"])
+    ShardEvaluator(alone).evaluate(str(shard_dir[0]), alone.out)
+    monkeypatch.setattr(GradCAM, "compute", refuse)
+    ev = ShardEvaluator(cfg)
+    assert ev.provided == {"gradcam": ("toycam", "plain")} and list(ev.cams) == ["toycam"]
+    ev.evaluate(str(shard_dir[0]), cfg.out)
+    rows = read_metrics(cfg.out).to_pandas()
+    good = rows[rows["error"].isna()]
+    assert set(good["method"]) == {"toycam", "gradcam"} and len(good) == 10
+    assert (good.loc[good["method"] == "toycam", "selected"] == "toy").all()  # its row detail, a column
+    assert good.loc[good["method"] == "gradcam", "selected"].isna().all()
+    _, _, mine = read_saliency(cfg.out, method="gradcam")
+    _, _, plain = read_saliency(alone.out, method="gradcam")
+    np.testing.assert_allclose(mine, plain, atol=1e-3)  # float16 maps of the same Grad-CAM
+    _, _, toy = read_saliency(cfg.out, method="toycam")
+    np.testing.assert_allclose(toy, 1 - mine, atol=2e-3)
 
 
 def test_a_method_failing_on_one_image_costs_only_that_image(tmp_path, shard_dir):

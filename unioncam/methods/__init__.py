@@ -27,6 +27,17 @@ def get_method(name: str) -> type[CAM]:
     return METHODS.get(name)
 
 
+def provided_maps(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Of ``methods``, those whose maps another of them computes along the way (its ``provides``):
+    ``{method: (provider, detail key)}``."""
+    found: dict[str, tuple[str, str]] = {}
+    for provider in methods:
+        for other, key in get_method(provider).provides.items():
+            if other in methods and other != provider and other not in found and provider not in found:
+                found[other] = (provider, key)
+    return found
+
+
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
     """``"all"`` or a comma-separated list (or a list) of method names, validated and in canonical
     spelling (:func:`unioncam.registry.parse_names`, the parser the metric names use too).
@@ -60,4 +71,4 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
 
 
 __all__ = ["CAM", "METHODS", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "Explanation", "explain",
-           "find_layer", "get_method", "nhwc_to_nchw", "parse_methods", "vit_reshape"]
+           "find_layer", "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps", "vit_reshape"]

@@ -251,6 +251,21 @@ class CAM(abc.ABC):
     name: ClassVar[str]
     uses_gradients: ClassVar[bool] = True
     class_targets: ClassVar[bool] = True  # compute() uses the target class (False: only the gradient of the score)
+    # What a method declares for the evaluation service (which names no method itself):
+    #: per-image details that become columns of the service's rows (UnionCAM's β's and AMS branch)
+    row_details: ClassVar[tuple[str, ...]] = ()
+    #: maps of other methods computed along the way: ``{method: detail holding its B×H×W maps}``; a
+    #: service asked for both takes them from here instead of running the other method
+    provides: ClassVar[dict[str, str]] = {}
+    #: masked forwards per image: one per target-layer channel whose map is not constant (score
+    #: methods) when ``channel_forwards``, plus ``extra_forwards`` (progress counts)
+    channel_forwards: ClassVar[bool] = False
+    extra_forwards: ClassVar[int] = 0
+    #: sections of the service's report about this method's details (``unioncam.service.report``)
+    report_sections: ClassVar[tuple[str, ...]] = ()
+    #: ``(method, why)``: a method whose maps this one equals in some settings, and why (the report
+    #: says so when their rows agree)
+    same_as: ClassVar[tuple[str, str] | None] = None
     _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # the hooks of the call in progress
     _closed = False
 

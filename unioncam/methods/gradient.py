@@ -75,6 +75,9 @@ class XGradCAM(_ChannelWeightCAM):
 
     name = "xgradcam"
     weights = staticmethod(xgradcam_weights)
+    same_as = ("gradcam", "at a target layer followed directly by global average pooling and a linear classifier, "
+                          "the gradient is constant over each channel, so XGrad-CAM's weights Σ(∂y/∂A·A)/ΣA equal "
+                          "Grad-CAM's mean gradient and the maps are the same")
 
 
 class LayerCAM(CAM):

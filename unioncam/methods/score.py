@@ -57,6 +57,7 @@ class ScoreCAM(CAM):
 
     name = "scorecam"
     uses_gradients = False
+    channel_forwards = True
 
     def __init__(self, *args: object, skip_constant: bool = True, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ Each module is a function so the paper's ablations can be run: :class:`UnionCAM`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +93,11 @@ class UnionCAM(CAM):
     """
 
     name = "unioncam"
+    row_details = ("beta_den", "beta_reg", "beta_dereg", "selected")
+    provides: ClassVar[dict[str, str]] = {"scorecam": "region_map"}  # L_Region is Score-CAM's map (REFERENCE.md)
+    channel_forwards = True
+    extra_forwards = 2  # L_Den and L_Reg's β forwards (L_Dereg's third only when AMS needs it)
+    report_sections = ("ams",)
 
     def __init__(self, *args: object, theta: float = 10.0, stage: Stage = "ams",
                  skip_constant: bool = True, **kwargs: object) -> None:

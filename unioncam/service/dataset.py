@@ -2,7 +2,7 @@
 
 For saliency-guided training and other downstream studies::
 
-    ds = SaliencyDataset("runs/vgg16", method="unioncam")
+    ds = SaliencyDataset("runs/vgg16", method=METHOD)  # one method's maps (None: every method's)
     loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=4)
     for batch in loader:  # batch["map"]: B×H×W float32 in [0, 1]; "key", "label", "target", "y", ...
         ...

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from unioncam import storage
+from unioncam.methods import CAM, get_method, provided_maps
 from unioncam.metrics import summarize
 from unioncam.protocols import PROTOCOL_NAMES, Protocol, get_protocol
 from unioncam.service.results import provenance_of, read_metrics, read_parquet, read_saliency
@@ -280,15 +281,30 @@ AMS_COLUMNS = ["by", "class", "n", "dereg", "region", "dereg_pct", "region_pct"]
 BETA_COLUMNS = ["beta", "n", "mean", "min", "q05", "q25", "median", "q75", "q95", "max"]
 
 
-def _ams_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """UnionCAM's error-free rows with an AMS decision (``selected`` is ``dereg`` or ``region``)."""
-    return df[(df["method"] == "unioncam") & df["error"].isna() & df["selected"].isin(["dereg", "region"])]
+def declared(method: str) -> type[CAM] | None:
+    """The CAM class of a run's method (what it declares: its report sections, the maps it provides,
+    the method it may equal), or None for a name this release does not know."""
+    try:
+        return get_method(method)
+    except ValueError:
+        return None
 
 
-def ams_table(df: pd.DataFrame, predicted: bool = True) -> pd.DataFrame:
-    """UnionCAM's AMS branch counts: ``by`` = ``run`` (class ``all``), ``label`` (per dataset label)
-    and, when ``predicted``, ``predicted`` (per explained class): n, dereg, region and their shares (%)."""
-    u = _ams_rows(df)
+def section_methods(methods: Sequence[str], section: str) -> list[str]:
+    """The methods of ``methods`` that declare report section ``section`` (``CAM.report_sections``)."""
+    return [m for m in methods if (cls := declared(m)) is not None and section in cls.report_sections]
+
+
+def _ams_rows(df: pd.DataFrame, method: str) -> pd.DataFrame:
+    """``method``'s error-free rows with an AMS decision (``selected`` is ``dereg`` or ``region``)."""
+    return df[(df["method"] == method) & df["error"].isna() & df["selected"].isin(["dereg", "region"])]
+
+
+def ams_table(df: pd.DataFrame, method: str, predicted: bool = True) -> pd.DataFrame:
+    """The AMS branch counts of ``method`` (UnionCAM's, the ``ams`` section): ``by`` = ``run`` (class
+    ``all``), ``label`` (per dataset label) and, when ``predicted``, ``predicted`` (per explained
+    class): n, dereg, region and their shares (%)."""
+    u = _ams_rows(df, method)
     groups: list[tuple[str, str, pd.DataFrame]] = [("run", "all", u)] if len(u) else []
     for by, col in (("label", "label_name"), ("predicted", "target_name"))[:2 if predicted else 1]:
         groups += [(by, str(c), part) for c, part in sorted(u[u[col].notna()].groupby(col), key=lambda g: str(g[0]))]
@@ -300,10 +316,10 @@ def ams_table(df: pd.DataFrame, predicted: bool = True) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=AMS_COLUMNS)
 
 
-def beta_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The distribution of UnionCAM's β's (``beta_den``, ``beta_reg``, ``beta_dereg``) and of the AMS
+def beta_table(df: pd.DataFrame, method: str) -> pd.DataFrame:
+    """The distribution of ``method``'s β's (``beta_den``, ``beta_reg``, ``beta_dereg``) and of the AMS
     margin ``beta_dereg − beta_reg`` (AMS picks L_Dereg when it is > 0): n, mean, min, quantiles, max."""
-    u = df[(df["method"] == "unioncam") & df["error"].isna()]
+    u = df[(df["method"] == method) & df["error"].isna()]
     series = {c: u[c].astype(float) for c in ("beta_den", "beta_reg", "beta_dereg")}
     series["beta_dereg_minus_reg"] = series["beta_dereg"] - series["beta_reg"]
     rows = []
@@ -316,7 +332,7 @@ def beta_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=BETA_COLUMNS)
 
 
-def identical_methods(df: pd.DataFrame, a: str = "gradcam", b: str = "xgradcam", rtol: float = 1e-5,
+def identical_methods(df: pd.DataFrame, a: str, b: str, rtol: float = 1e-5,
                       atol: float = 1e-6) -> int:
     """How many images ``a`` and ``b`` were compared on when their rows agree on every one (``O``,
     insertion/deletion AUC and EPG where recorded, within ``rtol``/``atol``); 0 when they differ on
@@ -479,9 +495,9 @@ def _sanity_plot(table: pd.DataFrame) -> bytes:
     return data
 
 
-def _ams_plot(df: pd.DataFrame) -> bytes | None:
-    """β histograms, and β_reg vs β_dereg per image with the AMS boundary β_dereg = β_reg."""
-    u = df[(df["method"] == "unioncam") & df["error"].isna()]
+def _ams_plot(df: pd.DataFrame, method: str) -> bytes | None:
+    """``method``'s β histograms, and β_reg vs β_dereg per image with the AMS boundary β_dereg = β_reg."""
+    u = df[(df["method"] == method) & df["error"].isna()]
     betas = {c: u[c].astype(float).dropna().to_numpy() for c in ("beta_den", "beta_reg", "beta_dereg")}
     if not any(len(v) for v in betas.values()):
         return None
@@ -492,7 +508,7 @@ def _ams_plot(df: pd.DataFrame) -> bytes | None:
     for name, values in betas.items():
         if len(values):
             hist.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (n={len(values)})")
-    hist.set_title("UnionCAM's β (score gain over a black image)")
+    hist.set_title(f"{method}'s β (score gain over a black image)")
     hist.set_xlabel("β")
     hist.legend(fontsize=8)
     both = u[u["beta_reg"].notna() & u["beta_dereg"].notna()]
@@ -785,15 +801,16 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     summary = summary_table(df, methods)
     per_class = per_class_table(df)
     per_predicted = None if label_target else per_class_table(df, by="target_name")
-    ams = ams_table(df, predicted=not label_target)
-    betas = beta_table(df)
+    ams_method = next(iter(section_methods(methods, "ams")), None)
+    ams = ams_table(df, ams_method or "", predicted=not label_target)
+    betas = beta_table(df, ams_method or "")
     written = {"summary": "summary.csv", "per_class": "per_class.csv"}
     storage.write_text(storage.join(out, "summary.csv"), summary.to_csv(index=False))
     storage.write_text(storage.join(out, "per_class.csv"), per_class.to_csv(index=False))
     if per_predicted is not None:
         storage.write_text(storage.join(out, "per_predicted.csv"), per_predicted.to_csv(index=False))
         written["per_predicted"] = "per_predicted.csv"
-    if "unioncam" in methods:
+    if ams_method is not None:
         storage.write_text(storage.join(out, "ams.csv"), ams.to_csv(index=False))
         storage.write_text(storage.join(out, "ams_beta.csv"), betas.to_csv(index=False))
         written.update(ams="ams.csv", ams_beta="ams_beta.csv")
@@ -804,7 +821,7 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     road_png = _road_plot(df, methods, list(prov.get("road_percentiles") or range(10, 100, 10)))
     if road_png:
         figures["road.png"] = road_png
-    ams_png = _ams_plot(df) if "unioncam" in methods else None
+    ams_png = _ams_plot(df, ams_method) if ams_method is not None else None
     if ams_png:
         figures["ams_beta.png"] = ams_png
     overlay_text = overlay_html = ""
@@ -839,10 +856,10 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
              "images": df["key"].nunique(), "error rows": int(df["error"].notna().sum()),
              "versions": f"unioncam {prov.get('unioncam_version')}, torch {prov.get('torch_version')}, "
                          f"ray {prov.get('ray_version')}"}
-    shared = {"scorecam", "unioncam"} <= set(methods)
+    provided = provided_maps(methods)  # {method: (the method that computed its maps, its detail)}
     epg_note = _epg_note(df, None if requested is None else "epg" in requested, prov.get("dataset"))
     no_boxes = bool(df.loc[df["error"].isna(), "epg"].isna().all())
-    table = _table1(summary, requested, no_boxes, {"scorecam": "†"} if shared else None)
+    table = _table1(summary, requested, no_boxes, dict.fromkeys(provided, "†") or None)
     drop_rule = ("100/N Σ max(0, Y−O)/Y" if protocol.drop == "relative" and not protocol.drop_eps else
                  f"100/N Σ max(0, Y−O)/(Y + {protocol.drop_eps:g})" if protocol.drop == "relative" else
                  "100/N Σ max(0, Y−O) (absolute)")
@@ -851,19 +868,22 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
              "see Metric protocol below); 95% percentile bootstrap CIs.",
              "s/image: the mean wall-clock seconds per image to compute the method's map (each batch's time over "
              "its images; scoring the metrics is not included), on this run's hardware and precision."]
-    if shared:
-        notes.append("† scorecam's maps are UnionCAM's L_Region (REFERENCE.md: L_Region is Score-CAM's map), "
-                     "computed once inside unioncam: scorecam's s/image counts only taking them over, and "
-                     "unioncam's includes the Score-CAM work. Run scorecam without unioncam to time it alone.")
+    for other, (provider, key) in provided.items():
+        notes.append(f"† {other}'s maps are {provider}'s {key} (REFERENCE.md: UnionCAM's L_Region is Score-CAM's "
+                     f"map), computed once inside {provider}: {other}'s s/image counts only taking them over, and "
+                     f"{provider}'s includes that work. Run {other} without {provider} to time it alone.")
     if epg_note:
         notes.append(epg_note)
-    same = identical_methods(df) if {"gradcam", "xgradcam"} <= set(methods) else 0
-    if same:
-        notes.append(f"xgradcam = gradcam in this run: their rows (O and, where recorded, insertion/deletion AUC "
-                     f"and EPG) agree on all {same} images. At a target layer ({prov.get('target_layer')}) followed "
-                     "directly by global average pooling and a linear classifier, the gradient is constant over "
-                     "each channel, so XGrad-CAM's weights Σ(∂y/∂A·A)/ΣA equal Grad-CAM's mean gradient and "
-                     "the maps are the same.")
+    for method in methods:  # a method that may equal another (CAM.same_as), when their rows agree
+        cls = declared(method)
+        if cls is None or cls.same_as is None or cls.same_as[0] not in methods:
+            continue
+        other, why = cls.same_as
+        same = identical_methods(df, other, method)
+        if same:
+            notes.append(f"{method} = {other} in this run: their rows (O and, where recorded, insertion/deletion "
+                         f"AUC and EPG) agree on all {same} images. The target layer is "
+                         f"{prov.get('target_layer')}: {why}.")
 
     blocks: list[Block] = [("h2", "Results (Table 1 layout)"), ("table", (table, "summary")), ("notes", notes)]
     if requested and "road" in requested:
@@ -892,17 +912,18 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
                               else None)
     blocks.append(("h2", "UnionCAM's AMS branch"))
     run_row = ams[ams["by"] == "run"]
-    if "unioncam" not in methods:
-        blocks.append(("p", "unioncam is not in this run."))
+    if ams_method is None:
+        blocks.append(("p", "No method of this run has an AMS branch (UnionCAM's is the `ams` section)."))
     elif run_row.empty:
-        blocks.append(("p", "No AMS decision recorded (no error-free unioncam row has `selected`)."))
+        blocks.append(("p", f"No AMS decision recorded (no error-free {ams_method} row has `selected`)."))
     else:
         r = run_row.iloc[0]
         by_cls = "predicted" if not label_target else "label"
         shown_ams = ams[ams["by"] == by_cls].drop(columns="by").head(max_class_rows)
         blocks += [("p", f"AMS chose L_Dereg on {fmt_int(r['dereg'])} of {fmt_int(r['n'])} images "
                          f"({fmt_pct(r['dereg_pct'])}%) and L_Region on {fmt_int(r['region'])} "
-                         f"({fmt_pct(r['region_pct'])}%); where it chose L_Region, unioncam's map is Score-CAM's. "
+                         f"({fmt_pct(r['region_pct'])}%); where it chose L_Region, {ams_method}'s map is "
+                         "Score-CAM's. "
                          "AMS picks L_Dereg when β_dereg > β_reg (β: the target's score gain over a black image)."),
                    ("p", f"Per class (by the {'predicted class' if by_cls == 'predicted' else 'dataset label'}, "
                          "the class the maps explain; ams.csv has both groupings):"),

@@ -10,9 +10,9 @@ sample has boxes, UnionCAM's β's and AMS branch, and seconds. A sample that can
 method that fails on an image, gives rows with ``error`` set; the rest of the shard goes on.
 
 Decisions (see docs/reference-notes.md):
-- When both ``unioncam`` and ``scorecam`` are requested, Score-CAM's map is taken from UnionCAM's
-  ``L_Region`` (REFERENCE.md: ``L_Region`` *is* Score-CAM's map), so its channel forwards run once;
-  the scorecam row's ``seconds`` then counts only its own extra work.
+- A method whose maps another requested method computes along the way (the other's ``provides``:
+  UnionCAM's ``L_Region`` *is* Score-CAM's map, REFERENCE.md) is taken from it, so its channel
+  forwards run once; its rows' ``seconds`` then count only taking the maps over.
 - Metrics always run in fp32 whatever ``precision`` the methods use, so a precision's effect on
   Average Drop is the method's alone.
 - EPG uses the sample's boxes: for VOC those of its labelled object class (an ImageNet model's
@@ -39,7 +39,7 @@ import unioncam
 from unioncam import storage
 from unioncam.data.shards import iter_samples, prefetched, shard_name
 from unioncam.data.voc import VOC_CLASSES
-from unioncam.methods import CAM, get_method
+from unioncam.methods import CAM, get_method, provided_maps
 from unioncam.methods.base import default_batch_size, find_layer, gpu_plan, masked_inputs, predict
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
@@ -100,12 +100,12 @@ class ShardEvaluator:
         if self.compile:
             self.model.compile_inference(pad_to=self.batch_size)
             self.warmup_seconds = self._warm_up()
-        self.share_region = "unioncam" in cfg.methods and "scorecam" in cfg.methods
+        self.provided = provided_maps(cfg.methods)  # methods whose maps another one computes: not run again
         self.per_map = self._metric_forwards_per_map()
         self.batch_start, self.needed, self.batch_images = masked_inputs(), 0, 0  # progress within a batch
         self.cams: dict[str, CAM] = {
             m: get_method(m)(self.model, batch_size=self.batch_size, precision=self.precision)
-            for m in cfg.methods if not (self.share_region and m == "scorecam")}
+            for m in cfg.methods if m not in self.provided}
         self.sanity_rows: list[Row] = []
         self.layer_seeds: dict[str, int] = {}
         self.provenance = {
@@ -131,18 +131,22 @@ class ShardEvaluator:
 
     def forwards_needed(self, x: Tensor, repeat: int = 1) -> int:
         """The masked inputs explaining and scoring the images ``x`` (each for ``repeat`` targets) will
-        run, for progress within a batch of images: Score-CAM's and UnionCAM's one per *non-constant*
-        channel of the target layer on these images (shared when both run; one hooked forward counts
-        them), UnionCAM's 2 β inputs per image (``L_Den``, ``L_Reg``), and
-        :meth:`_metric_forwards_per_map` per map. Exact without ``sanity``, except UnionCAM's third
-        β input (``L_Dereg``, run only when AMS needs it), which the count may pass by one per image
-        (the driver shows it capped at the total: the count always reaches the total); with
-        ``sanity`` the randomized models' constant channels are taken as the original's."""
+        run, for progress within a batch of images, from what each method run declares
+        (:class:`unioncam.methods.CAM`): one per *non-constant* channel of the target layer on these
+        images for each ``channel_forwards`` method (Score-CAM, UnionCAM; one hooked forward counts
+        the channels), ``extra_forwards`` per image (UnionCAM's 2 β inputs, ``L_Den`` and
+        ``L_Reg``), and :meth:`_metric_forwards_per_map` per map. Exact without ``sanity``, except
+        work a method does only sometimes (UnionCAM's third β input, ``L_Dereg``, when AMS needs
+        it), which the count may pass by one per image (the driver shows it capped at the total: the
+        count always reaches the total); with ``sanity`` the randomized models' constant channels
+        are taken as the original's."""
         maps = x.shape[0] * repeat * len(self.cfg.methods)
         if self.cfg.rescore:  # the maps are read, not computed
             return maps * self.per_map
+        running = [get_method(m) for m in self.cfg.methods if m not in self.provided]
+        channel_methods = sum(cls.channel_forwards for cls in running)
         channels = 0
-        if {"scorecam", "unioncam"} & set(self.cfg.methods):
+        if channel_methods:
             layer = find_layer(self.model, None)
             grid = self.model.reshape_transform or (lambda out: out)  # transformers: channels of the token grid
             seen: list[int] = []
@@ -154,7 +158,7 @@ class ShardEvaluator:
             finally:
                 handle.remove()
             channels = seen[0] * repeat if seen else 0
-        explaining = channels + 2 * x.shape[0] * repeat * ("unioncam" in self.cfg.methods)
+        explaining = channels * channel_methods + x.shape[0] * repeat * sum(cls.extra_forwards for cls in running)
         if self.cfg.sanity:  # the maps again on the original and at every cascade step (+ step 0)
             explaining *= 2 + len(cascade_steps(self.model, self.cfg.sanity_layers))
         return explaining + maps * self.per_map
@@ -468,32 +472,34 @@ class ShardEvaluator:
         """Per method, per image: ``(map, details, seconds)`` or an error message."""
         results: dict[str, list[tuple[Tensor, Row, float] | str]] = {}
         for method, cam in self.cams.items():
-            results[method] = self._explain(cam, x, targets)
-            if method == "unioncam" and self.share_region:
-                shared: list[tuple[Tensor, Row, float] | str] = []
-                for outcome in results[method]:
-                    if isinstance(outcome, str):
-                        shared.append(outcome)
-                        continue
-                    t0 = time.perf_counter()
-                    score_map = normalize(outcome[1]["region_map"][None])[0]
-                    shared.append((score_map, {}, time.perf_counter() - t0))
-                results["scorecam"] = shared
+            cls = get_method(method)
+            results[method] = self._explain(cam, x, targets, (*cls.row_details, *cls.provides.values()))
+        for other, (provider, key) in self.provided.items():  # maps a run method computed along the way
+            taken: list[tuple[Tensor, Row, float] | str] = []
+            for outcome in results[provider]:
+                if isinstance(outcome, str):
+                    taken.append(outcome)
+                    continue
+                t0 = time.perf_counter()
+                taken.append((normalize(outcome[1][key][None])[0], {}, time.perf_counter() - t0))
+            results[other] = taken
         return {m: results[m] for m in self.cfg.methods}
 
-    def _explain(self, cam: CAM, x: Tensor, targets: Tensor) -> list[tuple[Tensor, Row, float] | str]:
-        """The batch at once; if that fails, image by image so one bad image costs only itself."""
+    def _explain(self, cam: CAM, x: Tensor, targets: Tensor,
+                 keys: tuple[str, ...]) -> list[tuple[Tensor, Row, float] | str]:
+        """The batch at once; if that fails, image by image so one bad image costs only itself.
+        ``keys``: the details to keep per image (the method's ``row_details`` and provided maps)."""
         try:
             t0 = time.perf_counter()
             result = cam(x, targets)
             seconds = (time.perf_counter() - t0) / x.shape[0]
-            return [(result.maps[i], _details_at(result.details, i), seconds) for i in range(x.shape[0])]
+            return [(result.maps[i], _details_at(result.details, i, keys), seconds) for i in range(x.shape[0])]
         except Exception as exc:  # any failure: isolate it per image below
             if x.shape[0] == 1:
                 return [_error_text(exc)]
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        return [o for i in range(x.shape[0]) for o in self._explain(cam, x[i:i + 1], targets[i:i + 1])]
+        return [o for i in range(x.shape[0]) for o in self._explain(cam, x[i:i + 1], targets[i:i + 1], keys)]
 
     def _score_all(self, batch: list[dict[str, Any]], x: Tensor, targets: Tensor, saliency: list[Tensor],
                    index: list[int]) -> list[Row | str]:
@@ -545,18 +551,22 @@ RESCORED: dict[str, tuple[str, ...]] = {  # the columns each metric writes (a re
 PROTOCOL_COLUMNS = ("y", "o", "insertion_auc", "deletion_auc")  # the columns a protocol changes
 
 
-def _details_at(details: dict[str, Any], i: int) -> Row:
-    """UnionCAM's per-image β's and AMS branch as row values (NaN and "" become null)."""
+def _details_at(details: dict[str, Any], i: int, keys: tuple[str, ...]) -> Row:
+    """Image ``i``'s ``keys`` of a method's details (its ``row_details`` and the maps it provides to
+    other methods) as row values: numbers as floats (NaN becomes null), text as is ("" becomes null),
+    tensors (maps) as the image's."""
     out: Row = {}
-    for key in ("beta_den", "beta_reg", "beta_dereg"):
-        if key in details:
-            v = float(details[key][i])
+    for key in keys:
+        if key not in details:
+            continue
+        value = details[key][i]
+        if isinstance(value, Tensor) and value.dim() > 0:
+            out[key] = value
+        elif isinstance(value, str):
+            out[key] = value or None
+        else:
+            v = float(value)
             out[key] = None if np.isnan(v) else v
-    selected = details.get("selected")
-    if selected and selected[i]:
-        out["selected"] = selected[i]
-    if "region_map" in details:
-        out["region_map"] = details["region_map"][i]
     return out
 
 
