@@ -188,8 +188,12 @@ def main() -> None:
 
 def _s3_root(env: dict[str, str]) -> tuple[str, Any]:
     """A fresh bucket on a moto server on 127.0.0.1, and the server (stopped by the caller)."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()

@@ -216,3 +216,28 @@ def test_a_rescore_of_an_unfinished_run_names_what_it_skips_and_grows_with_the_r
     assert second["shards"]["t-000000"]["attempts"] == 2 and second["shards"]["t-000001"]["attempts"] == 1
     third = run(rescore.resolved())
     assert third["shards"]["t-000000"]["attempts"] == 2  # nothing changed: nothing redone
+
+
+def test_shard_records_are_the_truth_and_only_newer_ones_are_read(tmp_path, monkeypatch):
+    from unioncam import storage
+    from unioncam.service import rundir
+
+    out = str(tmp_path / "run")
+    manifest = rundir.RunManifest(out, {"model": "x"})
+    manifest.record("a", status="done", path="a.tar", images=1, rows=1, maps=1, errors=0)  # the first: saved
+    manifest.record("b", status="done", path="b.tar", images=2, rows=2, maps=2, errors=0)  # within 5 s: a record
+    manifest.record("a", status="failed", path="a.tar", error="worker died: killed")  # attempt 2: a record only
+    summary = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert set(summary["shards"]) == {"a"} and summary["shards"]["a"]["status"] == "done"  # as after a crash
+    assert sorted(p.name for p in (tmp_path / "run" / "shards").iterdir()) == ["a.1.json", "a.2.json", "b.1.json"]
+    reads: list[str] = []
+    real = storage.read_text
+    monkeypatch.setattr(storage, "read_text", lambda p: reads.append(p) or real(p))
+    loaded = rundir.load_manifest(out)
+    assert loaded["shards"]["a"]["status"] == "failed" and loaded["shards"]["a"]["attempts"] == 2
+    assert loaded["shards"]["b"]["images"] == 2
+    assert sorted(os.path.basename(p) for p in reads) == ["a.2.json", "b.1.json", "manifest.json"]
+    manifest.save()
+    reads.clear()
+    assert rundir.load_manifest(out)["shards"] == loaded["shards"]
+    assert [os.path.basename(p) for p in reads] == ["manifest.json"]  # every record is in the summary now

@@ -6,7 +6,7 @@ Layout::
 
     manifest.json               the summary: run id, settings, shard set, every shard's entry as of
                                 its last save, counts
-    shards/<shard>.json         each shard's record, written once per attempt: the truth
+    shards/<shard>.<attempt>.json  each shard's record, one per attempt: the truth
     metrics/<shard>.parquet     rows (unioncam.service.results)
     maps/<shard>.parquet        maps
     sanity/<shard>.parquet      with --sanity
@@ -17,10 +17,11 @@ Layout::
 Cost at scale: recording a finished shard writes its own small record (O(1) per completion, the
 same at 50 or 50,000 shards); the summary is rewritten at most every :data:`SUMMARY_INTERVAL`
 seconds (or 20 × its own write time, when that is longer) and when the command ends. After a crash
-the records are the truth: a reader takes the summary and fetches only the records written since
-its last save (one listing of ``shards/`` says which). Checking done shards lists each output
-folder once and compares every file's stamp (size and modification time) with the one recorded
-when it was written; a file is opened (footer) and hashed only when its stamp moved (or ``deep``).
+the records are the truth: a reader takes the summary and fetches only the records of attempts the
+summary does not have (one listing of ``shards/`` says which: a record's name carries its
+attempt). Checking done shards lists each output folder once and compares every file's stamp (size
+and modification time) with the one recorded when it was written; a file is opened (footer) and
+hashed only when its stamp moved (or ``deep``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from unioncam.service.results import (
 RUN_FORMAT = "unioncam-run/1"
 FOLDERS = ("metrics", "maps", "sanity")
 SUMMARY_INTERVAL = 5.0  # seconds between summary rewrites (at least; see RunManifest.record)
-RECORD_SKEW = 120.0  # seconds: records this much older than the summary's save are in it
 LOCK_HEARTBEAT = 30.0
 LOCK_STALE = 300.0
 
@@ -77,8 +77,9 @@ class RunDir:
         """``<root>/<folder>/<name>.parquet`` (folder: metrics, maps or sanity)."""
         return storage.join(self.root, folder, f"{name}.parquet")
 
-    def record(self, name: str) -> str:
-        return storage.join(self.root, "shards", f"{name}.json")
+    def record(self, name: str, attempt: int) -> str:
+        """The record of shard ``name``'s ``attempt``-th attempt (1, 2, ...)."""
+        return storage.join(self.root, "shards", f"{name}.{attempt}.json")
 
     def running(self, name: str) -> str:
         return storage.join(self.root, "running", f"{name}.json")
@@ -109,12 +110,15 @@ def load_manifest(run_dir: str) -> dict[str, Any]:
     for key, kind in (("run_id", str), ("config", dict), ("shards", dict)):
         if not isinstance(data.get(key), kind):
             raise ValueError(f"{shown}: '{key}' is missing or not a {kind.__name__}; restore it or use a new --out")
-    saved = float(data.get("saved", 0) or 0)
-    for path, stamp in storage.list_stamps(storage.join(run_dir, "shards"), ".json").items():
-        name = storage.basename(path).removesuffix(".json")
-        mtime = _stamp_seconds(stamp)
-        if name in data["shards"] and mtime is not None and mtime < saved - RECORD_SKEW:
-            continue  # the summary has it
+    latest: dict[str, tuple[int, str]] = {}  # shard -> its last attempt's record
+    for path in storage.list_files(storage.join(run_dir, "shards"), ".json"):
+        name, _, number = storage.basename(path).removesuffix(".json").rpartition(".")
+        if name and number.isdigit() and int(number) > latest.get(name, (0, ""))[0]:
+            latest[name] = (int(number), path)
+    for name, (attempt, path) in latest.items():
+        known = data["shards"].get(name)
+        if isinstance(known, dict) and isinstance(known.get("attempts"), int) and known["attempts"] >= attempt:
+            continue  # the summary has this attempt
         try:
             entry = json.loads(storage.read_text(path))
         except FileNotFoundError:
@@ -131,14 +135,6 @@ def load_manifest(run_dir: str) -> dict[str, Any]:
                 for k in ("images", "rows", "maps", "errors", "attempts")):
             raise ValueError(f"{shown}: the entry of shard {name!r} is malformed; restore it or use a new --out")
     return data
-
-
-def _stamp_seconds(stamp: str | None) -> float | None:
-    """The modification time (seconds) in a :func:`unioncam.storage.stamp`."""
-    if not stamp:
-        return None
-    value = stamp.split(":", 1)[1]
-    return float(value[:-1]) if value.endswith("s") else int(value) / 1e9
 
 
 class RunManifest:
@@ -203,12 +199,13 @@ class RunManifest:
         previous = self.data["shards"].get(name, {})
         entry["attempts"] = int(previous.get("attempts", 0)) + 1
         self.data["shards"][name] = entry
-        storage.write_text(self.dir.record(name), json.dumps({**entry, "run_id": self.run_id}, sort_keys=True))
+        storage.write_text(self.dir.record(name, entry["attempts"]),
+                           json.dumps({**entry, "run_id": self.run_id}, sort_keys=True))
         if time.monotonic() - self.last_save >= max(SUMMARY_INTERVAL, 20 * self.save_cost):
             self.save()
 
     def save(self) -> None:
-        """Rewrite the summary now (compact JSON; its ``saved`` time lets readers skip older records)."""
+        """Rewrite the summary now (compact JSON)."""
         start = time.monotonic()
         shards = self.data["shards"].values()
         self.data["counts"] = {
@@ -217,7 +214,6 @@ class RunManifest:
             "images": sum(s.get("images", 0) for s in shards if s["status"] == "done"),
             "error_rows": sum(s.get("errors", 0) for s in shards if s["status"] == "done")}
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.data["saved"] = time.time()
         storage.write_text(self.dir.manifest, json.dumps(self.data, sort_keys=True, separators=(",", ":")) + "\n")
         self.last_save = time.monotonic()
         self.save_cost = self.last_save - start
