@@ -129,8 +129,8 @@ def one(shards: int, workers: int, root: str) -> dict[str, Any]:
         return done[0], 0, 0, 0.0
 
     tally = runner.drive(pool, manifest, lock, line, progress, forget=lambda name: None, interval=5.0)
+    manifest.save()  # timed too: it waits for the records still being written
     driving = time.perf_counter() - start
-    manifest.save()
     per_completion = (written[0] - before[0]) / max(tally["done"], 1)
     storage.write_bytes = original  # type: ignore[assignment]
 

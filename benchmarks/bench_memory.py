@@ -14,7 +14,7 @@ paper's 2.22 GB; our default B = 32 ≈ 1.4 GB, leaving room for the CUDA contex
 outside the allocator) within 2.5 GB.
 
 Next to each measurement it prints the estimate of the planner the service sizes GPU batches with,
-:func:`unioncam.methods.base.gpu_plan`: ``fixed + B × per_input``, where ``fixed`` is the weights
+:func:`unioncam.engine.gpu_plan`: ``fixed + B × per_input``, where ``fixed`` is the weights
 and buffers plus :data:`~unioncam.methods.base.GPU_RESERVE` (768 MiB kept for cuDNN workspaces,
 autocast's weight copies and the allocator's slack) and ``per_input`` comes from one dry forward at
 the masked forwards' precision; also without the reserve, and the measurement's ratio to the
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from common import add_device_arg, device_of, machine, random_vgg16_weights, table
 
-from unioncam.methods.base import GPU_RESERVE
+from unioncam.engine import GPU_RESERVE
 from unioncam.models import LoadedModel, load
 from unioncam.ops import PRECISION_CHOICES, resolve_precision
 
@@ -82,8 +82,8 @@ def _state_bytes(model: torch.nn.Module) -> int:
 
 
 def child(batch: int, name: str, device_name: str, precision: str) -> dict[str, float | str]:
+    from unioncam.engine import gpu_plan, masked_scores
     from unioncam.methods import explain
-    from unioncam.methods.base import gpu_plan, masked_scores
 
     device = torch.device(device_name)
     lm = _load(name)

@@ -36,7 +36,7 @@ from common import add_device_arg, device_of, machine, photos, timed
 from torch import Tensor, nn
 
 import unioncam
-from unioncam.methods.base import predict
+from unioncam.engine import predict
 from unioncam.sanity import EdgeDetector, parameterized_layers, sanity_check
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unioncam.methods.base import masked_inputs
+from unioncam.engine import masked_inputs
 from unioncam.service import runner
 
 

@@ -22,7 +22,7 @@ from unioncam.data.annotations import XMLObject, parse_xml_objects, read_xml_obj
 from unioncam.data.imagenet import imagenet_samples, read_box_xml
 from unioncam.data.shards import MANIFEST, iter_samples, write_shards
 from unioncam.data.voc import read_voc_xml, voc_samples
-from unioncam.methods.base import predict
+from unioncam.engine import predict
 from unioncam.methods.gradient import gradcampp_alpha, xgradcam_weights
 from unioncam.methods.integrative import IntegrativeCAM, generalized_alpha
 from unioncam.methods.union import pixel_average_alpha

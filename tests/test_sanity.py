@@ -18,8 +18,8 @@ from torch import nn
 
 import unioncam
 from unioncam.data.sample import sample_photo_paths
+from unioncam.engine import predict
 from unioncam.methods import get_method
-from unioncam.methods.base import predict
 from unioncam.sanity import (
     ORIGINAL,
     EdgeDetector,

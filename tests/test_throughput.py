@@ -12,7 +12,7 @@ from service_data import make_shards
 
 from unioncam import explain, load
 from unioncam.data.shards import prefetched
-from unioncam.methods.base import GPU_RESERVE, gpu_plan
+from unioncam.engine import GPU_RESERVE, gpu_plan
 from unioncam.models import compiled_graphs
 from unioncam.ops import autocast, resolve_precision
 from unioncam.service import ConfigError, EvalConfig, read_metrics
@@ -148,8 +148,8 @@ def test_metrics_run_across_methods_and_a_failing_map_costs_only_its_row(tmp_pat
     monkeypatch.setattr(worker, "confidence", spy)
     original = ev._explain
 
-    def marked(cam, x, targets):
-        out = original(cam, x, targets)
+    def marked(cam, x, targets, keys):
+        out = original(cam, x, targets, keys)
         if cam is ev.cams["layercam"] and x.shape[0] == 4:
             saliency, details, seconds = out[2]
             saliency = saliency.clone()

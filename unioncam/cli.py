@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from unioncam import __version__, _missing_service_module, storage
+from unioncam.engine import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
 from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
-from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
 from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import WeightsError, load
 from unioncam.models import names as model_names

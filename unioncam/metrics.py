@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unioncam.methods.base import batched_probs, default_batch_size, model_device
+from unioncam.engine import batched_probs, default_batch_size, model_device
 from unioncam.ops import resolve_precision, safe_divide
 from unioncam.protocols import Protocol, blur, curve_auc, curve_counts, get_protocol, saliency_ranks
 

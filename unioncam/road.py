@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unioncam.methods.base import batched_probs, default_batch_size, model_device
+from unioncam.engine import batched_probs, default_batch_size, model_device
 from unioncam.metrics import _check_maps
 from unioncam.models.base import PixelModel
 from unioncam.ops import resolve_precision
@@ -358,7 +358,7 @@ def road(model: PixelModel, images: Tensor, maps: Tensor, targets: Tensor | Sequ
     All ``2·P·B`` removal masks (order-major, then percentile, then image) are imputed in pixel
     space (:func:`impute` with ``std = model.std``, at most :data:`IMPUTE_ELEMENTS` values per call)
     as the forward batches need them, and scored ``batch_size`` at a time by
-    :func:`~unioncam.methods.base.batched_probs` (in IEEE fp32 unless ``precision`` says otherwise).
+    :func:`~unioncam.engine.batched_probs` (in IEEE fp32 unless ``precision`` says otherwise).
     Each mask's noise is one draw from its own ``torch.Generator(images.device)`` seeded with
     ``SeedSequence([seed, image_seeds[i], order, percentile index])``, so it depends on the image's
     seed and the mask only: not on ``batch_size`` nor on the other images or maps of the batch (two

@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unioncam.engine import model_device, predict
 from unioncam.methods import get_method
-from unioncam.methods.base import Explanation, Targets, find_layer, model_device, predict
+from unioncam.methods.base import Explanation, Targets, find_layer
 from unioncam.models import LoadedModel, PixelModel
 from unioncam.ops import chunks, normalize
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unioncam.methods.base import CAM, Details, masked_scores
+from unioncam.engine import masked_scores
+from unioncam.methods.base import CAM, Details
 from unioncam.methods.gradient import weighted_sum
 from unioncam.ops import Precision, black_image_probs, is_constant, normalize, upsample
 

@@ -12,7 +12,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from unioncam.methods.base import CAM, Details, masked_scores
+from unioncam.engine import masked_scores
+from unioncam.methods.base import CAM, Details
 from unioncam.methods.score import region_map
 from unioncam.ops import black_image_probs, normalize, safe_divide, upsample
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unioncam import storage
+from unioncam.engine import DEFAULT_GPU_MEMORY_GIB
 from unioncam.methods import METHODS, parse_methods
-from unioncam.methods.base import DEFAULT_GPU_MEMORY_GIB
 from unioncam.models import canonical as canonical_model
 from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, check_precision
@@ -69,7 +69,7 @@ class EvalConfig:
             None means on for GPU workers (compiled once, warmed up before the first shard, batches
             padded to one shape) and off on CPU (where it lost on VGG16 and costs ~80 s per worker).
         max_gpu_memory: GiB per GPU worker from which batch sizes are derived (with 90% of the free
-            memory as a second cap; :func:`unioncam.methods.base.gpu_plan`); explicit batch sizes win.
+            memory as a second cap; :func:`unioncam.engine.gpu_plan`); explicit batch sizes win.
         limit: evaluate at most this many images (in shard order); None: all.
         insdel_steps: insertion/deletion steps (None: the protocol's: 224 at 224² for ``reference``
             and ``rise``, as REFERENCE.md; 20 for ``torchcam``; the bundled sample: 32 with ``reference``).

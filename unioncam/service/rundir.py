@@ -32,6 +32,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -51,6 +52,7 @@ from unioncam.service.results import (
 RUN_FORMAT = "unioncam-run/1"
 FOLDERS = ("metrics", "maps", "sanity")
 SUMMARY_INTERVAL = 5.0  # seconds between summary rewrites (at least; see RunManifest.record)
+RECORD_WRITERS = 8  # threads writing shard records to an object store
 LOCK_HEARTBEAT = 30.0
 LOCK_STALE = 300.0
 
@@ -150,6 +152,8 @@ class RunManifest:
         self.data: dict[str, Any]
         self.last_save = 0.0
         self.save_cost = 0.0
+        self._writes: list[Future[None]] = []  # record PUTs in flight (object stores: their latency overlaps)
+        self._writer: ThreadPoolExecutor | None = None
         if storage.is_file(self.dir.manifest):
             self.data = load_manifest(out)
             if self.data.get("config") != identity:
@@ -199,13 +203,27 @@ class RunManifest:
         previous = self.data["shards"].get(name, {})
         entry["attempts"] = int(previous.get("attempts", 0)) + 1
         self.data["shards"][name] = entry
-        storage.write_text(self.dir.record(name, entry["attempts"]),
-                           json.dumps({**entry, "run_id": self.run_id}, sort_keys=True))
+        location = self.dir.record(name, entry["attempts"])
+        text = json.dumps({**entry, "run_id": self.run_id}, sort_keys=True)
+        if storage.is_uri(location):  # a PUT's latency: on a few threads, so the driver goes on
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=RECORD_WRITERS, thread_name_prefix="unioncam-records")
+            self._writes = [w for w in self._writes if not w.done() or w.result()]  # raises a failed write's error
+            self._writes.append(self._writer.submit(storage.write_text, location, text))
+        else:
+            storage.write_text(location, text)
         if time.monotonic() - self.last_save >= max(SUMMARY_INTERVAL, 20 * self.save_cost):
             self.save()
 
+    def flush(self) -> None:
+        """Wait for the records in flight; raises the first write's error."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
+
     def save(self) -> None:
-        """Rewrite the summary now (compact JSON)."""
+        """Rewrite the summary now (compact JSON), once the records in flight are written."""
+        self.flush()
         start = time.monotonic()
         shards = self.data["shards"].values()
         self.data["counts"] = {

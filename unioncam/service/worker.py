@@ -39,8 +39,9 @@ import unioncam
 from unioncam import storage
 from unioncam.data.shards import iter_samples, prefetched, shard_name
 from unioncam.data.voc import VOC_CLASSES
+from unioncam.engine import default_batch_size, gpu_plan, masked_inputs, predict
 from unioncam.methods import CAM, get_method, provided_maps
-from unioncam.methods.base import default_batch_size, find_layer, gpu_plan, masked_inputs, predict
+from unioncam.methods.base import find_layer
 from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, is_constant, normalize, resolve_precision
