@@ -99,11 +99,12 @@ class ProgressLine:
     def show(self, done_now: int, shards_done: int, failed: int, force: bool = False, forwards: int = 0,
              needed: int = 0, partial: float = 0.0, final: bool = False) -> None:
         """``partial``: images of the batches being explained now, weighted by their share of masked
-        forwards done, so the ETA moves between images; ``final``: the last line, always printed."""
+        forwards done, so the ETA moves between images; ``final``: the last state, printed unless it is
+        the line already shown. Lines forced by finished shards come at most one a second."""
         now = time.monotonic()
         state = (done_now, shards_done, failed, forwards, needed)
         quiet = now - self.last < self.interval
-        force = final or (force and now - self.last >= self.FORCED_GAP)  # finished shards: a line a second
+        force = (final and state != self.shown) or (force and now - self.last >= self.FORCED_GAP)
         if not force and (quiet or (state == self.shown and now - self.last < 6 * self.interval)):
             return
         if done_now != self.sampled:  # a new rate sample: images since the last sample, over its time
