@@ -190,6 +190,24 @@ def test_shard_rows_maps_and_metrics_match_an_independent_recomputation(tmp_path
             assert 0 <= row["insertion_auc"] <= 1 and 0 <= row["deletion_auc"] <= 1 and row["seconds"] >= 0
 
 
+@pytest.mark.parametrize("limit", [None, 2])
+def test_a_worker_reads_its_shard_once_and_records_its_whole_hash(tmp_path, shard_dir, monkeypatch, limit):
+    from unioncam import storage
+    from unioncam.service import worker
+
+    cfg = config(tmp_path, methods=["gradcam"], metrics=["ad"], limit=limit)
+    ev = ShardEvaluator(cfg)
+    opened: list[str] = []
+    real = storage.open_input
+    monkeypatch.setattr(storage, "open_input", lambda p: opened.append(p) or real(p))
+    assert worker.storage is storage
+    counts = ev.evaluate(str(shard_dir[0]), cfg.out)
+    assert opened == [str(shard_dir[0])]  # decoded and hashed in one read (a limit reads the rest to hash it)
+    assert counts["source"]["sha256"] == hashlib.sha256(shard_dir[0].read_bytes()).hexdigest()
+    assert provenance_of(str(Path(cfg.out) / "metrics" / "t-000000.parquet"))["source"]["sha256"] == \
+        counts["source"]["sha256"]
+
+
 def test_scorecam_taken_from_unioncam_equals_scorecam_alone(tmp_path, shard_dir):
     both = config(tmp_path, out=str(tmp_path / "both"), methods=["scorecam", "unioncam"], metrics=["ad"])
     alone = config(tmp_path, out=str(tmp_path / "alone"), methods=["scorecam"], metrics=["ad"])

@@ -593,12 +593,13 @@ def list_stamps(folder: str, suffix: str = "") -> dict[str, str | None]:
             if i.type == pafs.FileType.File and i.base_name.endswith(suffix)}
 
 
-def fingerprint(location: str) -> dict[str, Any]:
+def fingerprint(location: str, content: bool = True) -> dict[str, Any]:
     """What identifies a file's content, to tell later whether it changed: ``{"uri", "bytes",
     "stamp", "sha256"}`` for local files, ``{"uri", "bytes", "stamp", "etag"}`` for ``s3://`` objects
     (a HEAD request, through boto3 when installed), else ``sha256`` streamed. ``uri`` is redacted (no
     credentials); ``stamp`` (:func:`stamp`) is taken first, so a file rewritten while it is hashed
-    shows another stamp at the next check.
+    shows another stamp at the next check. ``content=False`` leaves the sha256 out (a caller that
+    reads the file anyway hashes it as it reads: :func:`unioncam.data.shards.iter_samples`).
 
     Raises:
         StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
@@ -611,7 +612,8 @@ def fingerprint(location: str) -> dict[str, Any]:
     if etag is not None:
         found["etag"] = etag
         return found
-    found["sha256"] = sha256(location)
+    if content:
+        found["sha256"] = sha256(location)
     return found
 
 

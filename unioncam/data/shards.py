@@ -22,7 +22,7 @@ import re
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -325,8 +325,30 @@ def decode_sample(key: str, parts: dict[str, bytes], size: tuple[int, int]) -> d
             "orig_size": (height, width)}
 
 
+class _Hashed(io.RawIOBase):
+    """A stream read through, its bytes hashed into ``digest`` as they are read."""
+
+    def __init__(self, stream: Any, digest: Any) -> None:
+        super().__init__()
+        self.stream, self.digest = stream, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        self.digest.update(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Hash the rest (a tar's trailing blocks, or all after a reader stopped early)."""
+        while block := self.stream.read(1 << 20):
+            self.digest.update(block)
+
+
 def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                 size: tuple[int, int] = (224, 224)) -> Iterator[dict[str, Any]]:
+                 size: tuple[int, int] = (224, 224), digest: Any = None) -> Iterator[dict[str, Any]]:
     """Yield decoded samples (``key``, ``shard``, ``image``, ``label``, ``boxes``, ``meta``) or error
     records (``key``, ``shard``, ``error``) from WebDataset shards (``.tar``, or compressed:
     ``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz``), streamed from disk or an object store.
@@ -337,6 +359,10 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     a truncated or corrupt tar yields every complete sample before the damage, then one error record
     for the sample it broke in (key ``"<shard>:damaged"`` when no sample had started).
 
+    ``digest`` (a ``hashlib`` object, one shard): every byte of the shard is hashed into it as it is
+    read, the rest too when reading stops early or at damage, so the caller has the shard's hash
+    without reading it a second time (complete once this generator is exhausted or closed).
+
     Raises:
         storage.StorageError: a shard could not be *read* (permission, I/O, network, after retries).
             That is not damage in the data, so it is raised, never recorded: the shard stays retryable.
@@ -344,8 +370,13 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     for path in expand_shards(shards):
         name = storage.basename(path)
         try:
-            with storage.open_input(path) as stream, \
-                    tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+            with storage.open_input(path) as raw, \
+                    contextlib.ExitStack() as finish:
+                stream: Any = raw
+                if digest is not None:
+                    stream = _Hashed(raw, digest)
+                    finish.callback(stream.drain)  # after the tar is done with it (or broke on it)
+                tar = finish.enter_context(tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo))
                 for key, parts, problem in _group(tar):
                     if not parts and not problem:  # only directory members (``tar cf`` adds them): not a sample
                         continue
@@ -384,10 +415,11 @@ def count_samples(path: str) -> int:
     return n
 
 
-def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+def prefetched(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
     """``items`` produced on a background thread, up to ``depth`` ahead of the consumer, so decoding
     (and reading from storage) overlaps the caller's GPU work. An exception raised by ``items`` is
-    raised here, in order; closing this generator stops the thread."""
+    raised here, in order; closing this generator stops the thread and waits for it (``items`` is
+    closed by then)."""
     import queue
     import threading
 
@@ -434,4 +466,5 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         with contextlib.suppress(queue.Empty):
             while True:
                 box.get_nowait()
+        thread.join()  # the producer has closed ``items`` (e.g. a digest of the shard is complete)
         thread.join(timeout=5)

@@ -198,7 +198,10 @@ class ShardEvaluator:
         """
         start = time.perf_counter()
         name = shard_name(shard)
-        source = storage.fingerprint(storage.absolute(shard))  # before reading: what these rows were computed from
+        # what these rows were computed from: its size and stamp now (and ETag on S3); its sha256 is taken
+        # while it is decoded (one read), except for a rescore, which compares it before anything is read
+        source = storage.fingerprint(storage.absolute(shard), content=bool(self.cfg.rescore))
+        digest = hashlib.sha256() if not self.cfg.rescore and "etag" not in source else None
         prov = {**self.provenance, "shard_path": source["uri"], "source": source}
         rows: list[Row] = []
         self.sanity_rows = []
@@ -208,19 +211,23 @@ class ShardEvaluator:
             if self.cfg.rescore:
                 seen = self._rescore(shard, name, limit, on_progress, rows, source)
             else:
-                seen = self._compute(shard, name, limit, on_progress, expected, rows, maps)
+                seen = self._compute(shard, name, limit, on_progress, expected, rows, maps, digest)
         except BaseException:
             maps.discard()
             raise
+        if digest is not None:
+            source["sha256"] = digest.hexdigest()  # the metrics file's provenance and the manifest record it
         return {"name": name, "shard": shard, "rows": rows, "maps": maps, "images": seen, "start": start,
                 "source": source, "provenance": prov, "sanity": self.sanity_rows}
 
     def _compute(self, shard: str, name: str, limit: int | None, on_progress: Callable[[int], None] | None,
-                 expected: int | None, rows: list[Row], maps: MapsWriter) -> int:
+                 expected: int | None, rows: list[Row], maps: MapsWriter, digest: Any = None) -> int:
         batch: list[dict[str, Any]] = []
         seen = 0
-        for record in prefetched(iter_samples(shard, self.size), depth=2 * self.images_per_batch):
+        samples = prefetched(iter_samples(shard, self.size, digest), depth=2 * self.images_per_batch)
+        for record in samples:
             if limit is not None and seen >= limit:
+                samples.close()  # the reader stops (hashing the rest of the shard) before the digest is taken
                 break
             seen += 1
             if "error" in record:
