@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -121,7 +122,8 @@ def test_verify_names_the_shards_not_done_and_a_lock_left_behind(tmp_path, capsy
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 7, "since": "then", "heartbeat": 0}))
     rc, text = verify(out, capsys=capsys)
     assert rc == 3 and "LOCK lock.json was left behind by a driver that is gone" in text and "a lock is present" in text
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "now", "heartbeat": 0}))
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "now",
+                                "heartbeat": time.time()}))
     assert "the run is in progress" in verify(out, capsys=capsys)[1]
     lock.unlink()
     (Path(out) / "metrics" / "t-000000.parquet").unlink()  # damage wins over unfinished: exit 1

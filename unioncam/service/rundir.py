@@ -454,12 +454,8 @@ class RunLock:
             self.beat = time.monotonic()
             return
         held = self._holder()
-        try:
-            host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
-        except (ValueError, KeyError, TypeError):
-            held, host, pid, beat = {}, "?", -1, 0.0
-        dead_here = host == socket.gethostname() and pid > 0 and not _alive(pid)
-        if held and not dead_here and time.time() - beat < LOCK_STALE:
+        host, pid = held.get("host", "?"), held.get("pid", -1)
+        if _in_use(held):
             raise ConfigError(
                 f"another driver is running on {storage.redact(self.out)} (host {host}, pid {pid}, since "
                 f"{held.get('since')}); wait for it to finish, or delete {storage.redact(self.path)} if it is gone")
@@ -498,6 +494,18 @@ class RunLock:
         return (held.get("host"), held.get("pid")) == (socket.gethostname(), os.getpid())
 
 
+def _in_use(held: dict[str, Any]) -> bool:
+    """Whether a lock's content (:meth:`RunLock._holder`) is a driver's that may still run: its
+    heartbeat is under :data:`LOCK_STALE` seconds old and its process is not known dead (dead: its
+    host is this one and its pid is gone). A lock that is not in use is taken over by the next run."""
+    try:
+        host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    dead_here = host == socket.gethostname() and pid > 0 and not _alive(pid)
+    return not dead_here and time.time() - beat < LOCK_STALE
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -509,20 +517,19 @@ def _alive(pid: int) -> bool:
 
 
 def lock_state(out: str) -> str | None:
-    """None when ``out`` has no ``lock.json``, else one line on it: a driver running now (its host is
-    this one and its pid alive, or its heartbeat is recent), or a lock left behind by a driver that
-    is gone (killed: the next run takes it over)."""
-    path = RunDir(out).lock
-    if not storage.is_file(path):
+    """None when ``out`` has no ``lock.json``, else one line on it, by the rule the next run applies
+    (:func:`_in_use`): a driver running now, or a lock left behind by a driver that is gone (killed:
+    the next run takes it over)."""
+    lock = RunLock(out)
+    if not storage.is_file(lock.path):
         return None
-    try:
-        held = json.loads(storage.read_text(path))
-        host, pid, beat = str(held["host"]), int(held["pid"]), float(held["heartbeat"])
-    except (OSError, ValueError, KeyError, TypeError):
+    held = lock._holder()
+    if not {"host", "pid", "heartbeat"} <= set(held):
         return "lock.json is present but unreadable: a driver may have been killed while writing it"
-    age = time.time() - beat
-    here = host == socket.gethostname()
-    if (here and _alive(pid)) or (not here and age < LOCK_STALE):
+    host, pid = held["host"], held["pid"]
+    if _in_use(held):
         return f"a driver holds lock.json (host {host}, pid {pid}, since {held.get('since')}): the run is in progress"
+    beat = held["heartbeat"]
+    age = f"{time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else repr(beat)
     return (f"lock.json was left behind by a driver that is gone (host {host}, pid {pid}, last heartbeat "
-            f"{age:.0f} s ago): it was killed; rerun the command to finish the run (it takes the lock over)")
+            f"{age}): it was killed; rerun the command to finish the run (it takes the lock over)")

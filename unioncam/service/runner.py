@@ -358,7 +358,8 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     shown = storage.redact(out)
     manifest = RunManifest(out, {**cfg.identity(), "weights_sha256": sha})
     manifest.check_shard_set({shard_name(p): storage.redact(p) for p in paths}, grow=bool(cfg.rescore))
-    todo, done = resume_plan(manifest, out, paths, limits, cfg.save_maps, _rescored_files(cfg))
+    rescored = _rescored_files(cfg)
+    todo, done = resume_plan(manifest, out, paths, limits, cfg.save_maps, rescored)
     lock.heartbeat()
     changed = changed_sources(manifest, done, lock)
     if changed:
@@ -378,8 +379,9 @@ def _run_locked(cfg: EvalConfig, out: str, paths: list[str], counts: dict[str, i
     manifest.save()
     if todo:
         connect(cfg.address)
+        extra = {n: {"rescored_files": files} for n, files in rescored.items()} if rescored is not None else None
         _schedule(cfg, manifest, todo, limits, counts, lock,
-                  ProgressLine(total, len(paths), already, len(done), cfg.progress_interval))
+                  ProgressLine(total, len(paths), already, len(done), cfg.progress_interval), extra)
     if not storage.is_uri(out):
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(out, "running"))  # only when empty: a marker left means a worker was killed
@@ -554,7 +556,10 @@ def drive(pool: ShardPool, manifest: RunManifest, lock: RunLock, line: ProgressL
 
 
 def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: dict[str, int | None],
-              counts: dict[str, int | None], lock: RunLock, line: ProgressLine) -> None:
+              counts: dict[str, int | None], lock: RunLock, line: ProgressLine,
+              extra: dict[str, dict[str, Any]] | None = None) -> None:
+    """Run ``todo`` on a pool of Ray workers (:func:`drive`); ``extra[name]`` is added to a done
+    shard's record (a rescore's ``rescored_files``)."""
     workers, gpus, cpus = plan_resources(cfg, len(todo), ceiling=cluster_ceiling())
     precision = resolve_precision(cfg.precision, "cuda" if gpus > 0 else "cpu")
     recorded = manifest.data.setdefault("precision", precision)
@@ -581,8 +586,6 @@ def _schedule(cfg: EvalConfig, manifest: RunManifest, todo: list[str], limits: d
     backend = _RayBackend(actor_cls, (cfg, manifest.run_id, progress_name), limits, counts)
     pool = ShardPool(backend, workers, todo, cfg.start_timeout, on_start=manifest.data["workers"].append,
                      no_worker=no_worker, log=log)
-    rescored = _rescored_files(cfg)
-    extra = {n: {"rescored_files": files} for n, files in rescored.items()} if rescored is not None else None
     try:
         drive(pool, manifest, lock, line, lambda: ray.get(progress.total.remote()),
               lambda name: progress.update.remote(name, 0), cfg.progress_interval, extra)
