@@ -2,7 +2,7 @@
 
 EfficientNet-Lite0 (real weights) explains the first ``--images`` sample photos with each method
 once (fp32); then Average Drop / Increase and insertion/deletion AUC are scored from those same maps
-with ``precision="fp32"`` and with each ``--precisions`` entry (``unioncam.metrics``: the logits
+with ``precision="fp32"`` and with each ``--precisions`` entry (``unioncam.evaluation``: the logits
 stay fp32), and the changes and the seconds are printed. On a CPU fp16 is emulated (slow) but rounds
 as a GPU does, so the metric changes preview a GPU's; ``--device cuda`` measures the speed too.
 
@@ -19,7 +19,7 @@ import torch
 from common import add_device_arg, device_of, machine, photos
 
 import unioncam
-from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
+from unioncam.evaluation import average_drop, average_increase, confidence, insertion_deletion
 
 
 def main() -> None:

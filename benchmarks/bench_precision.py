@@ -32,7 +32,7 @@ from common import add_device_arg, device_of, machine, table, timed
 
 import unioncam
 from unioncam.data.sample import IMAGENET_LABELS, sample_photo_paths
-from unioncam.metrics import average_drop, average_increase, confidence
+from unioncam.evaluation import average_drop, average_increase, confidence
 from unioncam.ops import PRECISIONS
 from unioncam.viz import load_image
 

@@ -1,4 +1,4 @@
-"""Metric protocols: unioncam.metrics under each protocol against the library it follows, side by side.
+"""Metric protocols: unioncam.evaluation under each protocol against the library it follows, side by side.
 
 EfficientNet-Lite0 (real weights) explains ``--images`` sample photos with Grad-CAM and UnionCAM
 once (2 maps per image, scored together: the service's batching across images and methods); then,
@@ -31,8 +31,8 @@ from common import add_device_arg, device_of, machine, photos, timed
 from torch import Tensor
 
 import unioncam
-from unioncam.metrics import average_drop, confidence, insertion_deletion
-from unioncam.protocols import PROTOCOL_NAMES, curve_counts, get_protocol
+from unioncam.evaluation import average_drop, confidence, insertion_deletion
+from unioncam.evaluation.protocols import PROTOCOL_NAMES, curve_counts, get_protocol
 
 
 class GivenMaps:

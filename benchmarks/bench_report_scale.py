@@ -31,9 +31,9 @@ def build(run: str, n_images: int, n_shards: int) -> None:
 
     from unioncam.data.shards import Sample, write_shards
     from unioncam.service.results import (
-        METRICS_SCHEMA,
         MapsWriter,
         maps_schema,
+        metrics_schema,
         with_provenance,
         write_parquet,
     )
@@ -57,13 +57,13 @@ def build(run: str, n_images: int, n_shards: int) -> None:
             label = int(key[3:]) % 1000
             y = float(rng.uniform(0.05, 1))
             for m in METHODS:
-                rows.append({c: None for c in METRICS_SCHEMA.names} | {
+                rows.append({c: None for c in metrics_schema().names} | {
                     "key": key, "shard": name, "method": m, "target": label, "target_name": f"c{label}",
                     "rank": 1, "label": label, "label_name": f"c{label}", "y": y, "o": float(rng.uniform(0, 1)),
                     "insertion_auc": float(rng.uniform()), "deletion_auc": float(rng.uniform()),
                     "seconds": 0.01, "selected": ("region" if rng.uniform() < 0.8 else "dereg") if m == "unioncam"
                     else None, "beta_den": float(rng.uniform()) if m == "unioncam" else None})
-        write_parquet(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), with_provenance(METRICS_SCHEMA, prov),
+        write_parquet(pa.Table.from_pylist(rows, schema=metrics_schema()), with_provenance(metrics_schema(), prov),
                       os.path.join(run, "metrics", f"{name}.parquet"))
         writer = MapsWriter(with_provenance(maps_schema((8, 8)), {**prov, "map_shape": [8, 8],
                                                                   "map_dtype": "float16"}))

@@ -1,4 +1,4 @@
-"""ROAD: unioncam.road against pytorch-grad-cam's ROAD, side by side on the same images and maps.
+"""ROAD: unioncam.evaluation.road against pytorch-grad-cam's ROAD, side by side on the same images and maps.
 
 EfficientNet-Lite0 (real weights) explains the first ``--images`` sample photos (224×224) with
 GradCAM once; then both implementations score MoRF and LeRF over ``--percentiles`` (default
@@ -7,8 +7,8 @@ grad-cam's 10…90) with the default noise (0.01 in normalized units):
 * grad-cam 1.5.7: ``ROADMostRelevantFirstAverage`` + ``ROADLeastRelevantFirstAverage`` on the
   normalized tensor and the model's ``net``: per percentile and order one SciPy ``spsolve`` per
   image on the CPU and two forwards (``f_c(I0)`` again, then the imputed batch);
-* ``unioncam.road.road``: every mask's system solved together by multigrid-preconditioned CG on
-  ``--device``, one forward per mask (``Y = f_c(I0)`` is ``unioncam.metrics.confidence``'s and
+* ``unioncam.evaluation.road.road``: every mask's system solved together by multigrid-preconditioned CG on
+  ``--device``, one forward per mask (``Y = f_c(I0)`` is ``unioncam.evaluation.confidence``'s and
   not part of the timing).
 
 It prints seconds per image, forwards per image and the ratio, and how far the ROAD combined
@@ -27,7 +27,7 @@ from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMos
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
 import unioncam
-from unioncam.road import PERCENTILES, road, road_combined
+from unioncam.evaluation.road import PERCENTILES, road, road_combined
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
     combined_ours = road_combined(result).cpu().numpy()
     print(f"pytorch-grad-cam ROADMostRelevantFirstAverage + ROADLeastRelevantFirstAverage: {theirs_s / n:.2f} s/image, "
           f"{4 * n_p} forwards/image (2 per percentile and order)")
-    print(f"unioncam.road.road on {device}: {ours_s / n:.2f} s/image, {2 * n_p} forwards/image; "
+    print(f"unioncam.evaluation.road.road on {device}: {ours_s / n:.2f} s/image, {2 * n_p} forwards/image; "
           f"{theirs_s / ours_s:.1f}x faster")
     gap = np.abs(combined_ours - combined_theirs).max()
     print(f"ROAD combined per image: unioncam {np.array2string(combined_ours, precision=4)}, grad-cam "

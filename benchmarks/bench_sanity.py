@@ -1,4 +1,4 @@
-"""The cascading model parameter randomization test (unioncam.sanity) against quantus 0.6.0's MPRT.
+"""The cascading model parameter randomization test (unioncam.evaluation.sanity) against quantus 0.6.0's MPRT.
 
     python benchmarks/bench_sanity.py [--model efficientnet_lite0] [--images 2] [--every 10]
                                       [--methods gradcam,layercam,edges] [--repeats 2] [--device cuda]
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import unioncam
 from unioncam.engine import predict
-from unioncam.sanity import EdgeDetector, parameterized_layers, sanity_check
+from unioncam.evaluation.sanity import EdgeDetector, parameterized_layers, sanity_check
 
 
 def factory(name: str):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,12 +63,12 @@ def _reset_ray_token_cache() -> None:
 
 @pytest.fixture
 def fake_runner(monkeypatch):
-    """``unioncam.service.runner`` replaced by a recorder of ``main(argv, dataset)`` calls (no Ray)."""
+    """``unioncam.service.runner`` replaced by a recorder of the configs ``main(cfg)`` is called with (no Ray)."""
     import types
 
-    calls: list[tuple[list[str], str]] = []
+    calls: list[Any] = []
     fake = types.ModuleType("unioncam.service.runner")
-    fake.main = lambda argv, dataset: calls.append((list(argv), dataset)) or 0  # type: ignore[attr-defined]
+    fake.main = lambda cfg: calls.append(cfg) or 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "unioncam.service.runner", fake)
     return calls
 

@@ -89,8 +89,9 @@ def test_job_refuses_a_shard_folder_as_out(tmp_path, capsys):
     from service_data import make_shards
 
     make_shards(tmp_path / "shards", 2, 2)
-    rc = job_main(["--shards", str(tmp_path / "shards" / "*.tar"), "--out", str(tmp_path / "shards"),
-                   "--model", "tiny_cnn", "--methods", "gradcam", "--metrics", "ad"], "imagenet")
+    cfg = EvalConfig.from_argv(["--shards", str(tmp_path / "shards" / "*.tar"), "--out", str(tmp_path / "shards"),
+                                "--model", "tiny_cnn", "--methods", "gradcam", "--metrics", "ad"], "imagenet")
+    rc = job_main(cfg)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "is a shard folder" in err[0]
 
@@ -115,7 +116,7 @@ def test_a_malicious_pickle_is_refused_with_the_whole_reason(tmp_path):
 def test_report_markdown_escapes_keys_and_errors():
     import pandas as pd
 
-    from unioncam.service.report import _markdown
+    from unioncam.service.report.render import _markdown
 
     md = _markdown(pd.DataFrame({"key": ["<script>alert(1)</script>", "a|b"], "error": ["x\ny", "<img onerror=z>"]}))
     assert "<script>" not in md and "<img" not in md and "&lt;script&gt;" in md

@@ -47,7 +47,9 @@ def test_hooks_exist_only_during_the_explaining_forward(tiny, method):
     finally:
         probe.remove()
     assert seen[0] == len(cam.layers)  # the explaining forward is hooked ...
-    assert all(n == 0 for n in seen[1:])  # ... the masked forwards (Score-CAM, UnionCAM) are not
+    # ... the masked forwards (Score-CAM, UnionCAM) are not; those that replace or read the target
+    # layer (Ablation-CAM, SmoothGrad-CAM++: CAM.hooked_forwards) hook it alone
+    assert all(n == (1 if cam.hooked_forwards else 0) for n in seen[1:])
     assert forward_hooks(tiny) == 0
     assert again.maps.shape == (2, 64, 64)
 
@@ -316,15 +318,15 @@ def test_4d_layers_are_unchanged_by_an_identity_reshape(tiny, method):
 
 # -- 5. one parser for method and metric names -----------------------------------------------------
 def test_methods_and_metrics_share_one_parser():
+    from unioncam.evaluation import METRICS
     from unioncam.methods import parse_methods
     from unioncam.registry import UnknownNameError, parse_names
-    from unioncam.service.config import METRIC_NAMES
 
     def metrics(spec):
-        return parse_names(spec, METRIC_NAMES, "metric")
+        return parse_names(spec, METRICS.names(), "metric")
 
     assert parse_methods("all") == parse_methods(" ALL ") == METHODS.names()
-    assert metrics("all") == metrics([" All"]) == list(METRIC_NAMES)
+    assert metrics("all") == metrics([" All"]) == METRICS.names()
     assert parse_methods(" GradCAM , unioncam ") == ["gradcam", "unioncam"]
     assert metrics(" AD , insdel ") == ["ad", "insdel"]
     assert parse_methods(["gradcam", " LayerCAM,gradcam"]) == ["gradcam", "layercam"]  # lists, duplicates
@@ -339,7 +341,7 @@ def test_methods_and_metrics_share_one_parser():
     for parse, kind in ((parse_methods, "method"), (metrics, "metric")):
         with pytest.raises(ValueError, match=f"no {kind} given"):
             parse(" , ")
-    assert parse_names("", METRIC_NAMES, "metric", empty_ok=True) == []
+    assert parse_names("", METRICS.names(), "metric", empty_ok=True) == []
 
 
 # -- 6. the CLI's and the job's defaults agree ----------------------------------------------------
@@ -353,7 +355,7 @@ def test_cli_explain_defaults_agree_with_the_job():
     assert args.precision == job.precision == "auto"
     assert args.compile is job.compile is None  # both: on with CUDA, off on CPU
     assert args.batch_size is job.batch_size is None  # both: 4 on CPU, from the GPU's memory on CUDA
-    from unioncam.protocols import get_protocol
+    from unioncam.evaluation.protocols import get_protocol
 
     curves = get_protocol(args.protocol).curves  # both: the protocol's steps (reference: 224)
     assert args.steps is None and curves is not None

@@ -8,7 +8,7 @@ import reference as ref
 import torch
 from torch import nn
 
-from unioncam.metrics import (
+from unioncam.evaluation import (
     average_drop,
     average_increase,
     confidence,
@@ -158,7 +158,7 @@ def test_summarize_mean_ci_and_classes():
 def test_bootstrap_in_chunks_equals_one_draw_and_stays_small(monkeypatch):
     import tracemalloc
 
-    from unioncam import metrics
+    from unioncam.evaluation import summary as metrics
 
     values = np.random.default_rng(1).random(3001)
     rng = np.random.default_rng(7)  # the unchunked definition, written out

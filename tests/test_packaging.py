@@ -267,8 +267,14 @@ def test_eval_passes_every_other_argument_to_the_job(fake_runner, tmp_path):
     assert main(["eval", "--dataset=imagenet"]) == 0
     out = str(tmp_path / "run")
     assert main(["eval", "--dataset", "imagenet", "--shards", "s/*.tar", "--out", out, "--limit", "1"]) == 0
-    assert fake_runner == [(["--limit", "3", "--methods", "gradcam", "--target=topk:2"], "voc"),
-                           ([], "imagenet"), (["--shards", "s/*.tar", "--out", out, "--limit", "1"], "imagenet")]
+    from unioncam.methods import default_methods
+
+    # parsed once, by the CLI: the job gets the resolved config
+    assert [(c.dataset, c.limit, c.methods, c.target, c.shards, c.out) for c in fake_runner] == [
+        ("voc", 3, ["gradcam"], "topk:2", "datasets/sample/voc/sample-voc-*.tar", "runs/sample-voc"),
+        ("imagenet", None, default_methods(), "predicted", "datasets/sample/imagenet/sample-imagenet-*.tar",
+         "runs/sample-imagenet"),
+        ("imagenet", 1, default_methods(), "predicted", "s/*.tar", out)]
 
 
 def test_eval_checks_the_options_before_the_job_starts(fake_runner, capsys):

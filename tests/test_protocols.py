@@ -1,4 +1,4 @@
-"""Metric protocols (:mod:`unioncam.protocols`) cross-checked against each library, image by image.
+"""Metric protocols (:mod:`unioncam.evaluation.protocols`) cross-checked against each library, image by image.
 
 * ``pytorch-grad-cam``: grad-cam 1.5.7's ``DropInConfidence`` / ``IncreaseInConfidence`` /
   ``CamMultImageConfidenceChange`` with ``ClassifierOutputSoftmaxTarget``;
@@ -25,10 +25,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from unioncam.evaluation import average_drop, confidence, energy_pointing_game, insertion_deletion
+from unioncam.evaluation.protocols import PROTOCOL_NAMES, curve_counts, get_protocol, gkern, saliency_ranks
 from unioncam.methods import GradCAM, GradCAMPP
-from unioncam.metrics import average_drop, confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import PixelModel, load
-from unioncam.protocols import PROTOCOL_NAMES, curve_counts, get_protocol, gkern, saliency_ranks
 from unioncam.viz import load_image
 
 TOL = 1e-5

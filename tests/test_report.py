@@ -30,7 +30,6 @@ from unioncam.service import EvalConfig
 from unioncam.service.report import (
     CSS,
     OverlayKeyError,
-    _overlay_rows,
     fmt_auc,
     fmt_pct,
     fmt_sig3,
@@ -38,6 +37,7 @@ from unioncam.service.report import (
     load_rows,
     write_report,
 )
+from unioncam.service.report.figures import _overlay_rows
 from unioncam.service.worker import ShardEvaluator
 from unioncam.viz import COLORBAR_WIDTH, colorbar, grid
 

@@ -1,5 +1,5 @@
 """--protocol in the service and `unioncam rescore` without Ray: a run's saved maps scored again under
-another protocol into a separate table, equal to :mod:`unioncam.metrics` on the same maps, images and
+another protocol into a separate table, equal to :mod:`unioncam.evaluation` on the same maps, images and
 targets; the run's own files untouched."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from service_data import make_shards
 
 from unioncam.data.shards import iter_samples
-from unioncam.metrics import average_drop, confidence, energy_pointing_game, insertion_deletion
+from unioncam.evaluation import average_drop, confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import load
 from unioncam.service import ConfigError, EvalConfig, read_metrics
 from unioncam.service.report import load_rows, write_report
@@ -85,7 +85,7 @@ def test_rescore_equals_the_metrics_on_the_saved_maps_and_leaves_the_run_untouch
     prov = provenance_of(str(Path(str(cfg.out)) / "metrics" / f"{shards[0].stem}.parquet"))
     assert prov["protocol"] == protocol and prov["rescore_of"] == str(run)
 
-    # the same numbers from unioncam.metrics on the saved maps, the decoded images and the rows' targets
+    # the same numbers from unioncam.evaluation on the saved maps, the decoded images and the rows' targets
     model = load("tiny_cnn").model
     samples = {s["key"]: s for s in iter_samples(str(shards[0]), (64, 64)) if "image" in s}
     good = new[new["error"].isna()]
@@ -159,7 +159,10 @@ def test_cli_rescore_passes_the_run_and_protocol_to_the_job(tmp_path: Path, fake
 
     src, _ = evaluated_run(tmp_path)
     assert main(["rescore", str(src.out), "--protocol", "torchcam", "--workers", "1"]) == 0
-    assert fake_runner == [(["--rescore", str(src.out), "--workers", "1", "--protocol", "torchcam"], "imagenet")]
+    [cfg] = fake_runner  # the resolved config: the run's dataset, model and methods, this command's protocol
+    assert (cfg.rescore, cfg.workers, cfg.protocol, cfg.dataset, cfg.model, cfg.methods, cfg.out) == (
+        str(src.out), 1, "torchcam", src.dataset, src.model, src.methods,
+        str(Path(str(src.out)) / "rescore" / "torchcam"))
     assert main(["rescore", str(tmp_path / "none"), "--protocol", "rise"]) == 2  # checked before Ray
     assert main(["rescore", str(src.out), "--protocol", "ryse"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""ROAD (unioncam.road) against pytorch-grad-cam 1.5.7's own implementation, image by image.
+"""ROAD (unioncam.evaluation.road) against pytorch-grad-cam 1.5.7's own implementation, image by image.
 
 grad-cam's side is the reference: ``NoisyLinearImputer`` (a SciPy ``spsolve`` per image),
 ``RemoveMostRelevantFirst`` / ``RemoveLeastRelevantFirst`` (``np.percentile`` thresholds) and
@@ -21,11 +21,11 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
 import unioncam
-import unioncam.road as road_module
+import unioncam.evaluation.road as road_module
 from unioncam.data.sample import sample_photo_paths
+from unioncam.evaluation import confidence
+from unioncam.evaluation.road import RoadResult, impute, percentile, road, road_combined, road_drop
 from unioncam.methods import GradCAM
-from unioncam.metrics import confidence
-from unioncam.road import RoadResult, impute, percentile, road, road_combined, road_drop
 from unioncam.viz import load_image
 
 # grad-cam's np.float32(list of tensors) warns under NumPy 2
@@ -302,6 +302,7 @@ def test_road_errors():
     assert torch.isnan(tied.morf[0, 1]) and not torch.isnan(tied.morf[0, 0]) and not torch.isnan(tied.lerf).any()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_road_on_cuda_equals_cpu():
     loaded = unioncam.load("tiny_cnn")

@@ -1,4 +1,4 @@
-"""metrics=road in the service without Ray: the rows equal unioncam.road on the same maps, and the
+"""metrics=road in the service without Ray: the rows equal unioncam.evaluation.road on the same maps, and the
 report's ROAD columns are the rows' own means."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from service_data import make_shards
 
 from unioncam.data.shards import iter_samples
+from unioncam.evaluation.road import PERCENTILES, road
 from unioncam.methods import GradCAM
 from unioncam.models import load
-from unioncam.road import PERCENTILES, road
 from unioncam.service import EvalConfig, read_metrics
 from unioncam.service.report import write_report
 from unioncam.service.results import provenance_of

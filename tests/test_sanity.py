@@ -1,4 +1,4 @@
-"""The cascading model parameter randomization test (unioncam.sanity): the similarities against SciPy /
+"""The cascading model parameter randomization test (unioncam.evaluation.sanity): the similarities against SciPy /
 scikit-image, the cascade's order, seeds and isolation, known cases (the edge detector stays at 1,
 Grad-CAM falls once its layer is random), failures, and quantus 0.6.0's MPRT side by side."""
 
@@ -19,8 +19,7 @@ from torch import nn
 import unioncam
 from unioncam.data.sample import sample_photo_paths
 from unioncam.engine import predict
-from unioncam.methods import get_method
-from unioncam.sanity import (
+from unioncam.evaluation.sanity import (
     ORIGINAL,
     EdgeDetector,
     cascade,
@@ -30,6 +29,7 @@ from unioncam.sanity import (
     spearman,
     ssim,
 )
+from unioncam.methods import get_method
 from unioncam.viz import load_image
 
 TINY_LAYERS = ["net.classifier", "net.features.3", "net.features.0"]  # top-down; target features.4 follows features.3
@@ -338,6 +338,7 @@ def test_quantus_generator_gives_the_same_weights(name):
     assert n == len(parameterized_layers(model))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_weights_and_similarities_equal_cpu(tiny):
     lm, x = tiny

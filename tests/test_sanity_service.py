@@ -11,8 +11,8 @@ import torch
 from service_data import make_shards
 
 from unioncam.data.shards import iter_samples
+from unioncam.evaluation.sanity import sanity_check
 from unioncam.models import load
-from unioncam.sanity import sanity_check
 from unioncam.service import ConfigError, EvalConfig
 from unioncam.service.report import write_report
 from unioncam.service.results import provenance_of, read_parquet
@@ -38,7 +38,7 @@ def test_sanity_rows_equal_the_library_and_reach_the_report(tmp_path: Path) -> N
     prov = provenance_of(location)
     assert prov["sanity_seed"] == 7 and prov["sanity_layers"] == 2 and len(prov["sanity_layer_seeds"]) > 0
 
-    # the rows are unioncam.sanity's on the same images, targets, seed and layers
+    # the rows are unioncam.evaluation.sanity's on the same images, targets, seed and layers
     model = load("tiny_cnn").model
     samples = [s for s in iter_samples(str(shards[0]), (64, 64)) if "image" in s]
     x = torch.stack([s["image"] for s in samples])

@@ -18,10 +18,11 @@ from service_data import make_shards, softmax_prob
 
 from unioncam import explain, load, read_saliency
 from unioncam.data.shards import iter_samples
+from unioncam.methods import METHODS as REGISTERED
 from unioncam.service import ConfigError, EvalConfig, read_metrics
 from unioncam.service.config import build_parser
 from unioncam.service.report import write_report
-from unioncam.service.results import METRICS_SCHEMA, provenance_of
+from unioncam.service.results import metrics_schema, provenance_of
 from unioncam.service.worker import ShardEvaluator
 
 METHODS = ["gradcam", "scorecam", "unioncam"]
@@ -71,8 +72,11 @@ def test_bad_yaml_values_get_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown metric\(s\) auc; valid: ad, ai, insdel, epg, road"):
         EvalConfig.from_dict({"metrics": "ad, auc"}).resolved()
     cfg = EvalConfig.from_dict({"methods": " ALL ", "metrics": "all"}).resolved()
-    assert cfg.metrics == ["ad", "ai", "insdel", "epg", "road"] and len(cfg.methods) == 7 and "unioncam" in cfg.methods
-    assert EvalConfig().resolved().metrics == ["ad", "ai", "insdel", "epg"]  # the default leaves ROAD out
+    assert cfg.metrics == ["ad", "ai", "insdel", "epg", "road"] and cfg.methods == REGISTERED.names()
+    default = EvalConfig().resolved()
+    assert default.metrics == ["ad", "ai", "insdel", "epg"]  # the default leaves ROAD out
+    assert default.methods == ["gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "unioncam",
+                               "integrativecam"]  # the papers' seven; "all" is every registered method
 
 
 def test_unknown_yaml_key_is_rejected(tmp_path):
@@ -336,7 +340,7 @@ def test_provenance_in_schema_metadata(tmp_path, shard_dir):
     assert meta["torch_version"] == torch.__version__ and meta["weights_sha256"] is None
     maps_meta = provenance_of(tmp_path / "run" / "maps" / "t-000000.parquet")
     assert maps_meta["map_shape"] == [64, 64] and maps_meta["map_dtype"] == "float16"
-    assert pq.read_schema(tmp_path / "run" / "metrics" / "t-000000.parquet").names == METRICS_SCHEMA.names
+    assert pq.read_schema(tmp_path / "run" / "metrics" / "t-000000.parquet").names == metrics_schema().names
     with pytest.raises(KeyError, match="1 key"):
         read_saliency(cfg.out, keys=["nope"])
 

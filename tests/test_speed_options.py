@@ -78,7 +78,7 @@ def test_fp16_on_cpu_warns_and_rounds_finer_than_bf16(images):
 def test_fp32_means_ieee_fp32_in_every_pass(images):
     """TF32 (PyTorch's CUDA default for fp32 convs) is off in the explaining forward and backward,
     in the masked forwards and in the metrics' forwards, and the caller's flags come back after."""
-    from unioncam.metrics import confidence
+    from unioncam.evaluation import confidence
 
     lm = load("tiny_cnn")
     seen: list[tuple[bool, bool]] = []

@@ -169,7 +169,7 @@ def test_metrics_run_across_methods_and_a_failing_map_costs_only_its_row(tmp_pat
 def test_metric_forwards_at_reduced_precision_keep_fp32_logits():
     import warnings
 
-    from unioncam.metrics import confidence, insertion_deletion
+    from unioncam.evaluation import confidence, insertion_deletion
 
     lm = load("tiny_cnn")
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))

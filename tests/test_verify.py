@@ -26,8 +26,8 @@ from unioncam.service import EvalConfig, read_metrics
 from unioncam.service.dataset import SaliencyDataset
 from unioncam.service.report import write_report
 from unioncam.service.results import (
-    METRICS_SCHEMA,
     RunFileError,
+    metrics_schema,
     read_saliency,
     with_provenance,
     write_parquet,
@@ -168,7 +168,7 @@ def test_every_reader_checks_the_schema_version(tmp_path):
     write_parquet(table, table.schema.with_metadata(meta), str(loose / "maps" / "x.parquet"))
     with pytest.raises(RunFileError, match=r"x\.parquet records no map shape"):
         read_saliency(loose)
-    write_parquet([], with_provenance(METRICS_SCHEMA, {}).with_metadata(None), str(loose / "metrics" / "x.parquet"))
+    write_parquet([], with_provenance(metrics_schema(), {}).with_metadata(None), str(loose / "metrics" / "x.parquet"))
     with pytest.raises(RunFileError, match="carries no unioncam schema version"):
         read_metrics(loose)
 

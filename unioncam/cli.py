@@ -19,13 +19,13 @@ import torch
 
 from unioncam import __version__, _missing_service_module, storage
 from unioncam.engine import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
+from unioncam.evaluation import average_drop, average_increase, confidence, insertion_deletion
+from unioncam.evaluation.protocols import get_protocol
 from unioncam.methods import METHODS, explain
 from unioncam.methods import parse_methods as methods_from_spec
-from unioncam.metrics import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.models import WeightsError, load
 from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, resolve_precision
-from unioncam.protocols import get_protocol
 from unioncam.registry import UnknownNameError
 from unioncam.viz import ImageError, load_image, overlay
 
@@ -285,14 +285,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.help:
         job.print_help()
         return 0
-    job.parse_args(args.job_args)  # argparse's own errors (exit 2), under this command's name
+    parsed = job.parse_args(args.job_args)  # argparse's own errors (exit 2), under this command's name
     try:
-        EvalConfig.from_argv(args.job_args, args.dataset)  # the options checked before Ray is imported
+        cfg = EvalConfig.from_args(parsed, args.dataset)  # parsed once, checked before Ray is imported
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     from unioncam.service.runner import main as run_job  # imports Ray
 
-    return run_job(args.job_args, args.dataset)
+    return run_job(cfg)
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
@@ -302,12 +302,12 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
     argv = ["--rescore", args.run_dir, *args.job_args, "--protocol", args.protocol]
     try:
-        EvalConfig.from_argv(argv, "imagenet")  # checked before Ray: the dataset is the run's (from its manifest)
+        cfg = EvalConfig.from_argv(argv, None)  # checked before Ray; the dataset is the run's (from its manifest)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     from unioncam.service.runner import main as run_job  # imports Ray
 
-    return run_job(argv, "imagenet")
+    return run_job(cfg)
 
 
 DESCRIPTION = ("Class activation maps (UnionCAM, Integrative CAM and their baselines) at dataset scale: "
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "--batch-size, ...) are passed on: see unioncam eval --dataset imagenet --help.")
     rs.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory with maps (local or a URI)")
     rs.add_argument("--protocol", required=True,
-                    help="reference, rise, pytorch-grad-cam or torchcam (unioncam.protocols)")
+                    help="reference, rise, pytorch-grad-cam or torchcam (unioncam.evaluation.protocols)")
     rs.set_defaults(func=cmd_rescore)
 
     # every argument but --dataset (and -h) is passed on to the job: main() collects them (parse_known_args)

@@ -1,6 +1,6 @@
 """The inference engine that methods and metrics share: the predicted class, batched probabilities
 of masked inputs (with a per-process count of them, for progress), and batch sizes from the device
-(the GPU memory plan). It knows nothing of CAMs: :mod:`unioncam.methods`, :mod:`unioncam.metrics`,
+(the GPU memory plan). It knows nothing of CAMs: :mod:`unioncam.methods`, :mod:`unioncam.evaluation`,
 ROAD, the sanity check and the service all import it (ops → engine → models → methods).
 """
 

@@ -42,6 +42,10 @@ class Registry(Generic[T]):
     def add(self, name: str, item: T) -> None:
         self._items[self._key(name)] = (name, item)
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (a test's toy entry); raises :class:`UnknownNameError` if absent."""
+        del self._items[self._key(self.canonical(name))]
+
     def names(self) -> list[str]:
         """The registered spellings (``pytorch-grad-cam``, as documented)."""
         return [name for name, _ in self._items.values()]

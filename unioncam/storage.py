@@ -353,10 +353,12 @@ def iter_chunks(location: str, size: int = 1 << 20) -> Iterator[bytes]:
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def write_bytes(location: str, data: bytes) -> None:
-    """Write ``data`` as ``location``, all or nothing (see the module docstring)."""
+def write_bytes(location: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` as ``location``, all or nothing (see the module docstring). ``durable=False``
+    (advisory files such as a worker's ``running/`` marker) skips the fsyncs of a local file and
+    its folder: still all or nothing (a rename), but a crash may lose it."""
     if not is_uri(location):
-        retrying(f"cannot write {location}", lambda: _write_local(local_path(location), data), retries=0)
+        retrying(f"cannot write {location}", lambda: _write_local(local_path(location), data, durable), retries=0)
         return
     _upload(location, lambda: iter((data,)))
 
@@ -384,8 +386,8 @@ def _upload(location: str, chunks: Callable[[], Iterator[bytes]]) -> None:
     retrying(f"cannot write {redact(location)}", put)
 
 
-def write_text(location: str, text: str) -> None:
-    write_bytes(location, text.encode("utf-8"))
+def write_text(location: str, text: str, durable: bool = True) -> None:
+    write_bytes(location, text.encode("utf-8"), durable)
 
 
 def file_mode() -> int:
@@ -404,7 +406,7 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _write_local(path: str, data: bytes) -> None:
+def _write_local(path: str, data: bytes, durable: bool = True) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -412,10 +414,12 @@ def _write_local(path: str, data: bytes) -> None:
         os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        if durable:
+            _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -2,7 +2,7 @@
 
 One parser for both converters: it returns each object's box as written, in the file's own pixel
 convention (both datasets write inclusive pixel indices); :mod:`unioncam.data.voc` and
-:mod:`unioncam.data.imagenet` convert to continuous coordinates (:mod:`unioncam.metrics`) themselves.
+:mod:`unioncam.data.imagenet` convert to continuous coordinates (:mod:`unioncam.evaluation`) themselves.
 """
 
 from __future__ import annotations

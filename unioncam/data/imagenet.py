@@ -15,7 +15,7 @@ Both layouts take visible files with an image extension a shard accepts (``.jpeg
 
 Boxes (optional): the val XMLs (a folder of ``ILSVRC2012_val_XXXXXXXX.xml``) or the LOC csv.
 ImageNet boxes are inclusive pixel indices; we store ``[xmin, ymin, xmax + 1, ymax + 1]`` in
-continuous pixel coordinates (:mod:`unioncam.metrics`) of the original image, with each box's
+continuous pixel coordinates (:mod:`unioncam.evaluation`) of the original image, with each box's
 wnid and class index, and the target class's boxes under ``boxes``.
 """
 

@@ -354,7 +354,7 @@ def iter_samples(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     ``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz``), streamed from disk or an object store.
 
     ``boxes`` are ``[xmin, ymin, xmax, ymax]`` rescaled to the resized image (see
-    :mod:`unioncam.metrics` for the convention). Damage *in the data* becomes error records: a
+    :mod:`unioncam.evaluation` for the convention). Damage *in the data* becomes error records: a
     sample that cannot be decoded, has a duplicate member or malformed metadata gets one of its own;
     a truncated or corrupt tar yields every complete sample before the damage, then one error record
     for the sample it broke in (key ``"<shard>:damaged"`` when no sample had started).

@@ -2,7 +2,7 @@
 
 VOC boxes are 1-based inclusive pixel indices (``xmin = 1`` is the first column). We store
 ``[xmin − 1, ymin − 1, xmax, ymax]``: continuous 0-based pixel coordinates in which the box covers
-exactly the same pixels (:mod:`unioncam.metrics`). ``.cls`` holds the index (in
+exactly the same pixels (:mod:`unioncam.evaluation`). ``.cls`` holds the index (in
 :data:`VOC_CLASSES`) of the first non-difficult object's class, the image's "label"; the EPG
 uses the boxes of the class being explained, from ``objects``.
 """

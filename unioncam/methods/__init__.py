@@ -18,8 +18,15 @@ from unioncam.ops import nhwc_to_nchw, vit_reshape
 from unioncam.registry import Registry, parse_names
 
 METHODS: Registry[type[CAM]] = Registry("method")
-for _cls in (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM, IntegrativeCAM):
+#: the methods the UnionCAM and Integrative CAM papers compare: the job's default ``--methods``
+PAPER_METHODS: tuple[type[CAM], ...] = (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM, IntegrativeCAM)
+for _cls in PAPER_METHODS:
     METHODS.add(_cls.name, _cls)
+
+
+def default_methods() -> list[str]:
+    """The job's default ``--methods``: the papers' (:data:`PAPER_METHODS`); ``all`` is every registered one."""
+    return [cls.name for cls in PAPER_METHODS]
 
 
 def get_method(name: str) -> type[CAM]:
@@ -70,5 +77,6 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
         return cam(images, targets)
 
 
-__all__ = ["CAM", "METHODS", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "Explanation", "explain",
-           "find_layer", "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps", "vit_reshape"]
+__all__ = ["CAM", "METHODS", "PAPER_METHODS", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "Explanation",
+           "default_methods", "explain", "find_layer", "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps",
+           "vit_reshape"]

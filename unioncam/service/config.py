@@ -22,16 +22,14 @@ from typing import Any, Literal
 
 from unioncam import storage
 from unioncam.engine import DEFAULT_GPU_MEMORY_GIB
-from unioncam.methods import METHODS, parse_methods
+from unioncam.evaluation import METRICS, default_metrics, get_metric, parse_metrics
+from unioncam.evaluation.protocols import PROTOCOL_NAMES, get_protocol
+from unioncam.methods import METHODS, default_methods, parse_methods
 from unioncam.models import canonical as canonical_model
 from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, check_precision
-from unioncam.protocols import PROTOCOL_NAMES, get_protocol
-from unioncam.registry import parse_names
 
 Dataset = Literal["imagenet", "voc"]
-METRIC_NAMES: tuple[str, ...] = ("ad", "ai", "insdel", "epg", "road")
-DEFAULT_METRICS: tuple[str, ...] = ("ad", "ai", "insdel", "epg")  # "all" adds road (18 imputations per map)
 SAMPLE_DIR = Path("datasets/sample")
 
 
@@ -53,7 +51,7 @@ class EvalConfig:
         allow_download: let torchvision/timm download missing weights into their caches (never by
             default: everything else is offline).
         methods: method names; metrics: any of ``ad, ai, insdel, epg, road`` (ad and ai share Y
-            and O; road: ROAD's MoRF/LeRF at percentiles 10…90, :mod:`unioncam.road`, not in the
+            and O; road: ROAD's MoRF/LeRF at percentiles 10…90, :mod:`unioncam.evaluation.road`, not in the
             default list: 18 imputed images per map).
         workers / gpus_per_worker / cpus_per_worker: None picks from the cluster's resources.
         batch_size: masked inputs per forward (None: 4 on CPU, 32 on GPU).
@@ -73,13 +71,13 @@ class EvalConfig:
         limit: evaluate at most this many images (in shard order); None: all.
         insdel_steps: insertion/deletion steps (None: the protocol's: 224 at 224² for ``reference``
             and ``rise``, as REFERENCE.md; 20 for ``torchcam``; the bundled sample: 32 with ``reference``).
-        protocol: the metric conventions (:mod:`unioncam.protocols`): "reference" (REFERENCE.md,
+        protocol: the metric conventions (:mod:`unioncam.evaluation.protocols`): "reference" (REFERENCE.md,
             the default), "rise", "pytorch-grad-cam" (no insertion/deletion: ``insdel`` is dropped
             from the metrics) or "torchcam"; recorded in the manifest, the provenance and the report.
         rescore: a finished run directory whose saved maps are scored again under ``protocol``
             (set by ``unioncam rescore``): no map is recomputed, the shards are that run's done
             shards, the targets its rows', and its files are only read.
-        sanity: also run the model parameter randomization sanity check (:mod:`unioncam.sanity`)
+        sanity: also run the model parameter randomization sanity check (:mod:`unioncam.evaluation.sanity`)
             on every image: ``sanity/<shard>.parquet``, Spearman and SSIM per method and cascade step.
         sanity_layers: with ``sanity``, compare after every K-th parameterized layer from the logits
             down (and the last); None: after every layer (VGG16: 16, EfficientNet-Lite0: 99 steps).
@@ -104,8 +102,8 @@ class EvalConfig:
     model: str | None = None
     weights: str | None = None
     allow_download: bool = False
-    methods: list[str] = field(default_factory=lambda: METHODS.names())
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    methods: list[str] = field(default_factory=default_methods)
+    metrics: list[str] = field(default_factory=default_metrics)
     workers: int | None = None
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
@@ -181,14 +179,14 @@ class EvalConfig:
             c.insdel_steps = protocol.curves.steps if protocol.curves else 224
         try:
             c.methods = parse_methods(c.methods)
-            c.metrics = parse_names(c.metrics, METRIC_NAMES, "metric", empty_ok=True)
+            c.metrics = parse_metrics(c.metrics)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if protocol.curves is None and "insdel" in c.metrics:
-            c.metrics.remove("insdel")  # the library has no curves: nothing to compare with
+        unavailable = {m: why for m in c.metrics if (why := get_metric(m).unavailable(protocol))}
+        if unavailable:  # e.g. insdel under pytorch-grad-cam: the library has no curves, nothing to compare with
+            c.metrics = [m for m in c.metrics if m not in unavailable]
             if not c.metrics:
-                raise ConfigError(f"protocol {protocol.name} defines no insertion/deletion ({protocol.sources}); "
-                                  "choose other --metrics or another --protocol")
+                raise ConfigError(f"{'; '.join(unavailable.values())}; choose other --metrics or another --protocol")
         try:
             check_precision(c.precision)
             check_precision(c.metrics_precision)
@@ -288,11 +286,16 @@ class EvalConfig:
         return cls.from_dict(values, dataset)
 
     @classmethod
-    def from_argv(cls, argv: Sequence[str] | None, dataset: Dataset) -> EvalConfig:
-        """Parse the job's command line (see :func:`build_parser`); flags override ``--config``."""
-        args = build_parser(dataset).parse_args(argv)
-        base = cls.from_yaml(args.config, dataset) if args.config else cls(dataset=dataset)
-        if base.dataset != dataset:
+    def from_argv(cls, argv: Sequence[str] | None, dataset: Dataset | None) -> EvalConfig:
+        """Parse the job's command line (see :func:`build_parser`) into a resolved config: :meth:`from_args`."""
+        return cls.from_args(build_parser(dataset).parse_args(argv), dataset)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, dataset: Dataset | None) -> EvalConfig:
+        """The resolved config of the job's parsed flags (:func:`build_parser`): flags override
+        ``--config``. ``dataset``: the entry point's (None for a rescore: the rescored run's)."""
+        base = cls.from_yaml(args.config, dataset) if args.config else cls(dataset=dataset) if dataset else cls()
+        if dataset is not None and base.dataset != dataset:
             raise ConfigError(f"config {args.config} says dataset: {base.dataset}, but this entry point evaluates "
                               f"{dataset} (use jobs/eval_{base.dataset}.py or jobs/eval.py --dataset {base.dataset})")
         given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
@@ -353,7 +356,7 @@ def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:
                          for d in ("metrics", "maps", "report", "sanity", "running")):
         raise ConfigError(f"--out {storage.redact(out)} is (inside) the rescored run's own files: choose another "
                           f"folder (default {storage.redact(storage.join(run, 'rescore', protocol))})")
-    asked = parse_names(c.metrics, METRIC_NAMES, "metric", empty_ok=True)
+    asked = parse_metrics(c.metrics)
     return dataclasses.replace(
         c, rescore=run, dataset=then["dataset"], model=then["model"], methods=list(then["methods"]),
         metrics=[m for m in then["metrics"] if m in asked], target=then.get("target", "predicted"),
@@ -400,15 +403,16 @@ def _names(key: str, spec: str) -> list[str]:
     try:
         if key == "methods":
             return parse_methods(spec)
-        return parse_names(spec, METRIC_NAMES, "metric", empty_ok=True)
+        return parse_metrics(spec)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
-    """Flags of ``jobs/eval_<dataset>.py``; every default is None so a YAML value is kept."""
-    p = argparse.ArgumentParser(prog=f"eval_{dataset}.py",
-                                description=f"Evaluate saliency methods on {dataset} WebDataset shards with Ray.")
+def build_parser(dataset: Dataset | None) -> argparse.ArgumentParser:
+    """Flags of ``jobs/eval_<dataset>.py`` (``dataset`` None: a rescore's, whose dataset is the run's);
+    every default is None so a YAML value is kept."""
+    p = argparse.ArgumentParser(prog=f"eval_{dataset}.py" if dataset else "eval.py",
+                                description=f"Evaluate saliency methods on {dataset or 'WebDataset'} shards with Ray.")
     p.add_argument("--config", help="YAML file of options (flags given here override it)")
     p.add_argument("--shards", help="shard list/glob/brace pattern (default: the bundled sample)")
     p.add_argument("--out", help="run directory (default for the sample: runs/sample-<dataset>)")
@@ -416,9 +420,10 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
     p.add_argument("--allow-download", action="store_const", const=True,
                    help="let torchvision/timm download missing weights into their own caches (default: never)")
     p.add_argument("--weights", help="state-dict file for the model")
-    p.add_argument("--methods", help=f"'all' (default) or comma-separated: {', '.join(METHODS.names())}")
-    p.add_argument("--metrics", help=f"comma-separated: {', '.join(METRIC_NAMES)} (default: "
-                                     f"{','.join(DEFAULT_METRICS)}; 'all' adds road)")
+    p.add_argument("--methods", help=f"'all' or comma-separated: {', '.join(METHODS.names())} (default: the papers' "
+                                     f"{','.join(default_methods())})")
+    p.add_argument("--metrics", help=f"'all' or comma-separated: {', '.join(METRICS.names())} (default: "
+                                     f"{','.join(default_metrics())})")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, or one on CPU)")
     p.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-worker", type=float, help="default: 4 with a GPU, else the cluster's CPUs / workers")
@@ -441,7 +446,7 @@ def build_parser(dataset: Dataset) -> argparse.ArgumentParser:
                    help="insertion/deletion steps (default: the protocol's, 224 for reference; sample: 32)")
     p.add_argument("--protocol",
                    help=f"metric conventions, one of {', '.join(PROTOCOL_NAMES)} (default reference: REFERENCE.md; the "
-                        "others: those libraries' own, unioncam.protocols)")
+                        "others: those libraries' own, unioncam.evaluation.protocols)")
     p.add_argument("--sanity", action="store_const", const=True,
                    help="also run the cascading parameter randomization sanity check (sanity/*.parquet)")
     p.add_argument("--sanity-layers", type=int, metavar="K",

@@ -1,6 +1,6 @@
 """The run's Parquet artifacts: explicit schemas, atomic writes, and reading back.
 
-``RUN_DIR/metrics/<shard>.parquet`` holds one row per image × method (:data:`METRICS_SCHEMA`);
+``RUN_DIR/metrics/<shard>.parquet`` holds one row per image × method (:func:`metrics_schema`);
 ``RUN_DIR/maps/<shard>.parquet`` one saliency map per image × method (:func:`maps_schema`:
 ``FixedSizeList<float16>[H·W]``, the shape in the field and schema metadata). Both carry provenance
 in their schema metadata (``unioncam.*`` keys: schema version, run id, model, weights sha256,
@@ -31,11 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unioncam import storage
+from unioncam.evaluation import row_columns
 
 SCHEMA_VERSION = "3"  # 2: a rank column (--target topk:K), maps as FixedSizeList<float16>[H·W]; 3: ROAD, sanity
 MAP_DTYPE = "float16"  # recorded in the maps file's provenance
 
-METRICS_SCHEMA = pa.schema([
+_ARROW_TYPES = {"float64": pa.float64(), "list<float64>": pa.list_(pa.float64())}  # evaluation.base.ColumnType
+_ROW_FIELDS = [  # what a row is: the sample, the method and the class it explains
     pa.field("key", pa.string(), nullable=False),
     pa.field("shard", pa.string(), nullable=False),
     pa.field("method", pa.string(), nullable=False),
@@ -44,24 +46,27 @@ METRICS_SCHEMA = pa.schema([
     pa.field("rank", pa.int32()),  # the target's rank among the predictions (1: predicted); null for labels
     pa.field("label", pa.int32()),
     pa.field("label_name", pa.string()),
-    pa.field("y", pa.float64()),  # f_c(I0)
-    pa.field("o", pa.float64()),  # f_c(L ⊙ I0)
-    pa.field("insertion_auc", pa.float64()),
-    pa.field("deletion_auc", pa.float64()),
-    pa.field("epg", pa.float64()),
-    pa.field("road_morf", pa.list_(pa.float64())),  # f_c after ROAD's MoRF imputation, per percentile (provenance)
-    pa.field("road_lerf", pa.list_(pa.float64())),  # the same, LeRF
+]
+_DETAIL_FIELDS = [  # the methods' per-image details (CAM.row_details), the map's seconds and the row's error
     pa.field("beta_den", pa.float64()),
     pa.field("beta_reg", pa.float64()),
     pa.field("beta_dereg", pa.float64()),
     pa.field("selected", pa.string()),
     pa.field("seconds", pa.float64()),
     pa.field("error", pa.string()),
-])
+]
+
+
+def metrics_schema() -> pa.Schema:
+    """The metrics file's schema: the row's sample, method and class, then every registered metric's
+    columns (:func:`unioncam.evaluation.row_columns`, in registry order), then the methods' details,
+    ``seconds`` and ``error``. A metric registered later (a plugin) adds its columns here."""
+    return pa.schema([*_ROW_FIELDS, *(pa.field(c, _ARROW_TYPES[t]) for c, t in row_columns().items()),
+                      *_DETAIL_FIELDS])
 
 MAPS_COLUMNS = ("key", "method", "rank", "map")
 
-SANITY_SCHEMA = pa.schema([  # RUN_DIR/sanity/<shard>.parquet (--sanity): unioncam.sanity.SanityResult.rows()
+SANITY_SCHEMA = pa.schema([  # RUN_DIR/sanity/<shard>.parquet (--sanity): unioncam.evaluation.sanity.SanityResult.rows()
     pa.field("key", pa.string(), nullable=False),
     pa.field("method", pa.string(), nullable=False),
     pa.field("rank", pa.int32()),
@@ -214,9 +219,22 @@ def write_parquet(rows: Sequence[dict[str, Any]] | pa.Table, schema: pa.Schema,
 
 def read_parquet(location: str, schema: pa.Schema | None = None) -> pa.Table:
     """One of a run's Parquet files (local or a URI), checked by :func:`open_output`."""
+    return read_output(location, schema)[0]
+
+
+def read_output(location: str, schema: pa.Schema | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """One of a run's Parquet files and its provenance, from one open (one GET on object stores),
+    checked by :func:`open_output`; ``schema`` given, its columns in its order and types, a column
+    the file lacks that is a metric's (a metric registered after the file was written) as nulls."""
     with open_output(location) as parquet:
-        table = parquet.read()
-    return table if schema is None else table.select(schema.names).cast(schema)
+        table, prov = parquet.read(), _provenance(parquet.schema_arrow)
+    if schema is not None:
+        late = set(row_columns())
+        for field in schema:
+            if field.name not in table.column_names and field.name in late:
+                table = table.append_column(field, pa.nulls(len(table), field.type))
+        table = table.select(schema.names).cast(schema)
+    return table, prov
 
 
 class _HashingFile(io.RawIOBase):
@@ -307,10 +325,20 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> pa.Table:
     from unioncam.service.rundir import run_files
 
     run_dir = os.fspath(run_dir)
-    files = run_files(run_dir, "metrics")
+    return read_metrics_files(run_dir, run_files(run_dir, "metrics"))[0]
+
+
+def read_metrics_files(run_dir: str, files: list[str]) -> tuple[pa.Table, dict[str, dict[str, Any]]]:
+    """The rows of a run's metrics ``files`` as one table (:func:`metrics_schema`), and each file's
+    provenance by shard name, each file opened once."""
     if not files:
         raise FileNotFoundError(f"no metrics/*.parquet under {storage.redact(run_dir)}: has the job run there?")
-    return pa.concat_tables([read_parquet(f, METRICS_SCHEMA) for f in files])
+    schema = metrics_schema()
+    tables, provenance = [], {}
+    for f in files:
+        table, provenance[storage.basename(f).removesuffix(".parquet")] = read_output(f, schema)
+        tables.append(table)
+    return pa.concat_tables(tables), provenance
 
 
 def read_saliency(run_dir: str | os.PathLike[str], method: str | None = None,

@@ -42,11 +42,11 @@ from unioncam import storage
 from unioncam.data.shards import shard_name
 from unioncam.service.config import ConfigError
 from unioncam.service.results import (
-    METRICS_SCHEMA,
     SANITY_SCHEMA,
     SCHEMA_VERSION,
     RunFileError,
     maps_schema,
+    metrics_schema,
 )
 
 RUN_FORMAT = "unioncam-run/1"
@@ -263,7 +263,7 @@ def check(run_dir: str, manifest: dict[str, Any], names: Iterable[str], save_map
 
 def _files(entry: dict[str, Any], save_maps: bool) -> list[tuple[str, pa.Schema | None, Any]]:
     """The outputs a done shard's entry says it has: (folder, schema or None for maps, rows)."""
-    checks: list[tuple[str, pa.Schema | None, Any]] = [("metrics", METRICS_SCHEMA, entry.get("rows"))]
+    checks: list[tuple[str, pa.Schema | None, Any]] = [("metrics", metrics_schema(), entry.get("rows"))]
     if entry.get("sanity"):
         checks.append(("sanity", SANITY_SCHEMA, entry["sanity"]))
     if save_maps:
@@ -278,7 +278,7 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
     A file whose stamp (in ``listed``, from a listing, else a stat) is the one its record kept was
     not touched since it was written: it passes without being opened (unless ``deep``). Otherwise
     ``metrics/<name>.parquet`` must open, carry ``run_id`` and :data:`SCHEMA_VERSION`, have every
-    column of :data:`METRICS_SCHEMA` and the row count recorded (``entry["rows"]``);
+    column of :data:`metrics_schema()` and the row count recorded (``entry["rows"]``);
     ``sanity/<name>.parquet`` the same when the entry records sanity rows; when maps are saved,
     ``maps/<name>.parquet`` the same against :func:`maps_schema` of its recorded shape; and each
     file must still hold the bytes it was written with (:func:`content_changed`).

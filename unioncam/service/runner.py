@@ -619,12 +619,12 @@ def _reason(exc: BaseException) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def main(argv: list[str] | None, dataset: str) -> int:
-    """Entry point of ``jobs/eval_<dataset>.py``: exit 0 when every shard is done and reported, 1 when
-    some failed or the report failed (rerun to retry), 2 on bad options, 130 on Ctrl-C."""
-    cfg: EvalConfig | None = None
+def main(cfg: EvalConfig) -> int:
+    """Run the job of a resolved config (``unioncam eval`` / ``jobs/eval_<dataset>.py`` and ``unioncam
+    rescore`` parse their flags once, :meth:`EvalConfig.from_args`, then call this): exit 0 when every
+    shard is done and reported, 1 when some failed or the report failed (rerun to retry), 2 on bad
+    options, 130 on Ctrl-C."""
     try:
-        cfg = EvalConfig.from_argv(argv, dataset)  # type: ignore[arg-type]
         shown = {k: storage.redact(v) if isinstance(v, str) else v for k, v in asdict(cfg).items() if v is not None}
         log(f"config: {json.dumps(shown, sort_keys=True)}")
         manifest = run(cfg)
@@ -634,7 +634,7 @@ def main(argv: list[str] | None, dataset: str) -> int:
     except KeyboardInterrupt:
         done = ""
         with contextlib.suppress(Exception):  # what is done, when the manifest can be read
-            counts = load_manifest(storage.absolute(cfg.out or "."))["counts"] if cfg is not None else {}
+            counts = load_manifest(storage.absolute(cfg.out or "."))["counts"]
             done = f" with {counts['shards_done']} shards ({counts['images']} images) done"
         print(f"unioncam: interrupted{done}; finished shards are kept (manifest.json): rerun the same command "
               "to resume", file=sys.stderr, flush=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import socket
 import threading
@@ -40,22 +39,21 @@ from unioncam import storage
 from unioncam.data.shards import iter_samples, prefetched, shard_name
 from unioncam.data.voc import VOC_CLASSES
 from unioncam.engine import default_batch_size, gpu_plan, masked_inputs, predict
+from unioncam.evaluation import MapBatch, Metric, MetricContext, metric_classes, protocol_columns, scorers
+from unioncam.evaluation.protocols import get_protocol
+from unioncam.evaluation.sanity import cascade_steps, sanity_check
 from unioncam.methods import CAM, get_method, provided_maps
 from unioncam.methods.base import find_layer
-from unioncam.metrics import confidence, energy_pointing_game, insertion_deletion
 from unioncam.models import compiled_graphs, load
 from unioncam.ops import autocast, is_constant, normalize, resolve_precision
-from unioncam.protocols import curve_counts, get_protocol
-from unioncam.road import PERCENTILES, road
-from unioncam.sanity import cascade_steps, sanity_check
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.pool import WorkerStartError
 from unioncam.service.results import (
     MAP_DTYPE,
-    METRICS_SCHEMA,
     SANITY_SCHEMA,
     MapsWriter,
     maps_schema,
+    metrics_schema,
     provenance_of,
     read_maps_file,
     read_parquet,
@@ -102,7 +100,12 @@ class ShardEvaluator:
             self.model.compile_inference(pad_to=self.batch_size)
             self.warmup_seconds = self._warm_up()
         self.provided = provided_maps(cfg.methods)  # methods whose maps another one computes: not run again
-        self.per_map = self._metric_forwards_per_map()
+        context = MetricContext(self.model, self.size, self.batch_size, self.metrics_precision, self.protocol,
+                                cfg.insdel_steps)
+        self.scorers: list[Metric] = [cls(context) for cls in scorers(cfg.metrics)]
+        self.per_map = sum(m.forwards_per_map() for m in self.scorers)  # masked inputs per scored map
+        self.schema = metrics_schema()  # the registered metrics' columns, as this worker writes them
+        self.columns = frozenset(self.schema.names)
         self.batch_start, self.needed, self.batch_images = masked_inputs(), 0, 0  # progress within a batch
         self.cams: dict[str, CAM] = {
             m: get_method(m)(self.model, batch_size=self.batch_size, precision=self.precision)
@@ -115,20 +118,10 @@ class ShardEvaluator:
             "input_size": list(self.size), "precision": self.precision, "metrics_precision": self.metrics_precision,
             "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "protocol": self.protocol.name,
-            "road_percentiles": list(PERCENTILES) if "road" in cfg.metrics else None,
+            **{k: v for cls in metric_classes() for k, v in cls.provenance(cls.name in cfg.metrics).items()},
             "rescore_of": storage.redact(cfg.rescore) if cfg.rescore else None,
             "unioncam_version": unioncam.__version__, "torch_version": torch.__version__,
             "ray_version": _ray_version(), "device": str(self.device)}
-
-    def _metric_forwards_per_map(self) -> int:
-        """The metrics' masked inputs per scored map: 2 (Y and O), 2 × the curve points (insertion
-        and deletion), 2 × ROAD's percentiles (MoRF and LeRF)."""
-        points = 0
-        if "insdel" in self.cfg.metrics and self.protocol.curves is not None:
-            points = curve_counts(self.size[0] * self.size[1], self.cfg.insdel_steps or self.protocol.curves.steps,
-                                  self.protocol.curves.step_rule).numel()
-        return 2 * bool({"ad", "ai"} & set(self.cfg.metrics)) + 2 * points + 2 * len(PERCENTILES) * (
-            "road" in self.cfg.metrics)
 
     def forwards_needed(self, x: Tensor, repeat: int = 1) -> int:
         """The masked inputs explaining and scoring the images ``x`` (each for ``repeat`` targets) will
@@ -136,7 +129,7 @@ class ShardEvaluator:
         (:class:`unioncam.methods.CAM`): one per *non-constant* channel of the target layer on these
         images for each ``channel_forwards`` method (Score-CAM, UnionCAM; one hooked forward counts
         the channels), ``extra_forwards`` per image (UnionCAM's 2 β inputs, ``L_Den`` and
-        ``L_Reg``), and :meth:`_metric_forwards_per_map` per map. Exact without ``sanity``, except
+        ``L_Reg``), and each metric's ``forwards_per_map`` per map. Exact without ``sanity``, except
         work a method does only sometimes (UnionCAM's third β input, ``L_Dereg``, when AMS needs
         it), which the count may pass by one per image (the driver shows it capped at the total: the
         count always reaches the total); with ``sanity`` the randomized models' constant channels
@@ -284,8 +277,8 @@ class ShardEvaluator:
             where = {(k, m, r): i for i, (k, m, r) in enumerate(keys)}
         # the protocol's columns are always cleared (never another protocol's values under this one's name);
         # the others (EPG, ROAD: no protocol changes them) keep the run's values unless rescored
-        redone = list(dict.fromkeys([*PROTOCOL_COLUMNS, *(c for metric, cols in RESCORED.items()
-                                                          if metric in self.cfg.metrics for c in cols)]))
+        redone = list(dict.fromkeys([*protocol_columns(), *(c for cls in metric_classes(self.cfg.metrics)
+                                                            for c in cls.columns)]))
         wanted: dict[str, list[int]] = {}  # key -> its rows to score again
         for j, row in enumerate(out):
             if row["error"] is None:
@@ -359,7 +352,7 @@ class ShardEvaluator:
                            "sanity_seeding": "distinct", "sanity_layer_seeds": self.layer_seeds}
             files["sanity"] = write_parquet(computed["sanity"], with_provenance(SANITY_SCHEMA, sanity_prov),
                                             storage.join(out, "sanity", f"{name}.parquet"))
-        files["metrics"] = write_parquet(rows, with_provenance(METRICS_SCHEMA, prov),
+        files["metrics"] = write_parquet(rows, with_provenance(self.schema, prov),
                                          storage.join(out, "metrics", f"{name}.parquet"))
         return {"images": seen, "rows": len(rows), "maps": len(maps) if self.cfg.save_maps else 0, "source": source,
                 "files": files,
@@ -369,7 +362,7 @@ class ShardEvaluator:
 
     def _row(self, sample: dict[str, Any], method: str, **values: Any) -> Row:
         label = sample.get("label")
-        row: Row = {c: None for c in METRICS_SCHEMA.names}
+        row: Row = dict.fromkeys(self.schema.names)
         row.update(key=sample["key"], shard=sample.get("shard", ""), method=method, label=label,
                    label_name=self.label_names[label] if label is not None and 0 <= label < len(self.label_names)
                    else None)
@@ -418,7 +411,7 @@ class ShardEvaluator:
                                           **common))
                     continue
                 saliency, details, seconds = outcome
-                kept = {k: v for k, v in details.items() if k in METRICS_SCHEMA.names}
+                kept = {k: v for k, v in details.items() if k in self.columns}
                 rows.append(self._row(sample, method, seconds=seconds, **common, **(value or {}), **kept))
                 if self.cfg.save_maps:
                     maps.append({"key": sample["key"], "method": method, "rank": ranks[i],
@@ -426,28 +419,8 @@ class ShardEvaluator:
         if self.cfg.sanity:
             self._sanity(batch, x, targets, ranks)
 
-    def _road(self, batch: list[dict[str, Any]], x: Tensor, m: Tensor, t: Tensor, index: list[int],
-              values: list[Row | str]) -> None:
-        """ROAD's MoRF/LeRF per percentile into ``values``; noise seeded by the image's key (not by
-        its batch or method). If the batch fails, map by map; a map that fails alone keeps its other
-        metrics and gets no ROAD values (NaN entries: a threshold that removed every pixel)."""
-        try:
-            seeds = [int.from_bytes(hashlib.sha256(batch[i]["key"].encode()).digest()[:8], "big") for i in index]
-            res = road(self.model, x, m, t, batch_size=self.batch_size, precision=self.metrics_precision,
-                       image_seeds=seeds)
-        except Exception:
-            if len(index) > 1:
-                for j in range(len(index)):
-                    self._road(batch, x[j:j + 1], m[j:j + 1], t[j:j + 1], index[j:j + 1], values[j:j + 1])
-            return  # values[j:j+1] is a new list, but it holds the same row dicts
-        for j, (morf, lerf) in enumerate(zip(res.morf.tolist(), res.lerf.tolist(), strict=True)):
-            row = values[j]
-            if isinstance(row, dict):
-                row.update(road_morf=[None if math.isnan(v) else v for v in morf],
-                           road_lerf=[None if math.isnan(v) else v for v in lerf])
-
     def _sanity(self, batch: list[dict[str, Any]], x: Tensor, targets: Tensor, ranks: list[int | None]) -> None:
-        """The cascading randomization check (:func:`unioncam.sanity.sanity_check`) of every method on
+        """The cascading randomization check (:func:`unioncam.evaluation.sanity.sanity_check`) of every method on
         this batch, into :attr:`sanity_rows`; a batch that fails is retried image by image, and an
         image that fails alone gets one error row per method."""
         try:
@@ -526,37 +499,21 @@ class ShardEvaluator:
 
     def _metrics(self, batch: list[dict[str, Any]], x: Tensor, targets: Tensor, m: Tensor,
                  index: list[int]) -> list[Row | str]:
+        """Every requested metric's values for the maps ``m`` (``m[j]`` explains image ``index[j]``);
+        a map that one metric finds an error for (Y = 0, say) is an error row."""
         idx = torch.tensor(index, device=x.device)
-        xi, ti = x[idx], targets[idx]
+        maps = MapBatch(x[idx], m, targets[idx], [batch[i]["key"] for i in index],
+                        [batch[i].get("boxes") for i in index])
         values: list[Row | str] = [{} for _ in index]
-        if {"ad", "ai"} & set(self.cfg.metrics):
-            y, o = confidence(self.model, xi, m, ti, self.batch_size, self.metrics_precision, self.protocol)
-            for j, (yj, oj) in enumerate(zip(y.tolist(), o.tolist(), strict=True)):
-                if not (math.isfinite(yj) and math.isfinite(oj)):
-                    values[j] = f"non-finite confidence (Y={yj}, O={oj})"
-                elif yj <= 0:
-                    values[j] = "Y = 0: the model gives the target class zero probability (Average Drop undefined)"
-                else:
-                    values[j].update(y=yj, o=oj)  # type: ignore[union-attr]
-        if "insdel" in self.cfg.metrics:
-            ins, dele = insertion_deletion(self.model, xi, m, ti, self.cfg.insdel_steps, self.batch_size,
-                                           self.metrics_precision, self.protocol)
-            for j, (a, d) in enumerate(zip(ins.tolist(), dele.tolist(), strict=True)):
-                if isinstance(values[j], dict):
-                    values[j].update(insertion_auc=a, deletion_auc=d)  # type: ignore[union-attr]
-        if "road" in self.cfg.metrics:
-            self._road(batch, xi, m, ti, index, values)
-        if "epg" in self.cfg.metrics:
-            for j, i in enumerate(index):
-                if batch[i]["boxes"] and isinstance(values[j], dict):
-                    values[j]["epg"] = float(energy_pointing_game(m[j:j + 1], [batch[i]["boxes"]])[0])  # type: ignore[index]
+        for metric in self.scorers:
+            for j, value in enumerate(metric.score(maps)):
+                current = values[j]
+                if isinstance(current, dict):
+                    if isinstance(value, str):
+                        values[j] = value
+                    else:
+                        current.update(value)
         return values
-
-
-RESCORED: dict[str, tuple[str, ...]] = {  # the columns each metric writes (a rescore redoes those it runs)
-    "ad": ("y", "o"), "ai": ("y", "o"), "insdel": ("insertion_auc", "deletion_auc"), "epg": ("epg",),
-    "road": ("road_morf", "road_lerf")}
-PROTOCOL_COLUMNS = ("y", "o", "insertion_auc", "deletion_auc")  # the columns a protocol changes
 
 
 def _details_at(details: dict[str, Any], i: int, keys: tuple[str, ...]) -> Row:
@@ -678,7 +635,7 @@ class ShardWorker:
             now = time.monotonic()
             if now - last[0] >= MARKER_INTERVAL or done == 0:  # one small PUT at most every few seconds
                 last[0] = now
-                storage.write_text(marker, json.dumps({**info, "shard": name, "done": done}))
+                storage.write_text(marker, json.dumps({**info, "shard": name, "done": done}), durable=False)
 
         try:
             progress(0)
