@@ -46,6 +46,15 @@ def normalize(maps: Tensor) -> Tensor:
     return safe_divide(maps - lo, span, span > 0)
 
 
+def min_max_eps(maps: Tensor, eps: float) -> Tensor:
+    """``(m − min) / (max − min + eps)`` over the last two dimensions: the libraries' normalization
+    (pytorch-grad-cam's ``scale_cam_image`` with ``eps = 1e-7``, TorchCAM's ``_normalize`` with ``1e-8``),
+    where :func:`normalize` divides by the span alone (a constant map is 0 in both)."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    shifted = maps - low
+    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
 def safe_divide(num: Tensor | float, den: Tensor, where: Tensor | None = None) -> Tensor:
     """``num / den`` where ``where`` is True (default: where ``den != 0``), exactly 0 elsewhere.
 

@@ -7,21 +7,39 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from unioncam.methods.ablation import AblationCAM
 from unioncam.methods.base import CAM, Explanation, Reshape, Targets, find_layer
-from unioncam.methods.gradient import GradCAM, GradCAMPP, LayerCAM, XGradCAM
+from unioncam.methods.cam import ClassActivationMap
+from unioncam.methods.eigen import EigenCAM, EigenGradCAM
+from unioncam.methods.fullgrad import FullGrad
+from unioncam.methods.gradient import GradCAM, GradCAMElementWise, GradCAMPP, HiResCAM, LayerCAM, XGradCAM
 from unioncam.methods.integrative import IntegrativeCAM
+from unioncam.methods.randomcam import RandomCAM
 from unioncam.methods.score import ScoreCAM
+from unioncam.methods.smoothscore import ISCAM, SSCAM
 from unioncam.methods.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from unioncam.methods.union import UnionCAM
 from unioncam.models import LoadedModel
 from unioncam.ops import nhwc_to_nchw, vit_reshape
-from unioncam.registry import Registry, parse_names
+from unioncam.registry import Registry, name_key, parse_names
 
 METHODS: Registry[type[CAM]] = Registry("method")
 #: the methods the UnionCAM and Integrative CAM papers compare: the job's default ``--methods``
 PAPER_METHODS: tuple[type[CAM], ...] = (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM, IntegrativeCAM)
-for _cls in PAPER_METHODS:
+#: the other methods pytorch-grad-cam and TorchCAM ship for classifiers (issue 26)
+BREADTH_METHODS: tuple[type[CAM], ...] = (HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, RandomCAM,
+                                          ClassActivationMap, AblationCAM, FullGrad, SSCAM, ISCAM)
+for _cls in (*PAPER_METHODS, *BREADTH_METHODS):
     METHODS.add(_cls.name, _cls)
+
+
+def families() -> dict[str, list[str]]:
+    """``{family: [method, ...]}`` from the classes' ``family`` (registry order): the names
+    :func:`parse_methods` expands, besides ``all``."""
+    out: dict[str, list[str]] = {}
+    for name in METHODS.names():
+        out.setdefault(METHODS.get(name).family, []).append(name)
+    return out
 
 
 def default_methods() -> list[str]:
@@ -46,14 +64,20 @@ def provided_maps(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
-    """``"all"`` or a comma-separated list (or a list) of method names, validated and in canonical
-    spelling (:func:`unioncam.registry.parse_names`, the parser the metric names use too).
+    """``"all"`` or a comma-separated list (or a list) of method names and family names
+    (``gradient``, ``score``, ``activation``: :func:`families`), validated and in canonical spelling
+    (:func:`unioncam.registry.parse_names`, the parser the metric names use too). A family stands for
+    its methods in registry order; duplicates are dropped (first occurrence kept).
 
     Raises:
         UnknownNameError: a name is not registered (the message suggests the closest).
         ValueError: the list is empty.
     """
-    return parse_names(spec, METHODS.names(), "method")
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    given = [n.strip() for part in parts for n in part.split(",") if n.strip()]
+    groups = {name_key(f): members for f, members in families().items()}
+    expanded = [m for n in given for m in groups.get(name_key(n), [n])]
+    return parse_names(expanded if given else spec, METHODS.names(), "method")
 
 
 def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "unioncam",
@@ -77,6 +101,6 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
         return cam(images, targets)
 
 
-__all__ = ["CAM", "METHODS", "PAPER_METHODS", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "Explanation",
-           "default_methods", "explain", "find_layer", "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps",
-           "vit_reshape"]
+__all__ = ["BREADTH_METHODS", "CAM", "METHODS", "PAPER_METHODS", "ClassifierOutputSoftmaxTarget",
+           "ClassifierOutputTarget", "Explanation", "default_methods", "explain", "families", "find_layer",
+           "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps", "vit_reshape"]

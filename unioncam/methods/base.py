@@ -69,6 +69,15 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
     raise ValueError(f"no layer {layer!r} in the model; some valid names: {', '.join(names[-8:])}")
 
 
+def model_name(model: nn.Module) -> str:
+    """A model's name for one-line errors: its ``name`` attribute, else the class of the network it
+    wraps (a :class:`~unioncam.models.PixelModel`'s ``net``), else its own class."""
+    name = getattr(model, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(getattr(model, "net", model)).__name__
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """``model.eval()`` inside the block; afterwards (also on an exception) every submodule's
@@ -128,6 +137,18 @@ class CAM(abc.ABC):
     #: ``(method, why)``: a method whose maps this one equals in some settings, and why (the report
     #: says so when their rows agree)
     same_as: ClassVar[tuple[str, str] | None] = None
+    #: the family ``parse_methods`` expands (``--methods gradient``): "gradient" (one forward and one
+    #: backward), "score" (masked forwards), "activation" (the activations or weights alone)
+    family: ClassVar[str] = "gradient"
+    #: the method draws random numbers: it takes ``seed=`` and reports ``details["seed"]``; the same seed
+    #: gives the same maps whatever the batch size or device
+    seeded: ClassVar[bool] = False
+    #: forwards after the explaining one that also hook the target layer (SmoothGrad-CAM++'s noisy
+    #: passes, Ablation-CAM's ablated passes); False: every later forward runs without hooks of ours
+    hooked_forwards: ClassVar[bool] = False
+    #: also differentiate the class score with respect to the input (FullGrad): :meth:`compute_layers`
+    #: then receives one more gradient after the layers' ones, ``∂S_c/∂x`` (``B×3×H×W``)
+    input_gradient: ClassVar[bool] = False
     _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # the hooks of the call in progress
     _closed = False
 
@@ -144,6 +165,16 @@ class CAM(abc.ABC):
         if self.reshape is not None and not callable(self.reshape):
             raise TypeError(f"reshape must be a function of the layer's output, got {type(self.reshape).__name__}")
         self._acts: list[Tensor | None] = [None] * len(self.layers)
+
+    @classmethod
+    def check_model(cls, model: nn.Module, target_layer: str | nn.Module | None = None,
+                    input_size: tuple[int, int] | None = None) -> None:
+        """Raise a one-line ``ValueError`` naming the method and the model when this method cannot
+        explain ``model`` at ``target_layer`` (CAM without a global-pooling + linear head, FullGrad
+        without biases); the default accepts every model. Cheap enough for a driver to call for every
+        method before it starts workers (at most one forward of a random image of ``input_size``,
+        default 224×224, on the model's device)."""
+        return None  # a hook with a default, not an abstract method
 
     def _install_hooks(self) -> tuple[torch.utils.hooks.RemovableHandle, ...]:
         """Hook every module in ``self.layers`` for one explaining forward (see :meth:`__call__`)."""
@@ -264,6 +295,8 @@ class CAM(abc.ABC):
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} was closed (remove_hooks() or the end of its with block)")
         images = self._check_images(images)
+        if self.input_gradient:  # a leaf of its own: the caller's tensor is left as it was
+            images = images.detach().requires_grad_(True)
         with ieee_fp32(), eval_mode(self.model):  # TF32 off: the explaining pass is fp32 whatever `precision` is
             try:
                 self._install_hooks()
@@ -280,13 +313,15 @@ class CAM(abc.ABC):
                 if self.uses_gradients:  # samples are independent in eval mode: one backward of the sum
                     score = logits.gather(1, t[:, None]).sum() if scorers is None else \
                         torch.stack([f(logits[i]) for i, f in enumerate(scorers)]).sum()
-                    grads = list(torch.autograd.grad(score, acts, allow_unused=True))
-                    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads, strict=True)]
+                    wrt = [*acts, images] if self.input_gradient else acts
+                    grads = list(torch.autograd.grad(score, wrt, allow_unused=True))
+                    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(wrt, grads, strict=True)]
                 with torch.no_grad():
+                    images = images.detach()
                     b = images.shape[0]
                     grids = [self._grid(a.detach(), b) for a in acts]
                     if grads is not None:
-                        grads = [self._grid(g, b) for g in grads]
+                        grads = [self._grid(g, b) for g in grads[:len(acts)]] + grads[len(acts):]
                     raw, details = self.compute_layers(images, t, grids, grads, logits.detach())
                     if not bool(torch.isfinite(raw).all()) or not bool(torch.isfinite(logits).all()):
                         # normalize() would turn NaN into a plausible all-zero map: refuse instead

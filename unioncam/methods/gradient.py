@@ -90,3 +90,30 @@ class LayerCAM(CAM):
                 logits: Tensor) -> tuple[Tensor, Details]:
         assert grads is not None
         return (grads.clamp_min(0) * acts).sum(dim=1).clamp_min(0), {}
+
+
+class HiResCAM(CAM):
+    """HiResCAM (Draelos & Carin, 2020): ``ReLU(Σ_k g_k ⊙ A_k)``: the gradient multiplies the
+    activations element-wise before the channel sum, so the map is the class score's first-order
+    share at each position (= pytorch-grad-cam 1.5.7 ``HiResCAM``)."""
+
+    name = "hirescam"
+    class_targets = False
+
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        assert grads is not None
+        return (grads * acts).sum(dim=1).clamp_min(0), {}
+
+
+class GradCAMElementWise(CAM):
+    """Grad-CAM element-wise (pytorch-grad-cam 1.5.7 ``GradCAMElementWise``): ``ReLU(Σ_k ReLU(g_k ⊙ A_k))``,
+    HiResCAM with the ReLU taken per channel before the sum (the outer ReLU changes nothing)."""
+
+    name = "gradcamelementwise"
+    class_targets = False
+
+    def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
+                logits: Tensor) -> tuple[Tensor, Details]:
+        assert grads is not None
+        return (grads * acts).clamp_min(0).sum(dim=1), {}

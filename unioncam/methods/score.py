@@ -57,6 +57,7 @@ class ScoreCAM(CAM):
     """Score-CAM. Option ``skip_constant`` (default True) skips constant channels exactly."""
 
     name = "scorecam"
+    family = "score"
     uses_gradients = False
     channel_forwards = True
 

@@ -94,6 +94,7 @@ class UnionCAM(CAM):
     """
 
     name = "unioncam"
+    family = "score"
     row_details = ("beta_den", "beta_reg", "beta_dereg", "selected")
     provides: ClassVar[dict[str, str]] = {"scorecam": "region_map"}  # L_Region is Score-CAM's map (REFERENCE.md)
     channel_forwards = True
