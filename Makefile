@@ -41,3 +41,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out
+
+# The GPU check (docs/performance.md, "GPU check"). gpu-wheels, here: the wheelhouse gpu-wheels/ (git-ignored, at
+# most 60 MiB: Ray slimmed and the packages the GPU machine lacks). gpu-check, on the GPU machine (no network, no
+# .venv there): installs it into a temporary folder and runs benchmarks/gpu_check.py.
+.PHONY: gpu-wheels gpu-check
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
