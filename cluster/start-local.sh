@@ -15,7 +15,7 @@
 # Loopback only: Ray 2.60 replaces `--node-ip-address=127.0.0.1` by the host's address, and then
 # binds the GCS, raylets, agents and workers to all interfaces, unless
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its single-machine mode). With it, every Ray server listens on
-# 127.0.0.1 only (tests/test_ray.py checks the sockets). Drivers on this machine need both settings
+# 127.0.0.1 only (tests/service/test_ray.py checks the sockets). Drivers on this machine need both settings
 # too: `. .ray-local/env` exports them (no secret in it).
 set -euo pipefail
 STATE="${UNIONCAM_RAY_STATE:-.ray-local}"

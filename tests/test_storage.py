@@ -1,6 +1,6 @@
 """unioncam.storage and everything built on it, against a real S3 endpoint (moto's server on 127.0.0.1).
 
-No Ray here (tests/test_s3.py runs the job end to end on the session cluster): shards are written to
+No Ray here (tests/service/test_s3.py runs the job end to end on the session cluster): shards are written to
 and streamed from s3://, a shard's rows and maps are written to s3:// by the evaluator, read back
 with read_metrics / read_saliency, reported, verified; faults come from a proxy that answers 500 or
 cuts a response short.

@@ -8,7 +8,7 @@ Modules: :mod:`~unioncam.evaluation.confidence` (Average Drop / Increase), :mod:
 Adding a metric: one module with a :class:`Metric` subclass (its columns, direction, boxes, forwards
 per map, :meth:`~Metric.score` and :meth:`~Metric.summarize`) and one line here, ``METRICS.add``.
 The job's ``--metrics``, the worker, the Parquet schema, rescore and the report's tables derive from
-the registry (``tests/test_metric_registry.py`` registers a toy metric and finds it in each).
+the registry (``tests/evaluation/test_metric_registry.py`` registers a toy metric and finds it in each).
 """
 
 from __future__ import annotations

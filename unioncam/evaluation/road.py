@@ -51,7 +51,7 @@ _WEIGHTS = {(-1, -1): 1 / 12, (-1, 0): 1 / 6, (-1, 1): 1 / 12, (0, -1): 1 / 6, (
 _OFFSETS = tuple((di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1))  # a 9-point stencil's taps; 4 is the centre
 
 RTOL = 1e-9  # CG stops when ‖r‖₂ ≤ RTOL · ‖b‖₂ for every system (see impute)
-MAX_ITER = 200  # CG iteration cap (≤ 14 were needed in tests/test_road.py); beyond it: RuntimeError
+MAX_ITER = 200  # CG iteration cap (≤ 14 were needed in tests/evaluation/test_road.py); beyond it: RuntimeError
 # road(): at most this many pixel values (masks · C·H·W) per impute call. impute's float64 work space
 # peaks at ~35 MB per 3×224×224 mask (ru_maxrss, CPU), so ~200 MB on CPU (6 masks) and ~0.9 GB on
 # CUDA (27 masks). On two CPU cores 1-8 masks per call cost ~65 ms each, 24 per call 200 ms each.
@@ -250,7 +250,7 @@ def impute(images: Tensor, removed: Tensor, noise: float = 0.0,
     (~``κ · 6e-8``) would be ~1e-3 in pixel values. ``rtol = 1e-9`` kept the imputed values within
     ~6e-8 (float32 rounding) of SciPy's ``spsolve``, what grad-cam runs, on 224×224 photos with
     10–90% removed (GradCAM maps, both orders), random masks and single kept pixels, in 2–14
-    iterations (benchmarks/bench_road.py, tests/test_road.py).
+    iterations (benchmarks/bench_road.py, tests/evaluation/test_road.py).
 
     Args:
         images: ``B×C×H×W``, in any affine space (pixel values or normalized tensors).

@@ -22,7 +22,7 @@ Conventions:
     * Targets: the classes explained are fixed to those of the original model (given by the caller,
       or the original model's predictions); they are not re-predicted on the randomized models.
 
-Against quantus 0.6.0 (tests/test_sanity.py runs it side by side): with ``seeding="quantus"`` the
+Against quantus 0.6.0 (tests/evaluation/test_sanity.py runs it side by side): with ``seeding="quantus"`` the
 layer names, order and re-initialized weights are identical, and so are the Spearman values per
 layer and image. Its MPRT differs elsewhere: it flattens the maps before its ``similarity_func``
 (so ``similarity_func=quantus.ssim`` would be a 1-D SSIM along raster rows, and its batched ssim

@@ -26,6 +26,7 @@ import ray
 from unioncam import storage
 from unioncam.data.sample import write_sample_shards
 from unioncam.data.shards import MANIFEST, count_samples, expand_shards, shard_name
+from unioncam.methods import get_method
 from unioncam.models import LoadedModel, WeightsError, load
 from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, top_k
@@ -287,6 +288,12 @@ def check_model(cfg: EvalConfig) -> LoadedModel:
     if k is not None and k > len(loaded.class_names):
         raise ConfigError(f"--target topk:{k} asks for more classes than {loaded.name} has "
                           f"({len(loaded.class_names)}): use K <= {len(loaded.class_names)}")
+    if not cfg.rescore:  # a rescore computes no map
+        for method in cfg.methods:  # a method that cannot explain this model (CAM without a pooling + linear head)
+            try:
+                get_method(method).check_model(loaded.model, loaded.target_layer, loaded.input_size)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None  # names the method and the model
     return loaded
 
 

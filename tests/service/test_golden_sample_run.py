@@ -1,6 +1,6 @@
 """The sample run's rows and maps are those recorded before the service renovation (issue 24).
 
-``tests/data/sample_*_before_renovation.json`` were written from runs of commit f3a8431 (before the
+``tests/golden/sample_*_before_renovation.json`` were written from runs of commit f3a8431 (before the
 metric registry, the engine, the run directory object and the worker pool) over the bundled sample:
 ``jobs/eval_imagenet.py --methods <the papers' 7>`` (EfficientNet-Lite0, AD/AI, insertion/deletion at
 32 steps, EPG) and ``jobs/eval_voc.py --methods gradcam,unioncam --metrics all`` (with ROAD and EPG
@@ -23,7 +23,7 @@ from unioncam.service.config import EvalConfig
 from unioncam.service.results import map_array, read_maps_file, read_parquet
 from unioncam.service.worker import ShardEvaluator
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "golden"
 PAPERS = "gradcam,gradcampp,xgradcam,layercam,scorecam,unioncam,integrativecam"
 RUNS = {  # the recorded run's flags, as it was run
     "imagenet": ["--methods", PAPERS],

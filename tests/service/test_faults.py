@@ -1,4 +1,4 @@
-"""Faults of the evaluation service and how they end (hardening items 15.6, 15.13, 15.14, 15.16-15.18).
+"""Faults of the evaluation service and how each ends: error rows, one-line errors, runs left resumable.
 
 - Label targets the model gives zero probability (Y = 0) become error rows; the report still builds.
 - A run directory takes new settings while no shard is done, and refuses them, naming the key, after.
@@ -33,14 +33,14 @@ from unioncam.service.report import write_report
 from unioncam.service.runner import RunManifest
 from unioncam.service.worker import ShardEvaluator
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEAD_CLASS = 3  # the class whose logit is pushed to -1e4 (labels are i % 10)
 Y0 = "Y = 0: the model gives the target class zero probability"
 
 
 def slow_config(tmp_path: Path, **kw) -> EvalConfig:
     """One worker, thousands of insertion/deletion steps one input per forward: slow enough to be
-    caught mid-shard (as tests/test_ray.py's killed-worker test)."""
+    caught mid-shard (as tests/service/test_ray.py's killed-worker test)."""
     base = {"shards": str(tmp_path / "shards" / "*.tar"), "out": str(tmp_path / "run"), "model": "tiny_cnn",
             "methods": ["gradcam"], "metrics": ["insdel"], "insdel_steps": 1500, "batch_size": 1,
             "images_per_batch": 1, "workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "report": False,

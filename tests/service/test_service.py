@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchvision
 from service_data import make_shards, softmax_prob
 
 from unioncam import explain, load, read_saliency
@@ -124,7 +125,13 @@ def test_the_driver_checks_the_model_before_any_worker_starts(tmp_path, monkeypa
         runner.run(EvalConfig(**base, model="tiny_cnn", weights=str(wrong), out=str(tmp_path / "b")).resolved())
     with pytest.raises(ConfigError, match=r"--target topk:11 asks for more classes than tiny_cnn has \(10\)"):
         runner.run(EvalConfig(**base, model="tiny_cnn", target="topk:11", out=str(tmp_path / "c")).resolved())
-    assert not any((tmp_path / d / "lock.json").exists() for d in "abc")  # refused before the lock, too
+    torch.manual_seed(0)  # a model CAM cannot explain (no pooling + linear head): one line naming both
+    squeeze = tmp_path / "squeezenet.pth"
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), squeeze)
+    with pytest.raises(ConfigError, match=r"^cam: model SqueezeNet has no linear classifier layer"):
+        runner.run(EvalConfig(**{**base, "methods": ["gradcam", "cam"]}, model="torchvision:squeezenet1_1",
+                              weights=str(squeeze), out=str(tmp_path / "d")).resolved())
+    assert not any((tmp_path / d / "lock.json").exists() for d in "abcd")  # refused before the lock, too
 
 
 # -- one shard -----------------------------------------------------------------------------------
@@ -381,7 +388,7 @@ def test_cluster_manifests_run_a_valid_job_command():
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1] / "cluster"
+    root = Path(__file__).resolve().parents[2] / "cluster"
     rayjob = yaml.safe_load((root / "rayjob.yaml").read_text())
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:2] == ["python", "jobs/eval_imagenet.py"] and (root.parent / argv[1]).is_file()

@@ -2,7 +2,7 @@
 
 - The damage matrix: after a clean run of 3 shards, each damage (a truncated metrics file, a deleted
   maps file, a metrics file of another run, a changed source shard; a shard unreadable on its first
-  attempt is in tests/test_s3.py) is repaired by a rerun to the clean run's exact rows and map bytes,
+  attempt is in tests/service/test_s3.py) is repaired by a rerun to the clean run's exact rows and map bytes,
   or refused in one line.
 - Chaos: workers killed with ``kill -9`` three times at random points, then the driver killed with
   ``kill -9``; a rerun finishes with every (shard, key, method) row exactly once.
@@ -34,7 +34,7 @@ from unioncam.service import ConfigError, EvalConfig, read_metrics
 from unioncam.service.report import write_report
 from unioncam.service.results import read_saliency
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["shard", "key", "method", "y", "o", "error"]
 
 
@@ -106,7 +106,7 @@ def test_every_damage_is_repaired_to_the_clean_rows_or_refused(cluster, tmp_path
     assert before == {p.name: p.read_bytes() for p in (out / "metrics").iterdir()}
     shards[1].write_bytes(original)
     assert rerun()["shards"]["t-000001"]["attempts"] == 2  # unchanged again: nothing redone
-    # 5. (A shard that must be redone and is unreadable on its first attempt: tests/test_s3.py, where a
+    # 5. (A shard that must be redone and is unreadable on its first attempt: tests/service/test_s3.py, where a
     # store can refuse a read; locally this process runs as root, which reads any file.)
 
 

@@ -33,7 +33,7 @@ from service_data import make_shards  # noqa: E402
 from unioncam.service import EvalConfig, read_metrics  # noqa: E402
 from unioncam.service.runner import run  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rows_of(out: Path) -> pd.DataFrame:

@@ -108,7 +108,7 @@ def test_a_shard_that_stays_unreadable_fails_and_a_rerun_completes_it(cluster, s
 
 @pytest.mark.slow  # four jobs
 def test_a_redone_shard_unreadable_on_its_first_attempt_is_completed_to_the_clean_rows(cluster, s3):
-    """The damage matrix's last case (tests/test_integrity.py has the others): after a clean run, a
+    """The damage matrix's last case (tests/service/test_damage_and_crashes.py has the others): after a clean run, a
     shard must be redone (its metrics file is gone) and the store refuses its first read: that rerun
     records it failed, the next one restores exactly the clean rows and maps."""
     out = f"s3://{BUCKET}/run-damage"
