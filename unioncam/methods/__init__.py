@@ -47,6 +47,20 @@ def default_methods() -> list[str]:
     return [cls.name for cls in PAPER_METHODS]
 
 
+def row_detail_columns() -> dict[str, str]:
+    """Every registered method's detail columns (:meth:`CAM.detail_columns`), name → Arrow type name, in
+    registry order, each once: the per-image details the evaluation service's rows carry.
+
+    Raises:
+        TypeError: two methods declare one column with different types."""
+    out: dict[str, str] = {}
+    for name in METHODS.names():
+        for column, kind in METHODS.get(name).detail_columns().items():
+            if out.setdefault(column, kind) != kind:
+                raise TypeError(f"method {name} declares detail {column!r} as {kind}, another as {out[column]}")
+    return out
+
+
 def get_method(name: str) -> type[CAM]:
     """The CAM class registered as ``name``; an unknown name raises with the valid ones."""
     return METHODS.get(name)
@@ -103,4 +117,4 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
 
 __all__ = ["BREADTH_METHODS", "CAM", "METHODS", "PAPER_METHODS", "ClassifierOutputSoftmaxTarget",
            "ClassifierOutputTarget", "Explanation", "default_methods", "explain", "families", "find_layer",
-           "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps", "vit_reshape"]
+           "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps", "row_detail_columns", "vit_reshape"]

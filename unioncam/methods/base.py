@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -123,8 +123,9 @@ class CAM(abc.ABC):
     uses_gradients: ClassVar[bool] = True
     class_targets: ClassVar[bool] = True  # compute() uses the target class (False: only the gradient of the score)
     # What a method declares for the evaluation service (which names no method itself):
-    #: per-image details that become columns of the service's rows (UnionCAM's β's and AMS branch)
-    row_details: ClassVar[tuple[str, ...]] = ()
+    #: per-image details that become columns of the service's rows, name → Arrow type name
+    #: (``float64``, ``int64``, ``string``): UnionCAM's β's and AMS branch, a seeded method's seed
+    row_details: ClassVar[Mapping[str, str]] = {}
     #: maps of other methods computed along the way: ``{method: detail holding its B×H×W maps}``; a
     #: service asked for both takes them from here instead of running the other method
     provides: ClassVar[dict[str, str]] = {}
@@ -165,6 +166,12 @@ class CAM(abc.ABC):
         if self.reshape is not None and not callable(self.reshape):
             raise TypeError(f"reshape must be a function of the layer's output, got {type(self.reshape).__name__}")
         self._acts: list[Tensor | None] = [None] * len(self.layers)
+
+    @classmethod
+    def detail_columns(cls) -> dict[str, str]:
+        """The row columns this method's details fill: :attr:`row_details`, and ``seed`` (int64) for a
+        :attr:`seeded` method (its ``details["seed"]``)."""
+        return {**cls.row_details, **({"seed": "int64"} if cls.seeded else {})}
 
     @classmethod
     def check_model(cls, model: nn.Module, target_layer: str | nn.Module | None = None,

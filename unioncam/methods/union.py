@@ -7,6 +7,7 @@ Each module is a function so the paper's ablations can be run: :class:`UnionCAM`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -95,7 +96,8 @@ class UnionCAM(CAM):
 
     name = "unioncam"
     family = "score"
-    row_details = ("beta_den", "beta_reg", "beta_dereg", "selected")
+    row_details: ClassVar[Mapping[str, str]] = {"beta_den": "float64", "beta_reg": "float64", "beta_dereg": "float64",
+                                                "selected": "string"}
     provides: ClassVar[dict[str, str]] = {"scorecam": "region_map"}  # L_Region is Score-CAM's map (REFERENCE.md)
     channel_forwards = True
     extra_forwards = 2  # L_Den and L_Reg's β forwards (L_Dereg's third only when AMS needs it)

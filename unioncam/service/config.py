@@ -24,7 +24,7 @@ from unioncam import storage
 from unioncam.engine import DEFAULT_GPU_MEMORY_GIB
 from unioncam.evaluation import METRICS, default_metrics, get_metric, parse_metrics
 from unioncam.evaluation.protocols import PROTOCOL_NAMES, get_protocol
-from unioncam.methods import METHODS, default_methods, parse_methods
+from unioncam.methods import METHODS, default_methods, get_method, parse_methods
 from unioncam.models import canonical as canonical_model
 from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, check_precision
@@ -82,6 +82,9 @@ class EvalConfig:
         sanity_layers: with ``sanity``, compare after every K-th parameterized layer from the logits
             down (and the last); None: after every layer (VGG16: 16, EfficientNet-Lite0: 99 steps).
         sanity_seed: seeds the re-initialization (recorded in the manifest and provenance); default 0.
+        seed: the seed of the seeded methods (``random``, ``sscam``: :attr:`unioncam.methods.CAM.seeded`),
+            default 0; recorded in the manifest and in their rows' ``seed`` column. The same seed gives
+            the same maps whatever the batch size. Given without a seeded method: refused.
             ``sanity_layers`` and ``sanity_seed`` without ``sanity`` are refused (they would do nothing).
         target: "predicted" (REFERENCE.md default), "label" (the dataset's label; refused for VOC
             shards, whose 20 labels are not the model's ImageNet classes), or "topk:K" (K rows per
@@ -121,6 +124,7 @@ class EvalConfig:
     sanity: bool = False
     sanity_layers: int | None = None
     sanity_seed: int | None = None  # 0 with sanity (resolved()); given without sanity: refused
+    seed: int | None = None  # of the seeded methods: 0 when one runs (resolved()); given without one: refused
     target: str = "predicted"
     save_maps: bool = True
     address: str | None = None
@@ -182,6 +186,14 @@ class EvalConfig:
             c.metrics = parse_metrics(c.metrics)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        if not any(get_method(m).seeded for m in c.methods) and c.seed is not None:
+            seeded = [m for m in METHODS.names() if get_method(m).seeded]
+            raise ConfigError(f"--seed only applies to the seeded methods ({', '.join(seeded)}), and --methods has "
+                              "none: add one, or drop --seed")
+        if c.seed is not None and c.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {c.seed}")
+        if c.seed is None and any(get_method(m).seeded for m in c.methods):
+            c.seed = 0
         unavailable = {m: why for m in c.metrics if (why := get_metric(m).unavailable(protocol))}
         if unavailable:  # e.g. insdel under pytorch-grad-cam: the library has no curves, nothing to compare with
             c.metrics = [m for m in c.metrics if m not in unavailable]
@@ -233,10 +245,11 @@ class EvalConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options that decide the rows' values; a rerun into the same ``out`` must match (the
-        sanity options only with ``sanity``)."""
+        sanity options only with ``sanity``, the seed only with a seeded method)."""
         keys = ("dataset", "model", "methods", "metrics", "precision", "metrics_precision", "limit", "insdel_steps",
                 "protocol", "rescore", "sanity", "target", "save_maps") + (
-                    ("sanity_layers", "sanity_seed") if self.sanity else ())
+                    ("sanity_layers", "sanity_seed") if self.sanity else ()) + (
+                    ("seed",) if self.seed is not None else ())
         return {k: getattr(self, k) for k in keys}
 
     # -- loading ---------------------------------------------------------------------------------
@@ -360,7 +373,8 @@ def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:
     return dataclasses.replace(
         c, rescore=run, dataset=then["dataset"], model=then["model"], methods=list(then["methods"]),
         metrics=[m for m in then["metrics"] if m in asked], target=then.get("target", "predicted"),
-        limit=then.get("limit"), precision=then.get("precision", "auto"), save_maps=False, out=out)
+        limit=then.get("limit"), precision=then.get("precision", "auto"), save_maps=False, out=out,
+        seed=then.get("seed"))
 
 
 def top_k(target: str) -> int | None:
@@ -452,6 +466,8 @@ def build_parser(dataset: Dataset | None) -> argparse.ArgumentParser:
     p.add_argument("--sanity-layers", type=int, metavar="K",
                    help="with --sanity: compare after every K-th layer from the logits down (default: every layer)")
     p.add_argument("--sanity-seed", type=int, help="with --sanity: the randomization's seed (default 0)")
+    p.add_argument("--seed", type=int,
+                   help="the seed of the seeded methods (random, sscam, ...; default 0), recorded in their rows")
     p.add_argument("--rescore", metavar="RUN_DIR",
                    help="score RUN_DIR's saved maps again under --protocol, into --out (default "
                         "RUN_DIR/rescore/<protocol>), computing no map (what `unioncam rescore` runs)")

@@ -32,11 +32,13 @@ import pyarrow.parquet as pq
 
 from unioncam import storage
 from unioncam.evaluation import row_columns
+from unioncam.methods import row_detail_columns
 
 SCHEMA_VERSION = "3"  # 2: a rank column (--target topk:K), maps as FixedSizeList<float16>[H·W]; 3: ROAD, sanity
 MAP_DTYPE = "float16"  # recorded in the maps file's provenance
 
-_ARROW_TYPES = {"float64": pa.float64(), "list<float64>": pa.list_(pa.float64())}  # evaluation.base.ColumnType
+_ARROW_TYPES = {"float64": pa.float64(), "list<float64>": pa.list_(pa.float64()), "int64": pa.int64(),
+                "string": pa.string()}  # the type names metrics (evaluation.base.ColumnType) and methods declare
 _ROW_FIELDS = [  # what a row is: the sample, the method and the class it explains
     pa.field("key", pa.string(), nullable=False),
     pa.field("shard", pa.string(), nullable=False),
@@ -47,22 +49,31 @@ _ROW_FIELDS = [  # what a row is: the sample, the method and the class it explai
     pa.field("label", pa.int32()),
     pa.field("label_name", pa.string()),
 ]
-_DETAIL_FIELDS = [  # the methods' per-image details (CAM.row_details), the map's seconds and the row's error
-    pa.field("beta_den", pa.float64()),
-    pa.field("beta_reg", pa.float64()),
-    pa.field("beta_dereg", pa.float64()),
-    pa.field("selected", pa.string()),
-    pa.field("seconds", pa.float64()),
-    pa.field("error", pa.string()),
-]
+_TAIL_FIELDS = [pa.field("seconds", pa.float64()), pa.field("error", pa.string())]  # the map's seconds, the error
 
 
 def metrics_schema() -> pa.Schema:
     """The metrics file's schema: the row's sample, method and class, then every registered metric's
-    columns (:func:`unioncam.evaluation.row_columns`, in registry order), then the methods' details,
-    ``seconds`` and ``error``. A metric registered later (a plugin) adds its columns here."""
+    columns (:func:`unioncam.evaluation.row_columns`), then every registered method's details
+    (:func:`unioncam.methods.row_detail_columns`: UnionCAM's β's and AMS branch, a seeded method's
+    seed), each in registry order, then ``seconds`` and ``error``. A metric or method registered
+    later adds its columns: files written before it read them as nulls (:func:`optional_columns`)."""
     return pa.schema([*_ROW_FIELDS, *(pa.field(c, _ARROW_TYPES[t]) for c, t in row_columns().items()),
-                      *_DETAIL_FIELDS])
+                      *(pa.field(c, _ARROW_TYPES[t]) for c, t in row_detail_columns().items()), *_TAIL_FIELDS])
+
+
+#: the columns every metrics file of :data:`SCHEMA_VERSION` has (the schema as version 3 defined it)
+VERSION_COLUMNS = frozenset({
+    "key", "shard", "method", "target", "target_name", "rank", "label", "label_name", "y", "o", "insertion_auc",
+    "deletion_auc", "epg", "road_morf", "road_lerf", "beta_den", "beta_reg", "beta_dereg", "selected", "seconds",
+    "error"})
+
+
+def optional_columns() -> set[str]:
+    """The metrics columns a file may lack: those declared since :data:`SCHEMA_VERSION` was defined,
+    by metrics and methods registered later (``seed``, a plugin's metric). Readers take them as
+    nulls; ``unioncam verify`` does not ask for them (it still asks for every other column)."""
+    return set(metrics_schema().names) - VERSION_COLUMNS
 
 MAPS_COLUMNS = ("key", "method", "rank", "map")
 
@@ -225,11 +236,11 @@ def read_parquet(location: str, schema: pa.Schema | None = None) -> pa.Table:
 def read_output(location: str, schema: pa.Schema | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """One of a run's Parquet files and its provenance, from one open (one GET on object stores),
     checked by :func:`open_output`; ``schema`` given, its columns in its order and types, a column
-    the file lacks that is a metric's (a metric registered after the file was written) as nulls."""
+    the file lacks that is a metric's or a method's detail (:func:`optional_columns`) as nulls."""
     with open_output(location) as parquet:
         table, prov = parquet.read(), _provenance(parquet.schema_arrow)
     if schema is not None:
-        late = set(row_columns())
+        late = optional_columns()
         for field in schema:
             if field.name not in table.column_names and field.name in late:
                 table = table.append_column(field, pa.nulls(len(table), field.type))

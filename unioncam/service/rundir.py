@@ -47,6 +47,7 @@ from unioncam.service.results import (
     RunFileError,
     maps_schema,
     metrics_schema,
+    optional_columns,
 )
 
 RUN_FORMAT = "unioncam-run/1"
@@ -336,10 +337,11 @@ def _footer_problem(location: str, folder: str, name: str, run_id: str, schema: 
         return f"{folder}/{name}.parquet holds the rows of shard {shard_name(source)!r}, not {name!r}"
     if kv.get("unioncam.schema_version") != SCHEMA_VERSION:
         return f"{folder}/{name}.parquet has schema version {kv.get('unioncam.schema_version')!r}"
-    missing = [f.name for f in schema if f.name not in arrow.names]
+    optional = optional_columns() if folder == "metrics" else set()  # later metrics' and methods' columns
+    missing = [f.name for f in schema if f.name not in arrow.names and f.name not in optional]
     if missing:
         return f"{folder}/{name}.parquet lacks columns {missing[:5]}"
-    retyped = [f.name for f in schema if not arrow.field(f.name).type.equals(f.type)]
+    retyped = [f.name for f in schema if f.name in arrow.names and not arrow.field(f.name).type.equals(f.type)]
     if retyped:
         return f"{folder}/{name}.parquet has other types for columns {retyped[:5]}"
     if rows is not None and meta.num_rows != rows:

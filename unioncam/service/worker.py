@@ -107,9 +107,7 @@ class ShardEvaluator:
         self.schema = metrics_schema()  # the registered metrics' columns, as this worker writes them
         self.columns = frozenset(self.schema.names)
         self.batch_start, self.needed, self.batch_images = masked_inputs(), 0, 0  # progress within a batch
-        self.cams: dict[str, CAM] = {
-            m: get_method(m)(self.model, batch_size=self.batch_size, precision=self.precision)
-            for m in cfg.methods if m not in self.provided}
+        self.cams: dict[str, CAM] = {m: self._build(m, self.model) for m in cfg.methods if m not in self.provided}
         self.sanity_rows: list[Row] = []
         self.layer_seeds: dict[str, int] = {}
         self.provenance = {
@@ -446,15 +444,21 @@ class ShardEvaluator:
     def _sanity_methods(self) -> dict[str, Callable[[torch.nn.Module], CAM]]:
         """Each method built on a randomized copy with this worker's options."""
         def build(name: str) -> Callable[[torch.nn.Module], CAM]:
-            return lambda model: get_method(name)(model, batch_size=self.batch_size, precision=self.precision)
+            return lambda model: self._build(name, model)
         return {m: build(m) for m in self.cfg.methods}
+
+    def _build(self, method: str, model: torch.nn.Module) -> CAM:
+        """``method`` on ``model`` with this worker's options (and the run's ``seed`` for a seeded method)."""
+        cls = get_method(method)
+        options: dict[str, Any] = {"seed": self.cfg.seed or 0} if cls.seeded else {}
+        return cls(model, batch_size=self.batch_size, precision=self.precision, **options)
 
     def _explain_all(self, x: Tensor, targets: Tensor) -> dict[str, list[tuple[Tensor, Row, float] | str]]:
         """Per method, per image: ``(map, details, seconds)`` or an error message."""
         results: dict[str, list[tuple[Tensor, Row, float] | str]] = {}
         for method, cam in self.cams.items():
             cls = get_method(method)
-            results[method] = self._explain(cam, x, targets, (*cls.row_details, *cls.provides.values()))
+            results[method] = self._explain(cam, x, targets, (*cls.detail_columns(), *cls.provides.values()))
         for other, (provider, key) in self.provided.items():  # maps a run method computed along the way
             taken: list[tuple[Tensor, Row, float] | str] = []
             for outcome in results[provider]:
@@ -517,9 +521,9 @@ class ShardEvaluator:
 
 
 def _details_at(details: dict[str, Any], i: int, keys: tuple[str, ...]) -> Row:
-    """Image ``i``'s ``keys`` of a method's details (its ``row_details`` and the maps it provides to
-    other methods) as row values: numbers as floats (NaN becomes null), text as is ("" becomes null),
-    tensors (maps) as the image's."""
+    """Image ``i``'s ``keys`` of a method's details (its detail columns and the maps it provides to
+    other methods) as row values: integers as ints (a seed), other numbers as floats (NaN becomes
+    null), text as is ("" becomes null), tensors (maps) as the image's."""
     out: Row = {}
     for key in keys:
         if key not in details:
@@ -529,6 +533,8 @@ def _details_at(details: dict[str, Any], i: int, keys: tuple[str, ...]) -> Row:
             out[key] = value
         elif isinstance(value, str):
             out[key] = value or None
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            out[key] = int(value)
         else:
             v = float(value)
             out[key] = None if np.isnan(v) else v
