@@ -14,8 +14,11 @@ warm-up call. ``--size`` smaller than the model's 224 makes a quick run (fewer p
 fewer positions per map; the channel count, hence the number of masked forwards, is unchanged).
 
 SS-CAM and IS-CAM run ``--samples`` masked forwards per channel on both sides (default 2, not
-TorchCAM's 35 and 10: their cost is linear in it); SS-CAM's maps agree only for ``--images 1`` (TorchCAM
-draws the noise for the whole batch at once).
+TorchCAM's 35 and 10: their cost is linear in it); SS-CAM's and SmoothGrad-CAM++'s maps agree only for
+``--images 1`` (TorchCAM draws the noise for the whole batch at once). SmoothGrad-CAM++ runs TorchCAM's
+default 4 noisy samples on both sides. Finer-CAM's reference explains the predicted classes itself
+(pytorch-grad-cam's ``FinerCAM`` with ``targets=None``); RefineCAM's gets the layers ours finds
+(:func:`unioncam.methods.refine.stage_layers`). Group-CAM has no reference library.
 
 Both sides run in IEEE fp32. pytorch-grad-cam gets its model with trainable parameters (it calls
 ``backward()``, so it also computes the parameters' gradients, as it does for its users); ours stays
@@ -40,8 +43,9 @@ from unioncam.ops import ieee_fp32
 PGC = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
        "scorecam": "ScoreCAM", "hirescam": "HiResCAM", "gradcamelementwise": "GradCAMElementWise",
        "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM", "random": "RandomCAM", "ablationcam": "AblationCAM",
-       "fullgrad": "FullGrad"}
-TORCHCAM = {"cam": "CAM", "sscam": "SSCAM", "iscam": "ISCAM"}
+       "fullgrad": "FullGrad", "shapleycam": "ShapleyCAM", "finercam": "FinerCAM", "kpcacam": "KPCA_CAM",
+       "refinecam": "RefineCAM"}
+TORCHCAM = {"cam": "CAM", "sscam": "SSCAM", "iscam": "ISCAM", "smoothgradcampp": "SmoothGradCAMpp"}
 SAMPLED = ("sscam", "iscam")  # num_samples masked forwards per channel: --samples on both sides
 
 
@@ -62,6 +66,11 @@ def reference(method: str, lm: unioncam.LoadedModel, x: torch.Tensor, targets: l
               batch_size: int, samples: int) -> Callable[[], np.ndarray] | None:
     """A call of the reference implementation returning ``B×H×W`` maps, or None without one."""
     layer = lm.model.net.get_submodule(lm.target_layer)
+    layers = [layer]
+    if method == "refinecam":  # the same layers as ours
+        from unioncam.methods.refine import stage_layers
+
+        layers = stage_layers(lm.model, x[:1], layer, 3)
     if method in PGC:
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -71,10 +80,16 @@ def reference(method: str, lm: unioncam.LoadedModel, x: torch.Tensor, targets: l
         def run_pgc() -> np.ndarray:
             kwargs = {"batch_size": batch_size} if method == "ablationcam" else {}
             np.random.seed(0)  # RandomCAM's weights: ours are seeded 0 too
-            with trainable(lm.model), cls(model=lm.model, target_layers=[layer], **kwargs) as cam:
-                if method == "scorecam":
-                    cam.batch_size = batch_size
-                return cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(c) for c in targets])
+            with trainable(lm.model):
+                cam = cls(model=lm.model, target_layers=layers, **kwargs)
+                try:
+                    if method == "scorecam":
+                        cam.batch_size = batch_size
+                    chosen = None if method == "finercam" else [ClassifierOutputTarget(c) for c in targets]
+                    return cam(input_tensor=x.clone(), targets=chosen)
+                finally:  # RefineCAM is no context manager: release every base CAM's hooks
+                    for base in getattr(cam, "base_cam_per_layer", None) or [getattr(cam, "base_cam", cam)]:
+                        base.activations_and_grads.release()
 
         return run_pgc
     if method in TORCHCAM:
@@ -82,14 +97,17 @@ def reference(method: str, lm: unioncam.LoadedModel, x: torch.Tensor, targets: l
 
         extractor_cls = getattr(torchcam.methods, TORCHCAM[method])
         fc = [n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-        options = {"batch_size": batch_size, "num_samples": samples} if method in SAMPLED else {"fc_layer": fc}
+        options = {"batch_size": batch_size, "num_samples": samples} if method in SAMPLED else \
+            {} if method == "smoothgradcampp" else {"fc_layer": fc}
 
         def run_torchcam() -> np.ndarray:
+            # SmoothGrad-CAM++ differentiates its noisy forwards: no torch.no_grad() around it
+            quiet = contextlib.nullcontext() if method == "smoothgradcampp" else torch.no_grad()
             with extractor_cls(lm.model, target_layer=f"net.{lm.target_layer}", input_shape=tuple(x.shape[1:]),
-                               **options) as cam, torch.no_grad():
+                               **options) as cam, quiet:
                 scores = lm.model(x)
-                torch.manual_seed(0)  # SS-CAM's noise: ours is seeded 0 too
-                low = cam(class_idx=targets, scores=scores)[0]
+                torch.manual_seed(0)  # SS-CAM's and SmoothGrad-CAM++'s noise: ours is seeded 0 too
+                low = cam(class_idx=targets, scores=scores)[0].detach()
             up = torch.nn.functional.interpolate(low[:, None], size=x.shape[-2:], mode="bilinear",
                                                  align_corners=False)[:, 0]
             return up.cpu().numpy()

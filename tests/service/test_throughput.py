@@ -135,9 +135,11 @@ def test_metrics_run_across_methods_and_a_failing_map_costs_only_its_row(tmp_pat
                      images_per_batch=4).resolved()
     ev = ShardEvaluator(cfg)
     calls = []
-    from unioncam.service import worker
+    import importlib
 
-    real = worker.confidence
+    module = importlib.import_module("unioncam.evaluation.confidence")  # what the AD/AI metric calls
+
+    real = module.confidence
 
     def spy(model, images, maps, targets, batch_size, precision, protocol):
         calls.append(images.shape[0])
@@ -145,7 +147,7 @@ def test_metrics_run_across_methods_and_a_failing_map_costs_only_its_row(tmp_pat
             raise ValueError("simulated metric failure")
         return real(model, images, maps, targets, batch_size, precision, protocol)
 
-    monkeypatch.setattr(worker, "confidence", spy)
+    monkeypatch.setattr(module, "confidence", spy)
     original = ev._explain
 
     def marked(cam, x, targets, keys):

@@ -11,11 +11,17 @@ from unioncam.methods.ablation import AblationCAM
 from unioncam.methods.base import CAM, Explanation, Reshape, Targets, find_layer
 from unioncam.methods.cam import ClassActivationMap
 from unioncam.methods.eigen import EigenCAM, EigenGradCAM
+from unioncam.methods.finer import FinerCAM
 from unioncam.methods.fullgrad import FullGrad
 from unioncam.methods.gradient import GradCAM, GradCAMElementWise, GradCAMPP, HiResCAM, LayerCAM, XGradCAM
+from unioncam.methods.group import GroupCAM
 from unioncam.methods.integrative import IntegrativeCAM
+from unioncam.methods.kpca import KPCACAM
 from unioncam.methods.randomcam import RandomCAM
+from unioncam.methods.refine import RefineCAM
 from unioncam.methods.score import ScoreCAM
+from unioncam.methods.shapley import ShapleyCAM
+from unioncam.methods.smoothgrad import SmoothGradCAMpp
 from unioncam.methods.smoothscore import ISCAM, SSCAM
 from unioncam.methods.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from unioncam.methods.union import UnionCAM
@@ -28,7 +34,8 @@ METHODS: Registry[type[CAM]] = Registry("method")
 PAPER_METHODS: tuple[type[CAM], ...] = (GradCAM, GradCAMPP, XGradCAM, LayerCAM, ScoreCAM, UnionCAM, IntegrativeCAM)
 #: the other methods pytorch-grad-cam and TorchCAM ship for classifiers (issue 26)
 BREADTH_METHODS: tuple[type[CAM], ...] = (HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, RandomCAM,
-                                          ClassActivationMap, AblationCAM, FullGrad, SSCAM, ISCAM)
+                                          ClassActivationMap, AblationCAM, FullGrad, SSCAM, ISCAM, SmoothGradCAMpp,
+                                          ShapleyCAM, FinerCAM, KPCACAM, RefineCAM, GroupCAM)
 for _cls in (*PAPER_METHODS, *BREADTH_METHODS):
     METHODS.add(_cls.name, _cls)
 

@@ -95,6 +95,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 Reshape = Callable[[Tensor], Tensor]
 
 
+def twice_differentiable(on: bool) -> contextlib.AbstractContextManager[None]:
+    """When ``on``: attention in the forward uses PyTorch's plain (math) kernel, whose backward can be
+    differentiated again (the fused flash and memory-efficient kernels' cannot); otherwise nothing."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def hessian_vector_products(acts: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    """``H·A`` per layer: ``∂(Σ g ⊙ A)/∂A`` with ``A`` held fixed in the product, from gradients
+    ``g = ∂S/∂A`` taken with ``create_graph=True`` (pytorch-grad-cam's ``autograd.grad(grads, acts,
+    grad_outputs=acts)``). Zero where ``g`` does not depend on ``A`` (a piecewise-linear network after
+    the layer, or a gradient without a graph: frozen parameters after a linear head)."""
+    out = [torch.zeros_like(a) for a in acts]
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    if live:
+        found = torch.autograd.grad([grads[i] for i in live], [acts[i] for i in live],
+                                    grad_outputs=[acts[i].detach() for i in live], allow_unused=True)
+        for i, h in zip(live, found, strict=True):
+            if h is not None:
+                out[i] = h.detach()
+    return out
+
+
 class CAM(abc.ABC):
     """Base class: resolves the target layer once and hooks it during each call only.
 
@@ -150,6 +176,11 @@ class CAM(abc.ABC):
     #: also differentiate the class score with respect to the input (FullGrad): :meth:`compute_layers`
     #: then receives one more gradient after the layers' ones, ``∂S_c/∂x`` (``B×3×H×W``)
     input_gradient: ClassVar[bool] = False
+    #: also take each layer's Hessian-vector product ``H·A = ∂(g · A)/∂A`` with ``A`` held fixed in the
+    #: product (ShapleyCAM): :meth:`compute_layers` then receives, after the gradients above, one
+    #: ``H·A`` per layer (reshaped like ``g``); the first backward keeps its graph for it, and attention
+    #: runs PyTorch's math kernel in the explaining forward (:func:`twice_differentiable`)
+    hessian_vector: ClassVar[bool] = False
     _handles: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # the hooks of the call in progress
     _closed = False
 
@@ -166,6 +197,14 @@ class CAM(abc.ABC):
         if self.reshape is not None and not callable(self.reshape):
             raise TypeError(f"reshape must be a function of the layer's output, got {type(self.reshape).__name__}")
         self._acts: list[Tensor | None] = [None] * len(self.layers)
+
+    def masked_forwards(self, images: int, channels: int, active: int) -> int:
+        """The forwards after the explaining one that this method runs on ``images`` images whose
+        target layer has ``channels`` channel maps in all and ``active`` of them not constant (totals
+        over the images), for progress within a batch: one per active channel when
+        :attr:`channel_forwards`, plus :attr:`extra_forwards` per image. A method whose count
+        depends on its options (SS-CAM's samples) overrides this."""
+        return active * self.channel_forwards + images * self.extra_forwards
 
     @classmethod
     def detail_columns(cls) -> dict[str, str]:
@@ -308,7 +347,7 @@ class CAM(abc.ABC):
             try:
                 self._install_hooks()
                 try:
-                    with torch.set_grad_enabled(self.uses_gradients):
+                    with torch.set_grad_enabled(self.uses_gradients), twice_differentiable(self.hessian_vector):
                         logits = self.model(images)
                 finally:  # the methods' masked forwards (in compute) run without our hooks
                     self._uninstall_hooks()
@@ -318,17 +357,21 @@ class CAM(abc.ABC):
                 t, scorers = self._check_targets(targets, logits)
                 grads = None
                 if self.uses_gradients:  # samples are independent in eval mode: one backward of the sum
-                    score = logits.gather(1, t[:, None]).sum() if scorers is None else \
-                        torch.stack([f(logits[i]) for i, f in enumerate(scorers)]).sum()
+                    score = self.class_score(logits, t, scorers)
                     wrt = [*acts, images] if self.input_gradient else acts
-                    grads = list(torch.autograd.grad(score, wrt, allow_unused=True))
+                    grads = list(torch.autograd.grad(score, wrt, allow_unused=True, create_graph=self.hessian_vector))
                     grads = [torch.zeros_like(a) if g is None else g for a, g in zip(wrt, grads, strict=True)]
+                    if self.hessian_vector:
+                        grads = [g.detach() for g in grads] + hessian_vector_products(acts, grads[:len(acts)])
                 with torch.no_grad():
                     images = images.detach()
                     b = images.shape[0]
                     grids = [self._grid(a.detach(), b) for a in acts]
                     if grads is not None:
-                        grads = [self._grid(g, b) for g in grads[:len(acts)]] + grads[len(acts):]
+                        n, rest = len(acts), grads[len(acts):]
+                        if self.hessian_vector:  # H·A is laid out like g: the same reshape
+                            rest = rest[:-n] + [self._grid(h, b) for h in rest[-n:]]
+                        grads = [self._grid(g, b) for g in grads[:n]] + rest
                     raw, details = self.compute_layers(images, t, grids, grads, logits.detach())
                     if not bool(torch.isfinite(raw).all()) or not bool(torch.isfinite(logits).all()):
                         # normalize() would turn NaN into a plausible all-zero map: refuse instead
@@ -339,6 +382,13 @@ class CAM(abc.ABC):
                 self._uninstall_hooks()
                 self._acts = [None] * len(self.layers)
         return Explanation(maps=maps, targets=t, details=details)
+
+    def class_score(self, logits: Tensor, targets: Tensor, scorers: Sequence[Target] | None) -> Tensor:
+        """The scalar the explaining backward differentiates: the sum over images of the target logit
+        ``S_c`` (or of each callable target on its image's logits). Finer-CAM overrides it."""
+        if scorers is None:
+            return logits.gather(1, targets[:, None]).sum()
+        return torch.stack([f(logits[i]) for i, f in enumerate(scorers)]).sum()
 
     def compute_layers(self, images: Tensor, targets: Tensor, acts: list[Tensor], grads: list[Tensor] | None,
                        logits: Tensor) -> tuple[Tensor, Details]:

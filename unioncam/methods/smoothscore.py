@@ -41,6 +41,10 @@ NORM_EPS = 1e-8  # TorchCAM's _normalize
 class _SmoothedScoreCAM(CAM):
     family = "score"
     uses_gradients = False
+    channel_forwards = True  # its forwards follow the channels: every channel, num_samples times
+
+    def masked_forwards(self, images: int, channels: int, active: int) -> int:
+        return channels * self.num_samples
 
     def __init__(self, *args: object, num_samples: int, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

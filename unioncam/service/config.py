@@ -157,15 +157,7 @@ class EvalConfig:
                 raise ConfigError("--sanity recomputes maps on randomized models: run it as an evaluation, "
                                   "not a rescore")
             c = _rescoring(c, protocol.name)
-        if not c.sanity and (c.sanity_layers is not None or c.sanity_seed is not None):
-            given = [f"--{k.replace('_', '-')}" for k in ("sanity_layers", "sanity_seed") if getattr(c, k) is not None]
-            raise ConfigError(f"{' and '.join(given)} only apply with --sanity: add --sanity, or drop them")
-        if c.sanity_layers is not None and c.sanity_layers < 1:
-            raise ConfigError(f"sanity_layers must be >= 1 (every K-th layer), got {c.sanity_layers}")
-        if c.sanity_seed is not None and c.sanity_seed < 0:
-            raise ConfigError(f"sanity_seed must be >= 0, got {c.sanity_seed}")
-        if c.sanity and c.sanity_seed is None:
-            c.sanity_seed = 0
+        _resolve_sanity(c)
         if c.is_sample:
             c.sample = True
             c.shards = str(SAMPLE_DIR / c.dataset / f"sample-{c.dataset}-*.tar")
@@ -186,14 +178,7 @@ class EvalConfig:
             c.metrics = parse_metrics(c.metrics)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if not any(get_method(m).seeded for m in c.methods) and c.seed is not None:
-            seeded = [m for m in METHODS.names() if get_method(m).seeded]
-            raise ConfigError(f"--seed only applies to the seeded methods ({', '.join(seeded)}), and --methods has "
-                              "none: add one, or drop --seed")
-        if c.seed is not None and c.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {c.seed}")
-        if c.seed is None and any(get_method(m).seeded for m in c.methods):
-            c.seed = 0
+        _resolve_seed(c)
         unavailable = {m: why for m in c.metrics if (why := get_metric(m).unavailable(protocol))}
         if unavailable:  # e.g. insdel under pytorch-grad-cam: the library has no curves, nothing to compare with
             c.metrics = [m for m in c.metrics if m not in unavailable]
@@ -210,30 +195,7 @@ class EvalConfig:
             raise ConfigError(f"--target label with VOC shards: {c.model} is not a model of VOC's 20 classes (no "
                               "model the job can load is), so VOC label 7 'cat' would be explained as its class 7 "
                               "(ImageNet's 'cock'); use --target predicted or topk:K")
-        for name in ("workers", "batch_size", "limit"):
-            value = getattr(c, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        for name in ("gpus_per_worker", "cpus_per_worker", "max_gpu_memory", "progress_interval", "start_timeout"):
-            value = getattr(c, name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value}")
-        for name in ("gpus_per_worker", "cpus_per_worker", "max_restarts", "max_task_retries"):
-            value = getattr(c, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
-        if c.gpus_per_worker is not None and c.gpus_per_worker > 1:
-            raise ConfigError(f"gpus_per_worker {c.gpus_per_worker:g} > 1: a worker computes on one GPU (cuda:0), "
-                              "so the others would sit idle; use more workers (one per GPU is the default)")
-        for name in ("progress_interval", "start_timeout"):
-            if not getattr(c, name) > 0:
-                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(c, name)}")
-        if c.out is not None and not storage.is_uri(c.out) and os.path.abspath(storage.local_path(c.out)) == "/":
-            raise ConfigError("--out / would put the run's folders at the file system's root; choose a folder")
-        if not c.max_gpu_memory > 0:
-            raise ConfigError(f"max_gpu_memory must be > 0 GiB, got {c.max_gpu_memory}")
-        if (c.images_per_batch is not None and c.images_per_batch < 1) or c.insdel_steps < 1 or c.overlays < 0:
-            raise ConfigError("images_per_batch and insdel_steps must be >= 1, overlays >= 0")
+        _check_numbers(c)
         if c.weights is not None:
             try:
                 found = storage.is_file(c.weights)
@@ -316,6 +278,60 @@ class EvalConfig:
             if key in given:
                 given[key] = _names(key, given[key])
         return dataclasses.replace(base, **given).resolved()
+
+
+def _resolve_sanity(c: EvalConfig) -> None:
+    """The sanity options: only with ``sanity`` (else they would do nothing), in range; the seed 0 by default."""
+    if not c.sanity and (c.sanity_layers is not None or c.sanity_seed is not None):
+        given = [f"--{k.replace('_', '-')}" for k in ("sanity_layers", "sanity_seed") if getattr(c, k) is not None]
+        raise ConfigError(f"{' and '.join(given)} only apply with --sanity: add --sanity, or drop them")
+    if c.sanity_layers is not None and c.sanity_layers < 1:
+        raise ConfigError(f"sanity_layers must be >= 1 (every K-th layer), got {c.sanity_layers}")
+    if c.sanity_seed is not None and c.sanity_seed < 0:
+        raise ConfigError(f"sanity_seed must be >= 0, got {c.sanity_seed}")
+    if c.sanity and c.sanity_seed is None:
+        c.sanity_seed = 0
+
+
+def _resolve_seed(c: EvalConfig) -> None:
+    """The seeded methods' seed: only with one of them (else it would do nothing), >= 0, 0 by default."""
+    seeded = any(get_method(m).seeded for m in c.methods)
+    if c.seed is not None and not seeded:
+        names = [m for m in METHODS.names() if get_method(m).seeded]
+        raise ConfigError(f"--seed only applies to the seeded methods ({', '.join(names)}), and --methods has "
+                          "none: add one, or drop --seed")
+    if c.seed is not None and c.seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {c.seed}")
+    if c.seed is None and seeded:
+        c.seed = 0
+
+
+def _check_numbers(c: EvalConfig) -> None:
+    """Counts, resources, times and sizes in range (finite, positive where they must be)."""
+    for name in ("workers", "batch_size", "limit"):
+        value = getattr(c, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    for name in ("gpus_per_worker", "cpus_per_worker", "max_gpu_memory", "progress_interval", "start_timeout"):
+        value = getattr(c, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
+    for name in ("gpus_per_worker", "cpus_per_worker", "max_restarts", "max_task_retries"):
+        value = getattr(c, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if c.gpus_per_worker is not None and c.gpus_per_worker > 1:
+        raise ConfigError(f"gpus_per_worker {c.gpus_per_worker:g} > 1: a worker computes on one GPU (cuda:0), "
+                          "so the others would sit idle; use more workers (one per GPU is the default)")
+    for name in ("progress_interval", "start_timeout"):
+        if not getattr(c, name) > 0:
+            raise ConfigError(f"{name} must be > 0 seconds, got {getattr(c, name)}")
+    if c.out is not None and not storage.is_uri(c.out) and os.path.abspath(storage.local_path(c.out)) == "/":
+        raise ConfigError("--out / would put the run's folders at the file system's root; choose a folder")
+    if not c.max_gpu_memory > 0:
+        raise ConfigError(f"max_gpu_memory must be > 0 GiB, got {c.max_gpu_memory}")
+    if (c.images_per_batch is not None and c.images_per_batch < 1) or (c.insdel_steps or 0) < 1 or c.overlays < 0:
+        raise ConfigError("images_per_batch and insdel_steps must be >= 1, overlays >= 0")
 
 
 def _unique_key_loader(path: str) -> type:

@@ -43,8 +43,8 @@ from unioncam.data.shards import shard_name
 from unioncam.service.config import ConfigError
 from unioncam.service.results import (
     SANITY_SCHEMA,
-    SCHEMA_VERSION,
     RunFileError,
+    check_schema_version,
     maps_schema,
     metrics_schema,
     optional_columns,
@@ -335,8 +335,10 @@ def _footer_problem(location: str, folder: str, name: str, run_id: str, schema: 
     source = kv.get("unioncam.shard_path")
     if source is not None and shard_name(source) != name:
         return f"{folder}/{name}.parquet holds the rows of shard {shard_name(source)!r}, not {name!r}"
-    if kv.get("unioncam.schema_version") != SCHEMA_VERSION:
-        return f"{folder}/{name}.parquet has schema version {kv.get('unioncam.schema_version')!r}"
+    try:  # the readers' own check (results.open_output), so verify and the readers say the same
+        check_schema_version(arrow, location)
+    except RunFileError as exc:
+        return str(exc)
     optional = optional_columns() if folder == "metrics" else set()  # later metrics' and methods' columns
     missing = [f.name for f in schema if f.name not in arrow.names and f.name not in optional]
     if missing:

@@ -124,33 +124,33 @@ class ShardEvaluator:
     def forwards_needed(self, x: Tensor, repeat: int = 1) -> int:
         """The masked inputs explaining and scoring the images ``x`` (each for ``repeat`` targets) will
         run, for progress within a batch of images, from what each method run declares
-        (:class:`unioncam.methods.CAM`): one per *non-constant* channel of the target layer on these
-        images for each ``channel_forwards`` method (Score-CAM, UnionCAM; one hooked forward counts
-        the channels), ``extra_forwards`` per image (UnionCAM's 2 β inputs, ``L_Den`` and
-        ``L_Reg``), and each metric's ``forwards_per_map`` per map. Exact without ``sanity``, except
-        work a method does only sometimes (UnionCAM's third β input, ``L_Dereg``, when AMS needs
-        it), which the count may pass by one per image (the driver shows it capped at the total: the
-        count always reaches the total); with ``sanity`` the randomized models' constant channels
-        are taken as the original's."""
+        (:meth:`unioncam.methods.CAM.masked_forwards`): one per *non-constant* channel of the target
+        layer on these images for each ``channel_forwards`` method (Score-CAM, UnionCAM; one hooked
+        forward counts the channels; SS-CAM: every channel per sample), ``extra_forwards`` per image
+        (UnionCAM's 2 β inputs, ``L_Den`` and ``L_Reg``), and each metric's ``forwards_per_map``
+        per map. Exact without ``sanity``, except work a method does only sometimes (UnionCAM's
+        third β input, ``L_Dereg``, when AMS needs it; Ablation-CAM's channels already at the
+        ablation value, which it skips), which the count may pass (the driver shows it capped at
+        the total: the count always reaches the total); with ``sanity`` the randomized models'
+        constant channels are taken as the original's."""
         maps = x.shape[0] * repeat * len(self.cfg.methods)
         if self.cfg.rescore:  # the maps are read, not computed
             return maps * self.per_map
-        running = [get_method(m) for m in self.cfg.methods if m not in self.provided]
-        channel_methods = sum(cls.channel_forwards for cls in running)
-        channels = 0
-        if channel_methods:
+        channels = active = 0
+        if any(cam.channel_forwards for cam in self.cams.values()):
             layer = find_layer(self.model, None)
             grid = self.model.reshape_transform or (lambda out: out)  # transformers: channels of the token grid
-            seen: list[int] = []
-            handle = layer.register_forward_hook(
-                lambda _m, _i, out: seen.append(int((~is_constant(grid(out))).sum())))
+            seen: list[tuple[int, int]] = []
+            handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(
+                (int(grid(out).shape[0] * grid(out).shape[1]), int((~is_constant(grid(out))).sum()))))
             try:  # no_grad, not inference_mode: the eager forward, so a compiled graph never sees this hook
                 with torch.no_grad():
                     self.model(x)
             finally:
                 handle.remove()
-            channels = seen[0] * repeat if seen else 0
-        explaining = channels * channel_methods + x.shape[0] * repeat * sum(cls.extra_forwards for cls in running)
+            channels, active = (seen[0][0] * repeat, seen[0][1] * repeat) if seen else (0, 0)
+        images = x.shape[0] * repeat
+        explaining = sum(cam.masked_forwards(images, channels, active) for cam in self.cams.values())
         if self.cfg.sanity:  # the maps again on the original and at every cascade step (+ step 0)
             explaining *= 2 + len(cascade_steps(self.model, self.cfg.sanity_layers))
         return explaining + maps * self.per_map
