@@ -124,18 +124,39 @@ def test_timm_family_default_layer_and_gradcam_equals_pytorch_grad_cam(tmp_path,
     assert pearson(ours, theirs) >= 0.999
 
 
+CHEAP = {"sscam": {"num_samples": 2}, "iscam": {"num_samples": 2}, "smoothgradcampp": {"num_samples": 2}}
+REFUSED = {  # (model, method): the one-line refusal check_model gives before anything runs
+    ("torchvision:mobilenet_v3_small", "cam"): "has no global-average-pooling \\+ linear head",
+    ("timm:vit_tiny_patch16_224", "cam"): "cam: model",
+    ("timm:convnext_atto", "cam"): "cam: model ConvNeXt has no global-average-pooling \\+ linear head",
+    ("timm:convnext_atto", "integrativecam"): "integrativecam: model .* has no ReLU directly after a convolution",
+    ("timm:vit_tiny_patch16_224", "integrativecam"): "integrativecam: model .* has no ReLU directly after a conv",
+}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "timm:convnext_atto",
                                   "timm:vit_tiny_patch16_224"])
-def test_unioncam_and_scorecam_run_on_other_families(tmp_path, name):
+def test_every_registered_method_runs_on_every_family_or_refuses_in_one_line(tmp_path, name):
+    """Every method of the registry on a model of each family (random weights): a finite map in [0, 1]
+    at the input's size, or, where the method cannot apply, check_model's one-line refusal."""
     family, _, arch = name.partition(":")
     torch.manual_seed(0)
     net = tvm.get_model(arch, weights=None) if family == "torchvision" else timm.create_model(arch, pretrained=False)
     loaded = load(name, random_weights(tmp_path, net), input_size=None if "vit" in arch else 96)
     x = photo(loaded.input_size)
-    for method in ("unioncam", "scorecam"):
-        result = unioncam.explain(loaded, x, method, batch_size=64)
+    for method in unioncam.METHODS.names():
+        cls = unioncam.get_method(method)
+        if (name, method) in REFUSED:
+            with pytest.raises(ValueError, match=REFUSED[(name, method)]) as refused:
+                cls.check_model(loaded.model, loaded.target_layer, loaded.input_size)
+            assert "\n" not in str(refused.value)
+            continue
+        cls.check_model(loaded.model, loaded.target_layer, loaded.input_size)
+        result = unioncam.explain(loaded, x, method, batch_size=64, **CHEAP.get(method, {}))
         m = result.maps[0]
-        assert m.shape == loaded.input_size and torch.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+        assert m.shape == loaded.input_size and torch.isfinite(m).all(), method
+        assert m.min() >= 0 and m.max() <= 1, method
 
 
 class Plain(nn.Module):

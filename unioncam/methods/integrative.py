@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unioncam.methods.base import CAM, Details, Explanation, Targets, eval_mode, find_layer
+from unioncam.methods.base import CAM, Details, Explanation, Targets, eval_mode, find_layer, model_name
 from unioncam.ops import normalize, safe_divide, upsample
 
 Phi = Literal["exp", "softmax"]
@@ -155,6 +155,21 @@ class IntegrativeCAM(CAM):
         self._layer_names = layers
         self.entries: list[ConvReLU] | None = None
         super().__init__(model, target_layer, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def check_model(cls, model: nn.Module, target_layer: str | nn.Module | None = None,
+                    input_size: tuple[int, int] | None = None) -> None:
+        """Refuse, in one line, a model with no ReLU directly after a convolution (ConvNeXt's GELUs,
+        a ViT): its default layers, found by :func:`relu_after_conv_layers` on one random image of
+        ``input_size`` (224×224 by default), would be none."""
+        size = input_size or (224, 224)
+        param = next(iter(model.parameters()), None)
+        probe = torch.rand((1, 3, *size), generator=torch.Generator().manual_seed(0))
+        with eval_mode(model):
+            found = relu_after_conv_layers(model, probe.to(param.device if param is not None else "cpu"))
+        if not found:
+            raise ValueError(f"{cls.name}: model {model_name(model)} has no ReLU directly after a convolution, so "
+                             "Integrative CAM has no layers to integrate; pass layers=[...] in the library")
 
     def _resolve_layers(self, target_layer: str | nn.Module | None) -> list[nn.Module]:
         """Layers are found on the first call, by running its first image (see
