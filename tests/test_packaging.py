@@ -292,3 +292,16 @@ def test_eval_help_and_errors_do_not_import_ray(tmp_path):
     proc = python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_readmes_method_table_has_every_registered_method_once():
+    """Docs that match the code: one row per registered method in README's table, in registry order."""
+    import re
+
+    from unioncam.methods import METHODS
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Methods"):readme.index("## Performance at a glance")]
+    rows = re.findall(r"^\| `([a-z]+)` \| (gradient|score|activation) \|", table, flags=re.MULTILINE)
+    assert [name for name, _ in rows] == METHODS.names()
+    assert all(METHODS.get(name).family == family for name, family in rows)
