@@ -299,10 +299,14 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     """``unioncam rescore RUN_DIR --protocol P``: the job with ``--rescore RUN_DIR`` (its saved maps
     scored again under another protocol into ``RUN_DIR/rescore/P``; the run's own files are only read)."""
     from unioncam.service.config import ConfigError, EvalConfig
+    from unioncam.service.config import build_parser as job_parser
 
     argv = ["--rescore", args.run_dir, *args.job_args, "--protocol", args.protocol]
+    job = job_parser(None)
+    job.prog = "unioncam rescore"
+    parsed = job.parse_args(argv)  # argparse's own errors (exit 2), under this command's name
     try:
-        cfg = EvalConfig.from_argv(argv, None)  # checked before Ray; the dataset is the run's (from its manifest)
+        cfg = EvalConfig.from_args(parsed, None)  # checked before Ray; the dataset is the run's (from its manifest)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     from unioncam.service.runner import main as run_job  # imports Ray

@@ -16,7 +16,7 @@ from unioncam import explain, load
 from unioncam.data.shards import iter_samples
 from unioncam.engine import predict
 from unioncam.service import ConfigError, EvalConfig, read_metrics
-from unioncam.service.results import map_array, read_maps_file
+from unioncam.service.results import map_array, provenance_of, read_maps_file
 from unioncam.service.worker import ShardEvaluator
 
 
@@ -35,6 +35,8 @@ def evaluated(tmp_path: Path, out: str, **options: Any) -> tuple[EvalConfig, Any
 def test_the_runs_seed_reaches_a_seeded_method_and_its_rows(tmp_path: Path) -> None:
     cfg, rows, maps = evaluated(tmp_path, "a", methods=["gradcam", "random"], seed=3, images_per_batch=1)
     assert cfg.identity()["seed"] == 3  # the manifest's settings: a rerun with another seed is refused
+    metrics_file = next((Path(str(cfg.out)) / "metrics").glob("*.parquet"))
+    assert provenance_of(str(metrics_file))["seed"] == 3  # a file read alone says which seed made it
     assert rows.loc[rows["method"] == "random", "seed"].tolist() == [3, 3, 3]
     assert rows.loc[rows["method"] == "gradcam", "seed"].isna().all()  # not a seeded method
 
@@ -59,8 +61,9 @@ def test_the_seed_defaults_to_0_with_a_seeded_method_and_is_refused_without_one(
     with pytest.raises(ConfigError, match=r"^--seed only applies to the seeded methods \(random, sscam.*\), and "
                                           r"--methods has none"):
         EvalConfig(methods=["gradcam"], seed=1, model="tiny_cnn").resolved()
-    with pytest.raises(ConfigError, match="seed must be >= 0"):
-        EvalConfig(methods=["random"], seed=-1, model="tiny_cnn").resolved()
+    for bad in (-1, 2**32):  # NumPy's RandomState takes [0, 2**32); the rows' column is int64
+        with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\)"):
+            EvalConfig(methods=["random"], seed=bad, model="tiny_cnn").resolved()
     assert EvalConfig.from_argv(["--methods", "random", "--seed", "7"], "imagenet").seed == 7
 
 

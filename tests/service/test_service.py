@@ -128,7 +128,8 @@ def test_the_driver_checks_the_model_before_any_worker_starts(tmp_path, monkeypa
     torch.manual_seed(0)  # a model CAM cannot explain (no pooling + linear head): one line naming both
     squeeze = tmp_path / "squeezenet.pth"
     torch.save(torchvision.models.squeezenet1_1().state_dict(), squeeze)
-    with pytest.raises(ConfigError, match=r"^cam: model SqueezeNet has no linear classifier layer"):
+    with pytest.raises(ConfigError, match=r"^cam: model SqueezeNet has no linear classifier layer.*; run the job "
+                                          r"without cam \(--methods lists the others\)$"):
         runner.run(EvalConfig(**{**base, "methods": ["gradcam", "cam"]}, model="torchvision:squeezenet1_1",
                               weights=str(squeeze), out=str(tmp_path / "d")).resolved())
     assert not any((tmp_path / d / "lock.json").exists() for d in "abcd")  # refused before the lock, too

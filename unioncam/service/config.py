@@ -82,7 +82,7 @@ class EvalConfig:
         sanity_layers: with ``sanity``, compare after every K-th parameterized layer from the logits
             down (and the last); None: after every layer (VGG16: 16, EfficientNet-Lite0: 99 steps).
         sanity_seed: seeds the re-initialization (recorded in the manifest and provenance); default 0.
-        seed: the seed of the seeded methods (``random``, ``sscam``: :attr:`unioncam.methods.CAM.seeded`),
+        seed: the seed of the seeded methods (``random``, ``sscam``, ``smoothgradcampp``: ``CAM.seeded``),
             default 0; recorded in the manifest and in their rows' ``seed`` column. The same seed gives
             the same maps whatever the batch size. Given without a seeded method: refused.
             ``sanity_layers`` and ``sanity_seed`` without ``sanity`` are refused (they would do nothing).
@@ -300,8 +300,8 @@ def _resolve_seed(c: EvalConfig) -> None:
         names = [m for m in METHODS.names() if get_method(m).seeded]
         raise ConfigError(f"--seed only applies to the seeded methods ({', '.join(names)}), and --methods has "
                           "none: add one, or drop --seed")
-    if c.seed is not None and c.seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {c.seed}")
+    if c.seed is not None and not 0 <= c.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32) (NumPy's and the rows' range), got {c.seed}")
     if c.seed is None and seeded:
         c.seed = 0
 
@@ -483,7 +483,8 @@ def build_parser(dataset: Dataset | None) -> argparse.ArgumentParser:
                    help="with --sanity: compare after every K-th layer from the logits down (default: every layer)")
     p.add_argument("--sanity-seed", type=int, help="with --sanity: the randomization's seed (default 0)")
     p.add_argument("--seed", type=int,
-                   help="the seed of the seeded methods (random, sscam, ...; default 0), recorded in their rows")
+                   help="the seed of the seeded methods (random, sscam, smoothgradcampp; default 0), recorded in "
+                        "their rows")
     p.add_argument("--rescore", metavar="RUN_DIR",
                    help="score RUN_DIR's saved maps again under --protocol, into --out (default "
                         "RUN_DIR/rescore/<protocol>), computing no map (what `unioncam rescore` runs)")

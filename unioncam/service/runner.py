@@ -292,8 +292,11 @@ def check_model(cfg: EvalConfig) -> LoadedModel:
         for method in cfg.methods:  # a method that cannot explain this model (CAM without a pooling + linear head)
             try:
                 get_method(method).check_model(loaded.model, loaded.target_layer, loaded.input_size)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None  # names the method and the model
+            except ValueError as exc:  # names the method and the model
+                raise ConfigError(f"{exc}; run the job without {method} (--methods lists the others)") from None
+            except Exception as exc:  # the check itself failed on this model: still one line, before Ray
+                raise ConfigError(f"{method}: cannot check {loaded.name} ({type(exc).__name__}: {exc}); run the "
+                                  f"job without {method}") from None
     return loaded
 
 

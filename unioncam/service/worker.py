@@ -116,6 +116,7 @@ class ShardEvaluator:
             "input_size": list(self.size), "precision": self.precision, "metrics_precision": self.metrics_precision,
             "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "protocol": self.protocol.name,
+            **({"seed": cfg.seed} if cfg.seed is not None else {}),  # the seeded methods' (only when one runs)
             **{k: v for cls in metric_classes() for k, v in cls.provenance(cls.name in cfg.metrics).items()},
             "rescore_of": storage.redact(cfg.rescore) if cfg.rescore else None,
             "unioncam_version": unioncam.__version__, "torch_version": torch.__version__,
