@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from unioncam import storage
+from unioncam.evaluation import metric_classes
 from unioncam.methods import provided_maps
 from unioncam.service.report.data import RunData, load_rows
 from unioncam.service.report.figures import (
@@ -152,7 +153,8 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
                          f"ray {prov.get('ray_version')}"}
     provided = provided_maps(methods)  # {method: (the method that computed its maps, its detail)}
     epg_note = _epg_note(df, None if requested is None else "epg" in requested, prov.get("dataset"))
-    no_boxes = bool(df.loc[df["error"].isna(), "epg"].isna().all())
+    ok = df[df["error"].isna()]  # no value of any metric that needs boxes: the run had none
+    no_boxes = all(bool(ok[c].isna().all()) for m in metric_classes() if m.needs_boxes for c in m.columns)
     table = _table1(summary, requested, no_boxes, dict.fromkeys(provided, "†") or None)
     drop_rule = ("100/N Σ max(0, Y−O)/Y" if protocol.drop == "relative" and not protocol.drop_eps else
                  f"100/N Σ max(0, Y−O)/(Y + {protocol.drop_eps:g})" if protocol.drop == "relative" else
