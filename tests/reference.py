@@ -8,7 +8,8 @@ input's, so no upsampling is involved. Nothing here calls unioncam.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -141,3 +142,18 @@ def unioncam(a: np.ndarray, g: np.ndarray, x: np.ndarray, c: int,
     return {"map": l_dereg if chose else l_reg, "l_den": l_den, "l_dereg": l_dereg,
             "beta_den": beta_den, "beta_reg": beta_reg, "beta_dereg": beta_dereg,
             "selected": "dereg" if chose else "region"}
+
+
+@contextlib.contextmanager
+def trainable(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with parameters that require grad (pytorch-grad-cam differentiates through them;
+    unioncam.load freezes models), frozen again and without ``.grad`` afterwards."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    model.requires_grad_(True)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None

@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import reference as ref
@@ -37,25 +34,12 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-@contextlib.contextmanager
-def trainable(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with parameters that require grad (pytorch-grad-cam calls ``backward()``; unioncam.load
-    freezes models), frozen again and without ``.grad`` afterwards."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    model.requires_grad_(True)
-    try:
-        yield model
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-            p.grad = None
 
 
 def theirs_pgc(method: str, model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: list[int]) -> np.ndarray:
     """pytorch-grad-cam's map (``B×H×W`` float32, min-max normalized at input size)."""
     cls = getattr(pgc, PGC.get(method, method))
-    with trainable(model), cls(model=model, target_layers=[layer]) as cam:
+    with ref.trainable(model), cls(model=model, target_layers=[layer]) as cam:
         return cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(c)) for c in targets])
 
 

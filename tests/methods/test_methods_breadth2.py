@@ -11,9 +11,6 @@ or, for Group-CAM (no library ships it), an independent loop written from the au
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import reference as ref
@@ -36,19 +33,6 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-@contextlib.contextmanager
-def trainable(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with parameters that require grad (pytorch-grad-cam differentiates through them;
-    unioncam.load freezes models), frozen again and without ``.grad`` afterwards."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    model.requires_grad_(True)
-    try:
-        yield model
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-            p.grad = None
 
 
 def release(cam) -> None:
@@ -59,7 +43,7 @@ def release(cam) -> None:
 
 def pgc_maps(cls, model: nn.Module, layers: list[nn.Module], x: torch.Tensor, targets, **call) -> np.ndarray:
     """pytorch-grad-cam's maps (``B×H×W`` float32, min-max normalized at input size)."""
-    with trainable(model):
+    with ref.trainable(model):
         cam = cls(model=model, target_layers=layers)
         try:
             return cam(input_tensor=x.clone(), targets=targets, **call)
