@@ -142,8 +142,12 @@ class ShardEvaluator:
             layer = find_layer(self.model, None)
             grid = self.model.reshape_transform or (lambda out: out)  # transformers: channels of the token grid
             seen: list[tuple[int, int]] = []
-            handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(
-                (int(grid(out).shape[0] * grid(out).shape[1]), int((~is_constant(grid(out))).sum()))))
+
+            def count(_m: Any, _i: Any, out: Tensor) -> None:  # channel maps in all, and the non-constant ones
+                maps = grid(out)
+                seen.append((maps.shape[0] * maps.shape[1], int((~is_constant(maps)).sum())))
+
+            handle = layer.register_forward_hook(count)
             try:  # no_grad, not inference_mode: the eager forward, so a compiled graph never sees this hook
                 with torch.no_grad():
                     self.model(x)
