@@ -630,6 +630,7 @@ def run_methods(c: Check) -> None:
     from unioncam.engine import masked_inputs, predict
     from unioncam.evaluation import MapBatch
     from unioncam.evaluation.sanity import cascade_steps, sanity_check
+    from unioncam.methods import applicable
 
     shards, weights = c.data()
     loaded = unioncam.load(c.args.model, weights, channels_last=True, input_size=c.args.image_size)
@@ -648,12 +649,16 @@ def run_methods(c: Check) -> None:
     sanity_label = f"sanity ({steps} steps, 1 image)"
     c.settings.update(metric_labels=list(runners), sanity_label=sanity_label)
     names = unioncam.METHODS.names()
+    _, left_out = applicable(names, net, loaded.target_layer, size, optional=names)  # LeGrad on a CNN: not applicable
     cap = c.args.unit_cap_s
     c.log(f"methods: {', '.join(names)}; metrics: {', '.join(runners)}; sanity: {steps} cascade steps; up to "
           f"{len(records)} images on {c.device}, batch {batch}, precision auto; {cap:g} s per method and part")
     for name in names:
         entry: dict[str, Any] = {"method": name, "images": 0, "seconds": {}, "values": {}, "notes": []}
         c.methods.append(entry)
+        if name in left_out:
+            entry["error"] = f"skipped: not applicable ({left_out[name]})"
+            continue
         if c.left() < 30:
             entry["error"] = "skipped: time budget"
             continue

@@ -23,7 +23,13 @@ def test_explain_writes_overlays_and_prints_ams(photo, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["explain", str(photo[0]), str(photo[1]), "--model", "tiny_cnn", "--method", "all", "--out", str(out)])
     assert rc == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    # "all" leaves out what cannot explain this CNN (LeGrad reads attention), in one line each
+    assert captured.err.splitlines() == [line for line in captured.err.splitlines() if line.startswith("leaving out")]
+    assert any(line.startswith("leaving out legrad: model TinyCNN has no transformer block") for line in
+               captured.err.splitlines())
+    assert not (out / "photo_legrad.png").exists() and (out / "photo_groupcam.png").exists()
     for stem in ("photo", "gray16"):
         for method in ("gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "unioncam"):
             with Image.open(out / f"{stem}_{method}.png") as img:
@@ -44,6 +50,8 @@ def test_explain_writes_overlays_and_prints_ams(photo, tmp_path, capsys):
     (["{photo}", "--batch-size", "-3"], "--batch-size must be >= 1"),
     (["{photo}", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["{photo}", "--steps", "0"], "--steps must be >= 1"),
+    (["{photo}", "--method", "gradcam,legrad"],
+     "legrad: model TinyCNN has no transformer block with self-attention at its target layer features.4"),
     pytest.param(["{photo}", "--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
 ])

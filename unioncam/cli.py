@@ -21,7 +21,7 @@ from unioncam import __version__, _missing_service_module, storage
 from unioncam.engine import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
 from unioncam.evaluation import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.evaluation.protocols import get_protocol
-from unioncam.methods import METHODS, explain
+from unioncam.methods import METHODS, NotApplicableError, applicable, explain, from_groups
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.models import WeightsError, load
 from unioncam.models import names as model_names
@@ -86,6 +86,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.target is not None and not 0 <= args.target < len(loaded.class_names):
         raise UsageError(f"--target {args.target} is not a class of {loaded.name} (0..{len(loaded.class_names) - 1})")
+    try:  # a method named through `all` or a family that cannot explain this model is left out, with a note
+        methods, left_out = applicable(methods, loaded.model, loaded.target_layer, loaded.input_size,
+                                       optional=from_groups(args.method))
+    except NotApplicableError as exc:
+        raise UsageError(str(exc)) from None
+    for why in left_out.values():
+        print(f"leaving out {why}", file=sys.stderr, flush=True)
     model = loaded.model.to(device)
     images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work
     out = Path(args.out)

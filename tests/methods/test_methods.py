@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
+from applicable import methods_for_tiny_cnn
 
 import unioncam
-from unioncam.methods import METHODS, get_method
+from unioncam.methods import get_method
 from unioncam.methods.union import amd, denoise_gradients, pixel_average_alpha
 from unioncam.ops import clear_black_image_cache, normalize, upsample
 
@@ -107,7 +108,7 @@ def tiny():
     return unioncam.load("tiny_cnn")
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_batch_equals_single(tiny, method):
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     batch = unioncam.explain(tiny, x, method, batch_size=5)
@@ -124,7 +125,7 @@ def _hooks(model):
                for m in model.modules())
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_no_hook_survives_an_exception(hand, method):
     model, _, _ = hand
     bad = ref.hand_images(1)[:, :, :7, :7]  # conv runs (hook fires), then the linear layer fails
@@ -140,7 +141,7 @@ def test_no_hook_survives_an_exception(hand, method):
     assert _hooks(model) == 0
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_parameters_get_no_grad_and_training_mode_restored(method):
     model = ref.hand_model()
     model.requires_grad_(True)

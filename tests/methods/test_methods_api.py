@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from applicable import methods_for_tiny_cnn
 from torch import nn
 
 import unioncam
@@ -32,7 +33,7 @@ def tiny() -> nn.Module:
 
 
 # -- 1. hooks are scoped to a call --------------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_hooks_exist_only_during_the_explaining_forward(tiny, method):
     x = images(2)
     cam = get_method(method)(tiny, batch_size=8)
@@ -54,7 +55,7 @@ def test_hooks_exist_only_during_the_explaining_forward(tiny, method):
     assert again.maps.shape == (2, 64, 64)
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_no_hook_is_left_after_an_exception_inside_the_call(tiny, method):
     x = images(1)
     cam = get_method(method)(tiny, batch_size=8)
@@ -93,7 +94,7 @@ def test_a_bad_layer_name_still_fails_at_construction(tiny):
 
 
 # -- 2. training flags restored exactly ---------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_every_submodules_training_flag_is_restored(tiny, method):
     tiny.train()
     tiny.net.features[0].eval()
@@ -308,7 +309,7 @@ def test_a_model_can_carry_its_reshape(vit_small):
         unioncam.explain(model, x, "gradcam", target_layer=layer, reshape=lambda t: t[:, 1:])
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_4d_layers_are_unchanged_by_an_identity_reshape(tiny, method):
     x = images(2, seed=6)
     plain = unioncam.explain(tiny, x, method, batch_size=8)

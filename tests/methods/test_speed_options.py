@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from applicable import methods_for_tiny_cnn
 
-from unioncam import METHODS, explain, load
+from unioncam import explain, load
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def images():
     return torch.rand(3, 3, 64, 64, generator=g)
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", methods_for_tiny_cnn())  # transformer-only ones: test_legrad.py
 def test_channels_last_gives_the_plain_maps(images, method):
     plain, fast = load("tiny_cnn"), load("tiny_cnn", channels_last=True)
     assert fast.model.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)

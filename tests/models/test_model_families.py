@@ -124,6 +124,21 @@ def test_timm_family_default_layer_and_gradcam_equals_pytorch_grad_cam(tmp_path,
     assert pearson(ours, theirs) >= 0.999
 
 
+def test_torchvision_vit_default_layer_is_the_last_blocks_ln_1():
+    """torchvision names a ViT's blocks ``encoder_layer_0`` ...: the default layer must resolve, and LeGrad finds
+    its blocks from it."""
+    from unioncam.methods.legrad import find_blocks
+    from unioncam.models import PixelModel
+    from unioncam.models.torchvision import default_layer
+
+    net = tvm.vit_b_16(weights=None)
+    layer, reshape = default_layer("vit_b_16", net, (224, 224))
+    assert layer == "encoder.layers.encoder_layer_11.ln_1" and reshape is not None
+    assert net.get_submodule(layer) is net.encoder.layers[11].ln_1
+    model = PixelModel(net, (0.5,) * 3, (0.5,) * 3, layer)
+    assert find_blocks(model, None, 2) == [net.encoder.layers[10], net.encoder.layers[11]]
+
+
 CHEAP = {"sscam": {"num_samples": 2}, "iscam": {"num_samples": 2}, "smoothgradcampp": {"num_samples": 2}}
 REFUSED = {  # (model, method): the one-line refusal check_model gives before anything runs
     ("torchvision:mobilenet_v3_small", "cam"): "has no global-average-pooling \\+ linear head",
@@ -131,6 +146,9 @@ REFUSED = {  # (model, method): the one-line refusal check_model gives before an
     ("timm:convnext_atto", "cam"): "cam: model ConvNeXt has no global-average-pooling \\+ linear head",
     ("timm:convnext_atto", "integrativecam"): "integrativecam: model .* has no ReLU directly after a convolution",
     ("timm:vit_tiny_patch16_224", "integrativecam"): "integrativecam: model .* has no ReLU directly after a conv",
+    ("torchvision:resnet18", "legrad"): "legrad: model ResNet has no transformer block with self-attention",
+    ("torchvision:mobilenet_v3_small", "legrad"): "legrad: model MobileNetV3 has no transformer block",
+    ("timm:convnext_atto", "legrad"): "legrad: model ConvNeXt has no transformer block",
 }
 
 

@@ -167,7 +167,7 @@ def test_a_worker_that_cannot_start_fails_in_one_line_and_leaves_the_run_open(cl
     assert not out.exists()
     # a worker that fails all the same (here: the driver's check skipped) gives its root cause, once
     sha = hashlib.sha256(bad.read_bytes()).hexdigest()
-    monkeypatch.setattr(runner, "check_model", lambda c: replace(runner.load("tiny_cnn"), weights_sha256=sha))
+    monkeypatch.setattr(runner, "check_model", lambda c: (replace(runner.load("tiny_cnn"), weights_sha256=sha), c))
     capfd.readouterr()
     started = time.monotonic()
     with pytest.raises(WorkerStartError) as failed:

@@ -105,7 +105,7 @@ def test_sanity_options_without_sanity_are_refused(flags, capsys):
                                                                                  else 0)
 
 
-def test_the_driver_checks_the_model_before_any_worker_starts(tmp_path, monkeypatch):
+def test_the_driver_checks_the_model_before_any_worker_starts(tmp_path, monkeypatch, capfd):
     """Missing weights, mismatched weights and a top-K beyond the model's classes are one line
     (ConfigError) from the driver; Ray is never started (runner.connect is not reached)."""
     from unioncam.service import runner
@@ -132,7 +132,22 @@ def test_the_driver_checks_the_model_before_any_worker_starts(tmp_path, monkeypa
                                           r"without cam \(--methods lists the others\)$"):
         runner.run(EvalConfig(**{**base, "methods": ["gradcam", "cam"]}, model="torchvision:squeezenet1_1",
                               weights=str(squeeze), out=str(tmp_path / "d")).resolved())
-    assert not any((tmp_path / d / "lock.json").exists() for d in "abcd")  # refused before the lock, too
+    with pytest.raises(ConfigError, match=r"^legrad: model SqueezeNet has no transformer block .*; run the job "
+                                          r"without legrad"):  # named on its own: refused
+        runner.run(EvalConfig(**{**base, "methods": ["gradcam", "legrad"]}, model="torchvision:squeezenet1_1",
+                              weights=str(squeeze), out=str(tmp_path / "e")).resolved())
+    assert not any((tmp_path / d / "lock.json").exists() for d in "abcde")  # refused before the lock, too
+    # named through a family (or "all"): left out with a line, and the run goes on to start Ray
+    cfg = EvalConfig(**{**base, "methods": ["activation", "gradcam"]}, model="torchvision:squeezenet1_1",
+                     weights=str(squeeze), out=str(tmp_path / "f")).resolved()
+    assert cfg.methods == ["eigencam", "random", "cam", "kpcacam", "gradcam"]
+    assert cfg.methods_optional == cfg.methods[:4]
+    loaded, checked = runner.check_model(cfg)
+    assert checked.methods == ["eigencam", "random", "kpcacam", "gradcam"] and loaded.name.endswith("squeezenet1_1")
+    assert "leaving out cam (from a group in --methods), which cannot explain torchvision:squeezenet1_1: cam: model " \
+        "SqueezeNet has no linear classifier layer" in capfd.readouterr().out
+    with pytest.raises(AssertionError, match="Ray must not start"):
+        runner.run(cfg)
 
 
 # -- one shard -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from unioncam.methods.gradient import GradCAM, GradCAMElementWise, GradCAMPP, Hi
 from unioncam.methods.group import GroupCAM
 from unioncam.methods.integrative import IntegrativeCAM
 from unioncam.methods.kpca import KPCACAM
+from unioncam.methods.legrad import LeGrad
 from unioncam.methods.randomcam import RandomCAM
 from unioncam.methods.refine import RefineCAM
 from unioncam.methods.score import ScoreCAM
@@ -35,7 +36,7 @@ PAPER_METHODS: tuple[type[CAM], ...] = (GradCAM, GradCAMPP, XGradCAM, LayerCAM, 
 #: the other methods pytorch-grad-cam and TorchCAM ship for classifiers (issue 26)
 BREADTH_METHODS: tuple[type[CAM], ...] = (HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, RandomCAM,
                                           ClassActivationMap, AblationCAM, FullGrad, SSCAM, ISCAM, SmoothGradCAMpp,
-                                          ShapleyCAM, FinerCAM, KPCACAM, RefineCAM, GroupCAM)
+                                          ShapleyCAM, FinerCAM, KPCACAM, RefineCAM, GroupCAM, LeGrad)
 for _cls in (*PAPER_METHODS, *BREADTH_METHODS):
     METHODS.add(_cls.name, _cls)
 
@@ -101,6 +102,50 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     return parse_names(expanded if given else spec, METHODS.names(), "method")
 
 
+def from_groups(spec: str | Sequence[str]) -> list[str]:
+    """Of :func:`parse_methods`'s methods for ``spec``, those it brings in only through ``all`` or a
+    family name, not by their own name: the ones a caller may leave out for a model they cannot
+    explain (:func:`applicable`), where a method named on its own is refused instead."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    given = [n.strip() for part in parts for n in part.split(",") if n.strip()]
+    groups = {name_key(f) for f in families()} | {"all"}
+    named = [n for n in given if name_key(n) not in groups]
+    own = set(parse_methods(named)) if named else set()
+    return [m for m in parse_methods(spec) if m not in own]
+
+
+class NotApplicableError(ValueError):
+    """A method that cannot explain a model (:meth:`CAM.check_model`'s one-line refusal), and its name."""
+
+    def __init__(self, method: str, message: str) -> None:
+        super().__init__(message)
+        self.method = method
+
+
+def applicable(methods: Sequence[str], model: nn.Module, target_layer: str | nn.Module | None = None,
+               input_size: tuple[int, int] | None = None, *,
+               optional: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """``(kept, left_out)``: ``methods`` less those of ``optional`` (:func:`from_groups`) whose
+    :meth:`CAM.check_model` refuses ``model``, and ``{method: the one-line reason}`` for those.
+
+    Raises:
+        NotApplicableError: a method not in ``optional`` cannot explain ``model`` (its one-line refusal,
+            naming the method and the model); other exceptions of a check propagate.
+    """
+    kept: list[str] = []
+    left_out: dict[str, str] = {}
+    for method in methods:
+        try:
+            get_method(method).check_model(model, target_layer, input_size)
+        except ValueError as exc:
+            if method not in optional:
+                raise NotApplicableError(method, str(exc)) from None
+            left_out[method] = str(exc)
+            continue
+        kept.append(method)
+    return kept, left_out
+
+
 def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "unioncam",
             target_layer: str | nn.Module | None = None, targets: Targets = None,
             *, reshape: Reshape | None = None, **options: Any) -> Explanation:
@@ -123,5 +168,6 @@ def explain(model: nn.Module | LoadedModel, images: Tensor, method: str = "union
 
 
 __all__ = ["BREADTH_METHODS", "CAM", "METHODS", "PAPER_METHODS", "ClassifierOutputSoftmaxTarget",
-           "ClassifierOutputTarget", "Explanation", "default_methods", "explain", "families", "find_layer",
-           "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps", "row_detail_columns", "vit_reshape"]
+           "ClassifierOutputTarget", "Explanation", "NotApplicableError", "applicable", "default_methods", "explain",
+           "families", "find_layer", "from_groups", "get_method", "nhwc_to_nchw", "parse_methods", "provided_maps",
+           "row_detail_columns", "vit_reshape"]

@@ -76,7 +76,8 @@ def default_layer(name: str, net: nn.Module, size: tuple[int, int]) -> tuple[str
     if family == "vit":  # the class token dropped, the 14×14 patch tokens as a grid
         layers = net.get_submodule("encoder.layers")
         assert isinstance(layers, nn.Sequential)
-        return f"encoder.layers.{len(layers) - 1}.ln_1", vit_reshape(1)
+        last = list(layers.named_children())[-1][0]  # torchvision names them encoder_layer_0, ...
+        return f"encoder.layers.{last}.ln_1", vit_reshape(1)
     if family == "swin" and isinstance(features, nn.Sequential):  # stages output B×H×W×C
         return f"features.{len(features) - 1}", nhwc_to_nchw
     return last_spatial_layer(net, size), None

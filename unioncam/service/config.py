@@ -24,7 +24,7 @@ from unioncam import storage
 from unioncam.engine import DEFAULT_GPU_MEMORY_GIB
 from unioncam.evaluation import METRICS, default_metrics, get_metric, parse_metrics
 from unioncam.evaluation.protocols import PROTOCOL_NAMES, get_protocol
-from unioncam.methods import METHODS, default_methods, get_method, parse_methods
+from unioncam.methods import METHODS, default_methods, from_groups, get_method, parse_methods
 from unioncam.models import canonical as canonical_model
 from unioncam.models import names as model_names
 from unioncam.ops import PRECISION_CHOICES, check_precision
@@ -135,6 +135,9 @@ class EvalConfig:
     overlays: int = 4
     report: bool = True
     sample: bool = False  # set by resolved() when no shards were given
+    #: set by resolved(): the methods that ``methods`` names only through ``all`` or a family; the driver
+    #: leaves out those the model cannot use (:func:`unioncam.methods.applicable`) instead of refusing
+    methods_optional: list[str] = field(default_factory=list, metadata={"derived": True})
 
     @property
     def is_sample(self) -> bool:
@@ -174,6 +177,7 @@ class EvalConfig:
         if c.insdel_steps is None:
             c.insdel_steps = protocol.curves.steps if protocol.curves else 224
         try:
+            c.methods_optional = from_groups(c.methods)
             c.methods = parse_methods(c.methods)
             c.metrics = parse_metrics(c.metrics)
         except ValueError as exc:
@@ -220,7 +224,7 @@ class EvalConfig:
         """Build from a mapping (YAML): unknown or doubled keys (``batch-size`` and ``batch_size``)
         and values of the wrong type raise, naming the key. ``dataset`` is the default when the
         mapping has none (the entry point's dataset)."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
         clean: dict[str, Any] = {}
         for k, v in values.items():
             key = str(k).replace("-", "_")

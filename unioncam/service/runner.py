@@ -26,7 +26,7 @@ import ray
 from unioncam import storage
 from unioncam.data.sample import write_sample_shards
 from unioncam.data.shards import MANIFEST, count_samples, expand_shards, shard_name
-from unioncam.methods import get_method
+from unioncam.methods import NotApplicableError, applicable
 from unioncam.models import LoadedModel, WeightsError, load
 from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, top_k
@@ -276,10 +276,12 @@ def prepare(cfg: EvalConfig) -> tuple[list[str], dict[str, int | None], dict[str
     return paths, counts, limits
 
 
-def check_model(cfg: EvalConfig) -> LoadedModel:
+def check_model(cfg: EvalConfig) -> tuple[LoadedModel, EvalConfig]:
     """Build ``cfg``'s model here, in the driver, before the lock is taken and any worker starts, so
     missing, damaged or mismatched weights (and a model name the families refuse) are one line, not
-    every worker's traceback; also refuses ``--target topk:K`` beyond the model's classes."""
+    every worker's traceback; also refuses ``--target topk:K`` beyond the model's classes, and a method
+    named in ``--methods`` that cannot explain the model. Returns the model and ``cfg`` less the methods
+    that came in through ``all`` or a family and cannot explain it (logged)."""
     try:
         loaded = load(cfg.model or "vgg16", cfg.weights, allow_download=cfg.allow_download)
     except (WeightsError, ValueError) as exc:
@@ -288,16 +290,22 @@ def check_model(cfg: EvalConfig) -> LoadedModel:
     if k is not None and k > len(loaded.class_names):
         raise ConfigError(f"--target topk:{k} asks for more classes than {loaded.name} has "
                           f"({len(loaded.class_names)}): use K <= {len(loaded.class_names)}")
-    if not cfg.rescore:  # a rescore computes no map
-        for method in cfg.methods:  # a method that cannot explain this model (CAM without a pooling + linear head)
-            try:
-                get_method(method).check_model(loaded.model, loaded.target_layer, loaded.input_size)
-            except ValueError as exc:  # names the method and the model
-                raise ConfigError(f"{exc}; run the job without {method} (--methods lists the others)") from None
-            except Exception as exc:  # the check itself failed on this model: still one line, before Ray
-                raise ConfigError(f"{method}: cannot check {loaded.name} ({type(exc).__name__}: {exc}); run the "
-                                  f"job without {method}") from None
-    return loaded
+    if cfg.rescore:  # a rescore computes no map
+        return loaded, cfg
+    try:  # a method that cannot explain this model (CAM without a pooling + linear head, LeGrad on a CNN)
+        methods, left_out = applicable(cfg.methods, loaded.model, loaded.target_layer, loaded.input_size,
+                                       optional=cfg.methods_optional)
+    except NotApplicableError as exc:  # names the method and the model
+        raise ConfigError(f"{exc}; run the job without {exc.method} (--methods lists the others)") from None
+    except Exception as exc:  # the check itself failed on this model: still one line, before Ray
+        raise ConfigError(f"cannot check the methods on {loaded.name} ({type(exc).__name__}: {exc}); choose "
+                          "other --methods") from None
+    if left_out:
+        log(f"leaving out {', '.join(left_out)} (from a group in --methods), which cannot explain {loaded.name}: "
+            + "; ".join(left_out.values()))
+    if not methods:
+        raise ConfigError(f"no method of --methods can explain {loaded.name}: {'; '.join(left_out.values())}")
+    return loaded, replace(cfg, methods=methods)
 
 
 def _rescored_shards(run_dir: str) -> list[str]:
@@ -347,7 +355,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     weights = storage.absolute(cfg.weights) if cfg.weights else None
     cfg = replace(cfg, out=out, weights=weights)
     paths, counts, limits = prepare(cfg)
-    loaded = check_model(cfg)  # before the lock and any worker: bad weights are one line
+    loaded, cfg = check_model(cfg)  # before the lock and any worker: bad weights are one line
     sha = loaded.weights_sha256 if weights else None
     del loaded
     if cfg.rescore:
