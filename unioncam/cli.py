@@ -21,7 +21,7 @@ from unioncam import __version__, _missing_service_module, storage
 from unioncam.engine import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
 from unioncam.evaluation import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.evaluation.protocols import get_protocol
-from unioncam.methods import METHODS, NotApplicableError, applicable, explain, from_groups
+from unioncam.methods import METHODS, NotApplicableError, applicable, explain, from_groups, get_method
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.models import WeightsError, load
 from unioncam.models import names as model_names
@@ -51,6 +51,23 @@ def _format_details(details: dict[str, Any], i: int) -> str:
         text += (f"  AMS={details['selected'][i]}  β_den={b['beta_den']:.4f}"
                  f"  β_reg={b['beta_reg']:.4f}  β_dereg={b['beta_dereg']:.4f}")
     return text
+
+
+def _method_options(items: list[str], methods: list[str], model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """``--method-option`` items, checked as the job checks them: names and options
+    (:func:`unioncam.service.config.check_method_options`), then values, by building each method."""
+    from unioncam.service.config import ConfigError, check_method_options, parse_method_options
+
+    try:
+        found = check_method_options(parse_method_options(items), methods)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    for method, options in found.items():
+        try:
+            get_method(method)(model, **options).remove_hooks()
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--method-option {method}: {' '.join(str(exc).split())}") from None
+    return found
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -93,6 +110,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     for why in left_out.values():
         print(f"leaving out {why}", file=sys.stderr, flush=True)
+    own = _method_options(args.method_option or [], methods, loaded.model)
     model = loaded.model.to(device)
     images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work
     out = Path(args.out)
@@ -121,7 +139,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
               flush=True)
         for method in methods:
             start = time.perf_counter()
-            result = explain(loaded, x, method, targets=[target], **options)
+            result = explain(loaded, x, method, targets=[target], **options, **own.get(method, {}))
             seconds = time.perf_counter() - start
             dest = out / f"{path.stem}_{method}.png"
             overlay(image, result.maps[0]).save(dest)
@@ -339,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let torchvision/timm download missing weights into their own caches (default: never)")
     p.add_argument("--weights", default=None, help="state-dict file (weights_only); default: see docs/models.md")
     p.add_argument("--method", default="unioncam", help=f"'all' or comma-separated: {', '.join(METHODS.names())}")
+    p.add_argument("--method-option", action="append", metavar="METHOD.OPTION=VALUE",
+                   help="a method's own option, repeatable: sscam.num_samples=10, legrad.blocks=3 (docs/library.md)")
     p.add_argument("--out", required=True, help="output folder for the overlay PNGs")
     p.add_argument("--target", type=int, default=None, help="class index to explain (default: predicted)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

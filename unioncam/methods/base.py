@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -211,6 +212,22 @@ class CAM(abc.ABC):
         """The row columns this method's details fill: :attr:`row_details`, and ``seed`` (int64) for a
         :attr:`seeded` method (its ``details["seed"]``)."""
         return {**cls.row_details, **({"seed": "int64"} if cls.seeded else {})}
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The keyword options this method's constructor takes, its own first, then its bases' up to
+        :class:`CAM` (``batch_size``, ``precision``, ``reshape``): SS-CAM's ``num_samples``, ``std``,
+        ``seed``, ..., LeGrad's ``blocks``."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                names += [p.name for p in inspect.signature(init).parameters.values()
+                          if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                          and p.name not in ("self", "model", "target_layer", *names)]
+            if klass is CAM:
+                break
+        return names
 
     @classmethod
     def check_model(cls, model: nn.Module, target_layer: str | nn.Module | None = None,

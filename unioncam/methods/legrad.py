@@ -172,6 +172,9 @@ class LeGrad(CAM):
             raise ValueError(f"legrad: blocks must be an integer >= 1, got {blocks!r}")
         if prefix_tokens is not None and (not isinstance(prefix_tokens, int) or prefix_tokens < 0):
             raise ValueError(f"legrad: prefix_tokens must be an integer >= 0, got {prefix_tokens!r}")
+        if score_projection is not None and not callable(score_projection):
+            raise TypeError(f"legrad: score_projection must be a function of B×N×C tokens, got "
+                            f"{type(score_projection).__name__}")
         self.blocks = blocks
         super().__init__(model, target_layer, **kwargs)
         self.reshape = None  # the grid comes from the attention's keys, not from a layer's tokens

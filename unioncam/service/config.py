@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -86,6 +87,11 @@ class EvalConfig:
             default 0; recorded in the manifest and in their rows' ``seed`` column. The same seed gives
             the same maps whatever the batch size. Given without a seeded method: refused.
             ``sanity_layers`` and ``sanity_seed`` without ``sanity`` are refused (they would do nothing).
+        method_options: ``{method: {option: value}}``, the methods' own options (``CAM.option_names``: SS-CAM's
+            ``num_samples``, LeGrad's ``blocks``, ...; the flag ``--method-option sscam.num_samples=10``), for
+            methods the run runs; values are JSON values (numbers, booleans, strings, lists). ``batch_size``,
+            ``precision`` and ``seed`` have flags of their own. Recorded in the manifest's settings (only when
+            given) and in the files' provenance.
         target: "predicted" (REFERENCE.md default), "label" (the dataset's label; refused for VOC
             shards, whose 20 labels are not the model's ImageNet classes), or "topk:K" (K rows per
             image, one per predicted class, with ``rank`` 1..K).
@@ -125,6 +131,7 @@ class EvalConfig:
     sanity_layers: int | None = None
     sanity_seed: int | None = None  # 0 with sanity (resolved()); given without sanity: refused
     seed: int | None = None  # of the seeded methods: 0 when one runs (resolved()); given without one: refused
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {method: {option: value}}
     target: str = "predicted"
     save_maps: bool = True
     address: str | None = None
@@ -183,6 +190,7 @@ class EvalConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         _resolve_seed(c)
+        _resolve_method_options(c)
         unavailable = {m: why for m in c.metrics if (why := get_metric(m).unavailable(protocol))}
         if unavailable:  # e.g. insdel under pytorch-grad-cam: the library has no curves, nothing to compare with
             c.metrics = [m for m in c.metrics if m not in unavailable]
@@ -215,7 +223,8 @@ class EvalConfig:
         keys = ("dataset", "model", "methods", "metrics", "precision", "metrics_precision", "limit", "insdel_steps",
                 "protocol", "rescore", "sanity", "target", "save_maps") + (
                     ("sanity_layers", "sanity_seed") if self.sanity else ()) + (
-                    ("seed",) if self.seed is not None else ())
+                    ("seed",) if self.seed is not None else ()) + (
+                    ("method_options",) if self.method_options else ())
         return {k: getattr(self, k) for k in keys}
 
     # -- loading ---------------------------------------------------------------------------------
@@ -281,6 +290,10 @@ class EvalConfig:
         for key in ("methods", "metrics"):
             if key in given:
                 given[key] = _names(key, given[key])
+        if "method_options" in given:  # flags over the YAML's, option by option
+            flags = parse_method_options(given["method_options"])
+            given["method_options"] = {m: {**base.method_options.get(m, {}), **flags.get(m, {})}
+                                       for m in {**base.method_options, **flags}}
         return dataclasses.replace(base, **given).resolved()
 
 
@@ -309,6 +322,68 @@ def _resolve_seed(c: EvalConfig) -> None:
     if c.seed is None and seeded:
         c.seed = 0
 
+
+
+#: the methods' options the job sets through flags of its own; ``--method-option`` refuses them
+JOB_OPTIONS = {"batch_size": "--batch-size", "precision": "--precision", "seed": "--seed", "reshape": "--model"}
+
+
+def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["sscam.num_samples=10", "legrad.blocks=3"]`` to ``{"sscam": {"num_samples": 10}, "legrad":
+    {"blocks": 3}}``: each value is read as JSON (``10``, ``2.5``, ``true``, ``[1, 2]``, ``"text"``), else
+    kept as text (``kernel=rbf``). Raises :class:`ConfigError` for an item not ``METHOD.OPTION=VALUE``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        method, dot, option = name.strip().partition(".")
+        if not (eq and dot and method and option.strip()):
+            raise ConfigError(f"--method-option {item!r}: expected METHOD.OPTION=VALUE (e.g. sscam.num_samples=10)")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text.strip()
+        out.setdefault(method.strip(), {})[option.strip()] = value
+    return out
+
+
+def _json_value(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_json_value(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _resolve_method_options(c: EvalConfig) -> None:
+    c.method_options = check_method_options(c.method_options, c.methods)
+
+
+def check_method_options(given: dict[str, dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``given`` (``{method: {option: value}}``) checked against ``methods`` (those that run) and each
+    method's options (``CAM.option_names``, less :data:`JOB_OPTIONS`), in canonical spelling, each method's
+    options sorted, in ``methods``' order; the values are checked by building the method (the job's
+    driver, :func:`unioncam.service.runner.check_model`). Raises :class:`ConfigError`."""
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise ConfigError(f"method_options must map a method to a mapping of its options, got {given!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for method, options in given.items():
+        try:
+            name = parse_methods([str(method)])[0]
+        except ValueError as exc:
+            raise ConfigError(f"--method-option {method}: {exc}") from None
+        if name not in methods:
+            raise ConfigError(f"--method-option for {name}, which does not run here (methods: {', '.join(methods)})")
+        allowed = [o for o in get_method(name).option_names() if o not in JOB_OPTIONS]
+        for key, value in options.items():
+            if key in JOB_OPTIONS:
+                raise ConfigError(f"--method-option {name}.{key}: the job sets it for every method; use "
+                                  f"{JOB_OPTIONS[key]}")
+            if key not in allowed:
+                raise ConfigError(f"--method-option {name}.{key}: {name} has no option {key!r}; its options: "
+                                  f"{', '.join(allowed) or 'none'}")
+            if not _json_value(value):
+                raise ConfigError(f"--method-option {name}.{key}: a value must be a number, boolean, string or list, "
+                                  f"got {type(value).__name__}")
+        out[name] = dict(sorted(options.items()))
+    return {m: out[m] for m in methods if m in out}
 
 def _check_numbers(c: EvalConfig) -> None:
     """Counts, resources, times and sizes in range (finite, positive where they must be)."""
@@ -370,6 +445,10 @@ def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:
 
     if c.shards is not None or c.sample:
         raise ConfigError("a rescore reads the shards of the run it rescores: give no --shards")
+    if c.seed is not None or c.method_options:  # the maps are the run's: its seed and options made them
+        given = " and ".join(f for f, v in (("--seed", c.seed is not None), ("--method-option", c.method_options)) if v)
+        raise ConfigError(f"a rescore scores the run's saved maps, made with that run's seed and method options: "
+                          f"give no {given}")
     run = storage.absolute(c.rescore or "")
     try:
         then = load_manifest(run)["config"]
@@ -394,7 +473,7 @@ def _rescoring(c: EvalConfig, protocol: str) -> EvalConfig:
         c, rescore=run, dataset=then["dataset"], model=then["model"], methods=list(then["methods"]),
         metrics=[m for m in then["metrics"] if m in asked], target=then.get("target", "predicted"),
         limit=then.get("limit"), precision=then.get("precision", "auto"), save_maps=False, out=out,
-        seed=then.get("seed"))
+        seed=then.get("seed"), method_options=dict(then.get("method_options") or {}))
 
 
 def top_k(target: str) -> int | None:
@@ -422,6 +501,8 @@ def _check_type(key: str, value: Any) -> None:
         ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif base is float:
         ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif base is dict:
+        ok, want = isinstance(value, dict), "a mapping (method: {option: value})"
     elif base is list:
         ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), \
             "a list of names or a comma-separated string"
@@ -489,6 +570,9 @@ def build_parser(dataset: Dataset | None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int,
                    help="the seed of the seeded methods (random, sscam, smoothgradcampp; default 0), recorded in "
                         "their rows")
+    p.add_argument("--method-option", dest="method_options", action="append", metavar="METHOD.OPTION=VALUE",
+                   help="a method's own option, repeatable: sscam.num_samples=10, legrad.blocks=3, "
+                        "kpcacam.kernel=rbf (the options: docs/library.md)")
     p.add_argument("--rescore", metavar="RUN_DIR",
                    help="score RUN_DIR's saved maps again under --protocol, into --out (default "
                         "RUN_DIR/rescore/<protocol>), computing no map (what `unioncam rescore` runs)")

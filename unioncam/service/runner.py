@@ -26,7 +26,7 @@ import ray
 from unioncam import storage
 from unioncam.data.sample import write_sample_shards
 from unioncam.data.shards import MANIFEST, count_samples, expand_shards, shard_name
-from unioncam.methods import NotApplicableError, applicable
+from unioncam.methods import NotApplicableError, applicable, get_method
 from unioncam.models import LoadedModel, WeightsError, load
 from unioncam.ops import resolve_precision
 from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, top_k
@@ -305,7 +305,13 @@ def check_model(cfg: EvalConfig) -> tuple[LoadedModel, EvalConfig]:
             + "; ".join(left_out.values()))
     if not methods:
         raise ConfigError(f"no method of --methods can explain {loaded.name}: {'; '.join(left_out.values())}")
-    return loaded, replace(cfg, methods=methods)
+    options = {m: o for m, o in cfg.method_options.items() if m in methods}
+    for method, given in options.items():  # the values: the method's own checks, on this model
+        try:
+            get_method(method)(loaded.model, **given).remove_hooks()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"--method-option {method}: {' '.join(str(exc).split())}") from None
+    return loaded, replace(cfg, methods=methods, method_options=options)
 
 
 def _rescored_shards(run_dir: str) -> list[str]:

@@ -99,7 +99,8 @@ class ShardEvaluator:
         if self.compile:
             self.model.compile_inference(pad_to=self.batch_size)
             self.warmup_seconds = self._warm_up()
-        self.provided = provided_maps(cfg.methods)  # methods whose maps another one computes: not run again
+        self.provided = {m: p for m, p in provided_maps(cfg.methods).items()  # computed by another: not run again
+                         if m not in cfg.method_options and p[0] not in cfg.method_options}  # (unless options differ)
         context = MetricContext(self.model, self.size, self.batch_size, self.metrics_precision, self.protocol,
                                 cfg.insdel_steps)
         self.scorers: list[Metric] = [cls(context) for cls in scorers(cfg.metrics)]
@@ -117,6 +118,7 @@ class ShardEvaluator:
             "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "protocol": self.protocol.name,
             **({"seed": cfg.seed} if cfg.seed is not None else {}),  # the seeded methods' (only when one runs)
+            **({"method_options": cfg.method_options} if cfg.method_options else {}),
             **{k: v for cls in metric_classes() for k, v in cls.provenance(cls.name in cfg.metrics).items()},
             "rescore_of": storage.redact(cfg.rescore) if cfg.rescore else None,
             "unioncam_version": unioncam.__version__, "torch_version": torch.__version__,
@@ -453,9 +455,11 @@ class ShardEvaluator:
         return {m: build(m) for m in self.cfg.methods}
 
     def _build(self, method: str, model: torch.nn.Module) -> CAM:
-        """``method`` on ``model`` with this worker's options (and the run's ``seed`` for a seeded method)."""
+        """``method`` on ``model`` with this worker's options, the run's ``seed`` for a seeded method and the
+        method's own options (``--method-option``)."""
         cls = get_method(method)
         options: dict[str, Any] = {"seed": self.cfg.seed or 0} if cls.seeded else {}
+        options.update(self.cfg.method_options.get(method, {}))
         return cls(model, batch_size=self.batch_size, precision=self.precision, **options)
 
     def _explain_all(self, x: Tensor, targets: Tensor) -> dict[str, list[tuple[Tensor, Row, float] | str]]:
