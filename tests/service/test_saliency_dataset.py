@@ -155,3 +155,26 @@ def test_read_saliency_opens_only_the_shards_it_is_given(run_dir, tmp_path):
     assert keys == [key] and maps.shape == (1, 64, 64)
     with pytest.raises(Exception, match=r"(?i)parquet"):
         read_saliency(copy, method="gradcam", keys=[key])  # without shards=, every file is opened
+
+
+def test_items_carry_every_scalar_column_the_methods_declare(tmp_path):
+    """UnionCAM's β's and AMS branch and a seeded method's seed reach the items (schema-derived fields); a
+    value a row lacks is -1 (integers), NaN (numbers) or "" (text), so the default collation batches them."""
+    shards = make_shards(tmp_path / "shards", n_images=2, shard_size=2, bad=False)
+    cfg = EvalConfig(shards=str(shards[0]), out=str(tmp_path / "run"), model="tiny_cnn", methods=["random", "unioncam"],
+                     metrics=["ad"], seed=5, report=False).resolved()
+    ShardEvaluator(cfg, "cpu", run_id="r").evaluate(str(shards[0]), cfg.out)
+    ds = SaliencyDataset(cfg.out)
+    assert {"seed", "beta_den", "beta_reg", "beta_dereg", "selected", "seconds", "epg"} <= set(ds.fields)
+    assert "error" not in ds.fields and "road_morf" not in ds.fields  # null in kept rows / a list column
+    rows = read_metrics(cfg.out).to_pandas().set_index(["key", "method"])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)))
+    for i, (key, method) in enumerate(zip(batch["key"], batch["method"], strict=True)):
+        row = rows.loc[(key, method)]
+        assert int(batch["seed"][i]) == (5 if method == "random" else -1)
+        if method == "unioncam":
+            assert float(batch["beta_den"][i]) == pytest.approx(row["beta_den"]) and batch["selected"][i] == \
+                row["selected"]
+        else:
+            assert torch.isnan(batch["beta_den"][i]) and batch["selected"][i] == ""
+        assert torch.isnan(batch["epg"][i])  # no boxes

@@ -19,15 +19,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
 from unioncam import storage
-from unioncam.service.results import map_array, read_maps_file, read_metrics
+from unioncam.service.results import map_array, metrics_schema, read_maps_file, read_metrics
 
-_TEXT = ("shard", "key", "method", "label_name", "target_name", "selected")
-ROW_FIELDS = ("shard", "key", "method", "rank", "label", "label_name", "target", "target_name", "y", "o",
-              "insertion_auc", "deletion_auc", "epg", "selected")
+
+
+def row_fields() -> dict[str, str]:
+    """The row columns each item carries, name → ``"text"``, ``"int"`` or ``"float"``: every column of the
+    metrics schema (:func:`unioncam.service.results.metrics_schema`: the registered metrics' and the
+    methods' details, ``seed`` and the β's included) except ``error`` (null in the rows kept) and the list
+    columns (ROAD's curves, which ``DataLoader`` cannot batch with missing values: read them from
+    ``ds.rows``)."""
+    out: dict[str, str] = {}
+    for f in metrics_schema():
+        if f.name == "error" or pa.types.is_list(f.type):
+            continue
+        out[f.name] = "text" if pa.types.is_string(f.type) else "int" if pa.types.is_integer(f.type) else "float"
+    return out
 
 
 class SaliencyDataset(Dataset[dict[str, Any]]):
@@ -36,12 +48,13 @@ class SaliencyDataset(Dataset[dict[str, Any]]):
     ``--target topk:K`` run (None: every rank).
 
     Each item is a dict: ``map`` (an ``H×W`` float32 tensor in ``[0, 1]``) and the row's
-    :data:`ROW_FIELDS`; a value the row lacks is NaN (numbers), -1 (``rank``, ``label``, ``target``)
-    or "" (text), so ``DataLoader``'s default collation batches every field.
+    columns (:func:`row_fields`); a value the row lacks is NaN (numbers), -1 (integers: ``rank``, ``label``,
+    ``target``, ``seed``) or "" (text), so ``DataLoader``'s default collation batches every field.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], method: str | None = None, rank: int | None = 1) -> None:
         self.run_dir = os.fspath(run_dir)
+        self.fields = row_fields()
         rows = read_metrics(self.run_dir).to_pandas()
         rows = rows[rows["error"].isna()]
         if method is not None and method not in set(rows["method"]):
@@ -68,7 +81,7 @@ class SaliencyDataset(Dataset[dict[str, Any]]):
         if not 0 <= index < len(self.rows):
             raise IndexError(f"index {index} out of range for {len(self.rows)} items")
         row = self.rows.iloc[index]
-        item: dict[str, Any] = {k: _plain(row[k]) for k in ROW_FIELDS}
+        item: dict[str, Any] = {k: _plain(row[k]) if k in row.index else None for k in self.fields}
         rank = None if item["rank"] is None else int(item["rank"])
         if self._shard != item["shard"]:
             self._load(item["shard"])
@@ -76,11 +89,10 @@ class SaliencyDataset(Dataset[dict[str, Any]]):
         if found is None:
             raise KeyError(f"maps/{item['shard']}.parquet has no map for {item['key']} / {item['method']}")
         item["map"] = torch.from_numpy(self._maps[found].copy())
-        for k in ("rank", "label", "target"):
-            item[k] = -1 if item[k] is None else int(item[k])
-        for k, v in item.items():
-            if v is None:
-                item[k] = "" if k in _TEXT else float("nan")
+        missing = {"text": "", "int": -1, "float": float("nan")}
+        for k, kind in self.fields.items():
+            v = item[k]
+            item[k] = missing[kind] if v is None else int(v) if kind == "int" else float(v) if kind == "float" else v
         return item
 
 
