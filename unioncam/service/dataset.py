@@ -27,7 +27,6 @@ from unioncam import storage
 from unioncam.service.results import map_array, metrics_schema, read_maps_file, read_metrics
 
 
-
 def row_fields() -> dict[str, str]:
     """The row columns each item carries, name → ``"text"``, ``"int"`` or ``"float"``: every column of the
     metrics schema (:func:`unioncam.service.results.metrics_schema`: the registered metrics' and the
