@@ -1,6 +1,6 @@
 """Evaluation: the metrics, their protocols, ROAD, the sanity check, aggregation, and the metric registry.
 
-Modules: :mod:`~unioncam.evaluation.confidence` (Average Drop / Increase), :mod:`~.curves`
+Modules: :mod:`~unioncam.evaluation.drop_increase` (Average Drop / Increase), :mod:`~.curves`
 (insertion/deletion), :mod:`~.localization` (energy pointing game), :mod:`~.road`, :mod:`~.sanity`
 (model parameter randomization), :mod:`~.protocols` (the libraries' conventions), :mod:`~.summary`
 (mean and bootstrap interval) and :mod:`~.base` (:class:`~unioncam.evaluation.base.Metric`).
@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from unioncam.evaluation.base import MapBatch, Metric, MetricContext, TableColumn
-from unioncam.evaluation.confidence import AverageDrop, AverageIncrease, average_drop, average_increase, confidence
 from unioncam.evaluation.curves import InsertionDeletion, deletion_auc, gaussian_blur, insertion_auc, insertion_deletion
+from unioncam.evaluation.drop_increase import AverageDrop, AverageIncrease, average_drop, average_increase, confidence
 from unioncam.evaluation.localization import EnergyPointingGame, energy_pointing_game
 from unioncam.evaluation.road import Road
 from unioncam.evaluation.summary import Summary, bootstrap_ci, summarize

@@ -1,5 +1,5 @@
 """Insertion and deletion AUCs (Petsiuk et al., 2018, RISE), by the protocol's recipe
-(:class:`unioncam.evaluation.protocols.Curves`); conventions in :mod:`unioncam.evaluation.confidence`."""
+(:class:`unioncam.evaluation.protocols.Curves`); conventions in :mod:`unioncam.evaluation.drop_increase`."""
 
 from __future__ import annotations
 

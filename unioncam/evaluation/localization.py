@@ -1,5 +1,5 @@
 """The energy-based pointing game (Wang et al., 2020, Score-CAM): the share of a map's energy inside
-the object's boxes; box conventions in :mod:`unioncam.evaluation.confidence`."""
+the object's boxes; box conventions in :mod:`unioncam.evaluation.drop_increase`."""
 
 from __future__ import annotations
 
