@@ -139,7 +139,7 @@ def test_verify_counts_only_the_shards_a_limited_run_takes(tmp_path, capsys):
     assert "1 not done, 1 not evaluated (--limit 4)" in text
 
 
-def test_every_reader_checks_the_schema_version(tmp_path):
+def test_every_reader_checks_the_schema_version(tmp_path, capsys):
     cfg, manifest, _ = finished_run(tmp_path)
     out = Path(str(cfg.out))
 
@@ -160,6 +160,9 @@ def test_every_reader_checks_the_schema_version(tmp_path):
             with pytest.raises(RunFileError, match=rf"{folder}/t-000000\.parquet has schema version 2; unioncam .* "
                                                    r"reads version 3: rerun the job into a new --out"):
                 read()
+        rc, text = verify(str(out), "--deep", capsys=capsys)  # verify and a resume: the fact, not the advice
+        assert rc == 1 and f"{folder}/t-000000.parquet has schema version 2; unioncam" in text
+        assert "rerun the job into a new --out" not in text
         rewrite(folder, table, table.schema)  # back to version 3, as it was
     # a maps file without its provenance and no manifest: one line, not KeyError('map_shape')
     loose = tmp_path / "loose"

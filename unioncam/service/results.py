@@ -123,21 +123,32 @@ class RunFileError(ValueError):
     output, or of another schema version. The message (one line) names the file and what to do."""
 
 
-def check_schema_version(schema: pa.Schema, location: str) -> None:
-    """Raise :class:`RunFileError` unless ``schema`` (a run file's) carries :data:`SCHEMA_VERSION`."""
-    meta = schema.metadata or {}
-    found = meta.get(b"unioncam.schema_version")
-    shown = storage.redact(location)
+def schema_version_problem(schema: pa.Schema) -> str | None:
+    """What keeps this release from reading a run file of ``schema``: no unioncam schema version, or another
+    than :data:`SCHEMA_VERSION` (one clause, without advice); None when it can."""
+    found = (schema.metadata or {}).get(b"unioncam.schema_version")
     if found is None:
-        raise RunFileError(f"{shown} carries no unioncam schema version (this release reads version {SCHEMA_VERSION}): "
-                           "not a file the unioncam job wrote; point the reader at a run directory's files")
+        return f"carries no unioncam schema version (this release reads version {SCHEMA_VERSION})"
     if found.decode() != SCHEMA_VERSION:
         from unioncam import __version__
 
-        wrote = meta.get(b"unioncam.unioncam_version", b"?").decode()
-        raise RunFileError(f"{shown} has schema version {found.decode()}; unioncam {__version__} reads version "
-                           f"{SCHEMA_VERSION}: rerun the job into a new --out with this version, or read it with the "
-                           f"unioncam release that wrote it ({wrote})")
+        return f"has schema version {found.decode()}; unioncam {__version__} reads version {SCHEMA_VERSION}"
+    return None
+
+
+def check_schema_version(schema: pa.Schema, location: str) -> None:
+    """Raise :class:`RunFileError` unless ``schema`` (a run file's) carries :data:`SCHEMA_VERSION`, with what
+    a reader can do about it (:func:`schema_version_problem` says what is wrong, for the job and ``verify``)."""
+    problem = schema_version_problem(schema)
+    if problem is None:
+        return
+    shown = storage.redact(location)
+    if b"unioncam.schema_version" not in (schema.metadata or {}):
+        raise RunFileError(f"{shown} {problem}: not a file the unioncam job wrote; point the reader at a run "
+                           "directory's files")
+    wrote = (schema.metadata or {}).get(b"unioncam.unioncam_version", b"?").decode()
+    raise RunFileError(f"{shown} {problem}: rerun the job into a new --out with this version, or read it with the "
+                       f"unioncam release that wrote it ({wrote})")
 
 
 def _damaged(location: str, exc: BaseException) -> RunFileError:

@@ -44,10 +44,10 @@ from unioncam.service.config import ConfigError
 from unioncam.service.results import (
     SANITY_SCHEMA,
     RunFileError,
-    check_schema_version,
     maps_schema,
     metrics_schema,
     optional_columns,
+    schema_version_problem,
 )
 
 RUN_FORMAT = "unioncam-run/1"
@@ -335,10 +335,9 @@ def _footer_problem(location: str, folder: str, name: str, run_id: str, schema: 
     source = kv.get("unioncam.shard_path")
     if source is not None and shard_name(source) != name:
         return f"{folder}/{name}.parquet holds the rows of shard {shard_name(source)!r}, not {name!r}"
-    try:  # the readers' own check (results.open_output), so verify and the readers say the same
-        check_schema_version(arrow, location)
-    except RunFileError as exc:
-        return str(exc)
+    version = schema_version_problem(arrow)  # the readers' own check, without the readers' advice
+    if version is not None:
+        return f"{folder}/{name}.parquet {version}"
     optional = optional_columns() if folder == "metrics" else set()  # later metrics' and methods' columns
     missing = [f.name for f in schema if f.name not in arrow.names and f.name not in optional]
     if missing:
