@@ -37,7 +37,7 @@ import torch
 from common import add_device_arg, device_of, machine, median, photos, table, timed
 
 import unioncam
-from unioncam.methods import METHODS, get_method, parse_methods
+from unioncam.methods import METHODS, applicable, from_groups, get_method, parse_methods
 from unioncam.ops import ieee_fp32
 
 PGC = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
@@ -133,9 +133,14 @@ def main() -> int:
     add_device_arg(p)
     args = p.parse_args()
     device = device_of(args.device)
-    methods = parse_methods(args.methods)
     lm = unioncam.load("efficientnet_lite0", input_size=args.size)
     lm.model.to(device)
+    # "all" and family names leave out the methods that cannot explain the model (LeGrad: ViTs only),
+    # as the CLI does; a method named on its own is refused (NotApplicableError)
+    methods, left_out = applicable(parse_methods(args.methods), lm.model, None, lm.input_size,
+                                   optional=from_groups(args.methods))
+    for method, why in left_out.items():
+        print(f"(left out {method}: {why})", file=sys.stderr)
     x = photos(args.images, lm.input_size).to(device)
     print(f"# bench_methods: efficientnet_lite0 at {tuple(x.shape[-2:])}, layer {lm.target_layer}, {args.images} "
           f"real photo(s), masked batch {args.batch_size}; {machine(device)}", flush=True)

@@ -85,12 +85,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     ``training`` flag is set back to exactly what it was, so a model in training mode with some
     modules frozen in eval mode (``model.train(); model.features[0].eval()``) comes back as it was."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    if any(modes.values()):  # a frozen model (unioncam.load's) is in eval mode already: nothing to switch
+        model.eval()
     try:
         yield
     finally:
         for module, training in modes.items():
-            module.training = training
+            if module.training != training:  # Module.__setattr__ is slow: only the flags that moved
+                module.training = training
 
 
 Reshape = Callable[[Tensor], Tensor]

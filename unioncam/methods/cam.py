@@ -40,20 +40,21 @@ def linear_head(model: nn.Module, fc_layer: str | nn.Module | None = None) -> nn
     return linears[-1]
 
 
-def head_weights(head: nn.Linear, acts: Tensor, logits: Tensor, model: nn.Module) -> Tensor:
-    """The per-position weights ``C×K×h×w`` such that
-    ``logits = Σ_kij W_c,kij A_kij + b_c`` (pooling head: ``W_ck / hw`` everywhere; flattening head:
-    the weights as they are). Raises ``ValueError`` when neither reproduces the logits."""
+def head_weights(head: nn.Linear, acts: Tensor, logits: Tensor, model: nn.Module, targets: Tensor) -> Tensor:
+    """The per-position weights ``B×K×h×w`` of each image's target class ``c`` such that
+    ``logits_c = Σ_kij W_c,kij A_kij + b_c`` (pooling head: ``W_ck / hw`` everywhere, ``B×K×1×1``
+    broadcast; flattening head: the weights as they are). Raises ``ValueError`` when neither reproduces
+    the logits."""
     k, h, w = acts.shape[1:]
     weight = head.weight.detach().to(acts.dtype)
     bias = head.bias.detach().to(acts.dtype) if head.bias is not None else torch.zeros(weight.shape[0],
                                                                                         dtype=acts.dtype,
                                                                                         device=acts.device)
     if weight.shape[1] == k:  # pooling: one matrix product on the pooled activations
-        per_position = (weight / (h * w))[:, :, None, None].expand(-1, -1, h, w)
+        per_position = (weight[targets] / (h * w))[:, :, None, None]
         features = acts.mean(dim=(2, 3))
     elif weight.shape[1] == k * h * w:
-        per_position = weight.view(-1, k, h, w)
+        per_position = weight[targets].view(-1, k, h, w)
         features = acts.flatten(1)
     else:
         per_position = None
@@ -101,9 +102,8 @@ class ClassActivationMap(CAM):
         acts = reshape(seen[0]) if reshape is not None else seen[0]
         if acts.dim() != 4:
             raise ValueError(f"cam: the target layer of model {model_name(model)} is not a B×K×h×w map")
-        head_weights(head, acts.to(logits.dtype), logits, model)
+        head_weights(head, acts.to(logits.dtype), logits, model, logits.argmax(dim=1))
 
     def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
                 logits: Tensor) -> tuple[Tensor, Details]:
-        per_position = head_weights(self.head, acts, logits, self.model)
-        return (per_position[targets] * acts).sum(dim=1), {}
+        return (head_weights(self.head, acts, logits, self.model, targets) * acts).sum(dim=1), {}
