@@ -247,18 +247,59 @@ def test_ablationcam_equals_definition_and_pytorch_grad_cam(hand):
 
 
 def test_ablationcam_batches_across_images_without_changing_maps(tiny64):
+    """The plain path (share_prefix=False) packs several images' ablations into each batch."""
     model, _, _, x = tiny64
     calls: list[int] = []
     probe = model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
     try:
-        packed = unioncam.explain(model, x, "ablationcam", batch_size=32)
+        packed = unioncam.explain(model, x, "ablationcam", batch_size=32, share_prefix=False)
     finally:
         probe.remove()
     forwards = int(packed.details["forwards"].sum())
     assert calls == [3, *([32] * (forwards // 32)), *([forwards % 32] if forwards % 32 else [])]
     for i in range(3):
-        one = unioncam.explain(model, x[i : i + 1], "ablationcam", batch_size=5)
+        one = unioncam.explain(model, x[i : i + 1], "ablationcam", batch_size=5, share_prefix=False)
         torch.testing.assert_close(one.maps[0], packed.maps[i], atol=1e-10, rtol=0)
+
+
+class Skips(nn.Module):
+    """A float64 network whose tensors from before the target layer (``body.2``) reach later layers:
+    added back (``residual``: broadcasts from one copy) or concatenated along channels (``concat``)."""
+
+    def __init__(self, join: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.join = join
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.Tanh())
+        self.head = nn.Linear(12 if join == "concat" else 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = torch.cat([self.body(s), s], dim=1) if self.join == "concat" else self.body(s) + s
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("join", ["residual", "concat"])
+def test_ablationcam_runs_the_layers_before_its_layer_once_per_batch_or_falls_back(join):
+    """share_prefix (the default): a batch of ablations costs one copy of the image up to the layer; the
+    first batch is checked against the plain path, and a model it cannot serve (a pre-layer tensor
+    concatenated along channels) takes the plain path. The maps equal the plain path's either way."""
+    model = unioncam.load(Skips(join), target_layer="body.2", input_size=16).model.double().eval()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    calls: list[int] = []
+    probe = model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    try:
+        shared = unioncam.explain(model, x, "ablationcam", batch_size=4)
+    finally:
+        probe.remove()
+    plain = unioncam.explain(model, x, "ablationcam", batch_size=4, share_prefix=False)
+    torch.testing.assert_close(shared.maps, plain.maps, atol=1e-10, rtol=0)
+    assert shared.details["forwards"].tolist() == plain.details["forwards"].tolist() == [6, 6, 6]
+    if join == "residual":  # explaining forward, the check (one copy, then the plain batch), then one copy each
+        assert calls == [3, 1, 4, 1, 1, 1, 1, 1]  # 6 ablations per image, 4 per batch
+    else:  # the one-copy check failed: every batch is the plain path's
+        assert calls == [3, 1, 4, 4, 4, 4, 4, 2]
 
 
 def test_ablationcam_below_zero_uses_pytorch_grad_cams_offset():

@@ -13,6 +13,14 @@ Decisions:
   forwards them and gets the same up to rounding). Every other channel costs one forward.
 * The ablated layer's output is replaced by a forward hook during those forwards only (pytorch-grad-cam
   swaps the module inside the model); the layers before it run on the image as usual.
+* The layers before the target layer run on one copy of the image per batch (``share_prefix``, on by
+  default): the hook widens the layer's output to the batch and ablates one channel per row, so a batch of
+  32 ablations costs one image's forward up to the layer plus 32 of the rest (pytorch-grad-cam runs the
+  whole network 32 times). Tensors from before the layer that reach later layers (skip connections)
+  broadcast from the one copy. Each instance checks this once, on its first batch, against the plain
+  path (32 copies of the image); a model where it fails or differs (a skip concatenated along channels, a
+  reshape by the input's batch, a compiled model) takes the plain path, whose batches pack ablations of
+  several images together. The two agree to rounding (a conv at batch 1 against batch 32: 1e-6 in fp32).
 * ``precision`` applies to the ablated forwards; in fp16/bf16 the ablation value is clipped to the
   dtype's finite range.
 * A transformer layer (with ``reshape``) is ablated through the reshaped grid, which must be a view
@@ -23,11 +31,12 @@ Decisions:
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from unioncam.methods.base import CAM, Details
-from unioncam.methods.forwards import LayerHook, batched_logits
+from unioncam.methods.forwards import LayerHook, batched_logits, count_masked_inputs
 from unioncam.methods.gradient import weighted_sum
+from unioncam.ops import autocast, chunks
 
 ABLATION_OFFSET = 1e7  # pytorch-grad-cam's ABLATION_VALUE: below the minimum when activations can be negative
 
@@ -39,13 +48,85 @@ def ablation_values(acts: Tensor) -> Tensor:
 
 
 class AblationCAM(CAM):
-    """Ablation-CAM: ``ReLU(Σ_k w_k A_k)``, ``w_k = (S_c − S_c^{(k)}) / S_c``; one forward per channel."""
+    """Ablation-CAM: ``ReLU(Σ_k w_k A_k)``, ``w_k = (S_c − S_c^{(k)}) / S_c``; one forward per channel.
+    Option ``share_prefix`` (True): run the layers before the target layer once per batch (module docstring)."""
 
     name = "ablationcam"
     family = "score"
     uses_gradients = False
     channel_forwards = True
     hooked_forwards = True
+
+    def __init__(self, *args: object, share_prefix: bool = True, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        #: None until the first batch shows whether the one-copy path gives the plain path's logits here
+        self._one_copy: bool | None = None if share_prefix and getattr(self.model, "_compiled", None) is None \
+            else False
+
+    def _ablate(self, output: Tensor, channels: Tensor, values: Tensor) -> Tensor:
+        """``output`` (one row per ablation, or one row widened to ``len(channels)``) with channel
+        ``channels[r]`` of row ``r`` set to ``values[r]``."""
+        n = channels.numel()
+        out = output.expand(n, *output.shape[1:]).clone() if output.shape[0] == 1 else output.clone()
+        grid = self._grid(out, n)  # a transformer's tokens: the grid must be a view of them
+        if grid.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            raise ValueError(f"{self.name}: the reshape of the target layer's output must return a view "
+                             "of it (as vit_reshape and nhwc_to_nchw do) to ablate its channels")
+        grid[torch.arange(n, device=out.device), channels] = values.to(out.dtype).clamp_min(
+            torch.finfo(out.dtype).min)[:, None, None]
+        return out
+
+    def _plain(self, images: Tensor, targets: Tensor, img_idx: Tensor, ch_idx: Tensor, values: Tensor) -> Tensor:
+        """The ablated logits, each ablation a row of its own (batches pack several images' ablations)."""
+        def hook(sl: slice) -> LayerHook:
+            return lambda _m, _i, output: self._ablate(output, ch_idx[sl], values[img_idx[sl]])
+
+        return batched_logits(self.model, targets[img_idx], lambda sl: images[img_idx[sl]], img_idx.numel(),
+                              self.batch_size, self.precision, self.layers[0], hook)
+
+    def _one_image(self, image: Tensor, target: Tensor, channels: Tensor, value: Tensor, count: bool = True) -> Tensor:
+        """One image's ablated logits, the layers before the target layer run on one copy per batch
+        (counted as one masked input per ablation unless ``count`` is False: the check's, which the plain
+        path counts). Raises ``RuntimeError`` when the model's output is not one row per ablation."""
+        out = torch.empty(channels.numel(), dtype=torch.promote_types(image.dtype, torch.float32),
+                          device=image.device)
+        for sl in chunks(channels.numel(), self.batch_size):
+            n = sl.stop - sl.start
+            handle = self.layers[0].register_forward_hook(
+                lambda _m, _i, output, sl=sl, n=n: self._ablate(output, channels[sl], value.expand(n)))
+            count_masked_inputs(n if count else 0)
+            try:
+                with torch.inference_mode(), autocast(image.device, self.precision):
+                    logits = self.model(image[None])
+            finally:
+                handle.remove()
+            if logits.dim() != 2 or logits.shape[0] != n:
+                raise RuntimeError(f"the model gave {tuple(logits.shape)} logits for {n} ablations of one copy")
+            out[sl] = logits.to(out.dtype)[:, int(target)]
+        return out
+
+    def _shared(self, images: Tensor, targets: Tensor, img_idx: Tensor, ch_idx: Tensor, values: Tensor) -> Tensor:
+        """The ablated logits through :meth:`_one_image`, image by image; the first call of an instance
+        checks its first batch against :meth:`_plain` and falls back to it for good when they differ."""
+        scores = torch.empty(img_idx.numel(), dtype=torch.promote_types(images.dtype, torch.float32),
+                             device=images.device)
+        for i in img_idx.unique().tolist():
+            rows = (img_idx == i).nonzero()[:, 0]
+            if self._one_copy is None:
+                first = rows[: self.batch_size]
+                try:
+                    got = self._one_image(images[i], targets[i], ch_idx[first], values[i], count=False)
+                except (RuntimeError, ValueError):
+                    got = None
+                want = self._plain(images, targets, img_idx[first], ch_idx[first], values)
+                scale = float(want.abs().amax()) + 1e-12
+                self._one_copy = got is not None and bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale))
+                if not self._one_copy:
+                    return self._plain(images, targets, img_idx, ch_idx, values)
+                scores[first], rows = want, rows[first.numel():]
+            if rows.numel():
+                scores[rows] = self._one_image(images[i], targets[i], ch_idx[rows], values[i])
+        return scores
 
     def compute(self, images: Tensor, targets: Tensor, acts: Tensor, grads: Tensor | None,
                 logits: Tensor) -> tuple[Tensor, Details]:
@@ -55,24 +136,8 @@ class AblationCAM(CAM):
         pairs = keep.nonzero()
         img_idx, ch_idx = pairs[:, 0], pairs[:, 1]
         original = logits.gather(1, targets[:, None])[:, 0].to(acts.dtype)
-
-        def hook(sl: slice) -> LayerHook:
-            rows = torch.arange(sl.stop - sl.start, device=acts.device)
-
-            def replace(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-                out = output.clone()
-                grid = self._grid(out, out.shape[0])  # a transformer's tokens: the grid must be a view of them
-                if grid.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-                    raise ValueError(f"{self.name}: the reshape of the target layer's output must return a view "
-                                     "of it (as vit_reshape and nhwc_to_nchw do) to ablate its channels")
-                value = values[img_idx[sl]].to(out.dtype).clamp_min(torch.finfo(out.dtype).min)
-                grid[rows, ch_idx[sl]] = value[:, None, None]
-                return out
-
-            return replace
-
-        scores = batched_logits(self.model, targets[img_idx], lambda sl: images[img_idx[sl]], img_idx.numel(),
-                                self.batch_size, self.precision, self.layers[0], hook)
+        run = self._plain if self._one_copy is False or not img_idx.numel() else self._shared
+        scores = run(images, targets, img_idx, ch_idx, values)
         weights = torch.zeros(b, k, dtype=acts.dtype, device=acts.device)
         weights[img_idx, ch_idx] = ((original[img_idx] - scores.to(acts.dtype)) / original[img_idx])
         return weighted_sum(weights, acts), {"forwards": keep.sum(dim=1)}
