@@ -398,3 +398,19 @@ def test_smoothed_score_cams_equal_torchcam_and_do_not_depend_on_the_batch(tiny6
         assert ours.details["seed"] == [11] * 3
         other = unioncam.explain(model, x, method, batch_size=5, num_samples=3, seed=12)
         assert float((other.maps - ours.maps).abs().max()) > 1e-3  # the seed matters
+
+
+def test_ablationcams_one_copy_check_allows_reduced_precisions_rounding():
+    """In bf16 (GPU workers default to fp16) batch 1 and batch 4 round differently: the one-copy path is still
+    taken, and its maps stay within that rounding of the plain path's."""
+    model = unioncam.load(Skips("residual"), target_layer="body.2", input_size=16).model.eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    calls: list[int] = []
+    probe = model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    try:
+        shared = unioncam.explain(model, x, "ablationcam", batch_size=4, precision="bf16")
+    finally:
+        probe.remove()
+    assert calls == [2, 1, 4, 1, 1, 1]  # explaining forward, the check, then one copy per batch
+    plain = unioncam.explain(model, x, "ablationcam", batch_size=4, precision="bf16", share_prefix=False)
+    assert float((shared.maps - plain.maps).abs().max()) < 0.05
