@@ -649,7 +649,8 @@ def main(cfg: EvalConfig) -> int:
     shard is done and reported, 1 when some failed or the report failed (rerun to retry), 2 on bad
     options, 130 on Ctrl-C."""
     try:
-        shown = {k: storage.redact(v) if isinstance(v, str) else v for k, v in asdict(cfg).items() if v is not None}
+        shown = {k: storage.redact(v) if isinstance(v, str) else v for k, v in asdict(cfg).items()
+                 if v is not None and v != {} and k != "methods_optional"}  # what was set (not the derived list)
         log(f"config: {json.dumps(shown, sort_keys=True)}")
         manifest = run(cfg)
     except (ConfigError, WorkerStartError, ValueError, OSError) as exc:
