@@ -65,7 +65,7 @@ def _method_options(items: list[str], methods: list[str], model: torch.nn.Module
     for method, options in found.items():
         try:
             get_method(method)(model, **options).remove_hooks()
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # the method's own checks of its options: one line, whatever they raise
             raise UsageError(f"--method-option {method}: {' '.join(str(exc).split())}") from None
     return found
 
@@ -110,6 +110,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     for why in left_out.values():
         print(f"leaving out {why}", file=sys.stderr, flush=True)
+    if not methods:
+        raise UsageError(f"no method of --method {args.method} can explain {loaded.name}")
     own = _method_options(args.method_option or [], methods, loaded.model)
     model = loaded.model.to(device)
     images = [load_image(p, loaded.input_size) for p in paths]  # all decoded before any work

@@ -194,3 +194,25 @@ def test_a_batch_equals_its_images_one_by_one(vit, method):
         assert one.targets.item() == batch.targets[i].item()
         torch.testing.assert_close(one.maps[0], batch.maps[i], atol=1e-5, rtol=0)
     assert batch.maps.shape == (4, 32, 32) and float(batch.maps.min()) >= 0 and float(batch.maps.max()) <= 1
+
+
+def test_a_distilled_deits_block_scores_average_its_two_heads():
+    """A distilled DeiT's eval-mode logits average ``head`` and ``head_dist``: so do LeGrad's block scores
+    (zeroing ``head_dist`` changes the map; with equal heads it is the one-head map)."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    net = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3,
+                                     num_classes=7).eval()
+    lm = unioncam.load(net, target_layer="blocks.1.norm1", input_size=32)
+    lm.model.double()
+    x = images(2, seed=4, dtype=torch.float64)
+    both = unioncam.explain(lm, x, "legrad", targets=[1, 2])
+    with torch.no_grad():
+        net.head_dist.weight.copy_(net.head.weight)
+        net.head_dist.bias.copy_(net.head.bias)
+    same = unioncam.explain(lm, x, "legrad", targets=[1, 2])
+    single = unioncam.explain(lm, x, "legrad", targets=[1, 2],
+                              score_projection=lambda t: net.head(net.fc_norm(net.norm(t.mean(dim=1)))))
+    torch.testing.assert_close(same.maps, single.maps, atol=1e-10, rtol=0)
+    assert float((both.maps - same.maps).abs().max()) > 1e-3

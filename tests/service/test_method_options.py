@@ -103,3 +103,12 @@ def test_a_rescore_refuses_a_seed_or_options_of_its_own(tmp_path: Path) -> None:
     for given, flag in (({"seed": 3}, "--seed"), ({"method_options": options}, "--method-option")):
         with pytest.raises(ConfigError, match=f"made with that run's seed and method options: give no {flag}$"):
             EvalConfig(rescore=str(tmp_path), **given).resolved()  # type: ignore[arg-type]
+
+
+def test_two_spellings_of_a_method_merge_and_an_empty_mapping_is_no_option() -> None:
+    from unioncam.service.config import check_method_options
+
+    assert check_method_options({"SSCAM": {"num_samples": 5}, "sscam": {"std": 1.0}}, ["sscam"]) == \
+        {"sscam": {"num_samples": 5, "std": 1.0}}
+    empty = EvalConfig.from_dict({"methods": "sscam", "method_options": {"sscam": {}}, "model": "tiny_cnn"}).resolved()
+    assert empty.method_options == {} and "method_options" not in empty.identity()

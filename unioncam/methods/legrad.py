@@ -22,7 +22,8 @@ explained wrongly).
 Supported: blocks whose attention is :class:`torch.nn.MultiheadAttention` (batch-first self-attention,
 torchvision's ``VisionTransformer``, the model TorchCAM's LeGrad supports) or timm's ``Attention``
 (timm ``vit_*``, ``deit_*``). The head: torchvision ViT ``heads(encoder.ln(·))``, timm ViT
-``head(fc_norm(norm(·)))``, or ``score_projection=`` (tokens ``B×N×C`` → logits ``B×classes``).
+``head(fc_norm(norm(·)))`` (a distilled DeiT: the mean of ``head`` and ``head_dist``, as its eval-mode
+logits), or ``score_projection=`` (tokens ``B×N×C`` → logits ``B×classes``).
 
 Decisions:
 
@@ -99,10 +100,16 @@ def default_projection(model: nn.Module) -> ScoreProjection:
     ln, heads = getattr(encoder, "ln", None), getattr(net, "heads", None)
     if isinstance(ln, nn.Module) and isinstance(heads, nn.Module):  # torchvision VisionTransformer
         return lambda tokens: heads(ln(tokens.mean(dim=1)))
-    parts = [getattr(net, a, None) for a in ("norm", "fc_norm", "head_drop", "head")]
-    if all(isinstance(p, nn.Module) for p in parts) and getattr(net, "attn_pool", None) is None:  # timm ViT
-        stack = nn.Sequential(*parts)  # type: ignore[arg-type]
-        return lambda tokens: stack(tokens.mean(dim=1))
+    parts = [getattr(net, a, None) for a in ("norm", "fc_norm", "head_drop")]
+    head, dist = getattr(net, "head", None), getattr(net, "head_dist", None)
+    if all(isinstance(p, nn.Module) for p in parts) and isinstance(head, nn.Module) \
+            and getattr(net, "attn_pool", None) is None:  # timm ViT
+        pre = nn.Sequential(*parts)  # type: ignore[arg-type]
+        def project(tokens: Tensor) -> Tensor:
+            pooled = pre(tokens.mean(dim=1))  # a distilled DeiT: its eval-mode logits average its two heads
+            return (head(pooled) + dist(pooled)) / 2 if isinstance(dist, nn.Module) else head(pooled)
+
+        return project
     raise ValueError(f"legrad: model {model_name(model)} has no head LeGrad knows (torchvision or timm ViT); pass "
                      "score_projection= (tokens B×N×C to class logits)")
 

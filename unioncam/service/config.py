@@ -382,8 +382,9 @@ def check_method_options(given: dict[str, dict[str, Any]], methods: Sequence[str
             if not _json_value(value):
                 raise ConfigError(f"--method-option {name}.{key}: a value must be a number, boolean, string or list, "
                                   f"got {type(value).__name__}")
-        out[name] = dict(sorted(options.items()))
-    return {m: out[m] for m in methods if m in out}
+        merged = {**out.get(name, {}), **options}  # two spellings of one method (YAML and flag): later wins
+        out[name] = dict(sorted(merged.items()))
+    return {m: out[m] for m in methods if out.get(m)}  # an empty mapping is no option: the run is as without
 
 def _check_numbers(c: EvalConfig) -> None:
     """Counts, resources, times and sizes in range (finite, positive where they must be)."""

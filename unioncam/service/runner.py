@@ -309,7 +309,7 @@ def check_model(cfg: EvalConfig) -> tuple[LoadedModel, EvalConfig]:
     for method, given in options.items():  # the values: the method's own checks, on this model
         try:
             get_method(method)(loaded.model, **given).remove_hooks()
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # the method's own checks of its options: one line, whatever they raise
             raise ConfigError(f"--method-option {method}: {' '.join(str(exc).split())}") from None
     return loaded, replace(cfg, methods=methods, method_options=options)
 
