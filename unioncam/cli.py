@@ -21,7 +21,7 @@ from unioncam import __version__, _missing_service_module, storage
 from unioncam.engine import DEFAULT_GPU_MEMORY_GIB, gpu_plan, predict
 from unioncam.evaluation import average_drop, average_increase, confidence, insertion_deletion
 from unioncam.evaluation.protocols import get_protocol
-from unioncam.methods import METHODS, NotApplicableError, applicable, explain, from_groups, get_method
+from unioncam.methods import METHODS, NotApplicableError, applicable, explain, from_groups
 from unioncam.methods import parse_methods as methods_from_spec
 from unioncam.models import WeightsError, load
 from unioncam.models import names as model_names
@@ -56,17 +56,18 @@ def _format_details(details: dict[str, Any], i: int) -> str:
 def _method_options(items: list[str], methods: list[str], model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """``--method-option`` items, checked as the job checks them: names and options
     (:func:`unioncam.service.config.check_method_options`), then values, by building each method."""
-    from unioncam.service.config import ConfigError, check_method_options, parse_method_options
+    from unioncam.service.config import (
+        ConfigError,
+        check_method_option_values,
+        check_method_options,
+        parse_method_options,
+    )
 
     try:
         found = check_method_options(parse_method_options(items), methods)
+        check_method_option_values(found, model)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    for method, options in found.items():
-        try:
-            get_method(method)(model, **options).remove_hooks()
-        except Exception as exc:  # the method's own checks of its options: one line, whatever they raise
-            raise UsageError(f"--method-option {method}: {' '.join(str(exc).split())}") from None
     return found
 
 

@@ -346,6 +346,16 @@ def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def check_method_option_values(options: dict[str, dict[str, Any]], model: Any) -> None:
+    """Each method of ``options`` built on ``model`` with its options (its own checks of their values),
+    before any work. Raises :class:`ConfigError` in one line, whatever the constructor raised."""
+    for method, given in options.items():
+        try:
+            get_method(method)(model, **given).remove_hooks()
+        except Exception as exc:
+            raise ConfigError(f"--method-option {method}: {' '.join(str(exc).split())}") from None
+
+
 def _json_value(value: Any) -> bool:
     if isinstance(value, list):
         return all(_json_value(v) for v in value)

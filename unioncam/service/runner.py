@@ -26,10 +26,10 @@ import ray
 from unioncam import storage
 from unioncam.data.sample import write_sample_shards
 from unioncam.data.shards import MANIFEST, count_samples, expand_shards, shard_name
-from unioncam.methods import NotApplicableError, applicable, get_method
+from unioncam.methods import NotApplicableError, applicable
 from unioncam.models import LoadedModel, WeightsError, load
 from unioncam.ops import resolve_precision
-from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, top_k
+from unioncam.service.config import SAMPLE_DIR, ConfigError, EvalConfig, check_method_option_values, top_k
 from unioncam.service.pool import ShardFailedError, ShardPool, WorkerDiedError, WorkerStartError
 from unioncam.service.rundir import RunLock, RunManifest, check, load_manifest, source_changed
 from unioncam.service.worker import ShardWorker
@@ -306,11 +306,7 @@ def check_model(cfg: EvalConfig) -> tuple[LoadedModel, EvalConfig]:
     if not methods:
         raise ConfigError(f"no method of --methods can explain {loaded.name}: {'; '.join(left_out.values())}")
     options = {m: o for m, o in cfg.method_options.items() if m in methods}
-    for method, given in options.items():  # the values: the method's own checks, on this model
-        try:
-            get_method(method)(loaded.model, **given).remove_hooks()
-        except Exception as exc:  # the method's own checks of its options: one line, whatever they raise
-            raise ConfigError(f"--method-option {method}: {' '.join(str(exc).split())}") from None
+    check_method_option_values(options, loaded.model)  # the values: the methods' own checks, on this model
     return loaded, replace(cfg, methods=methods, method_options=options)
 
 
