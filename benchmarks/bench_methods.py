@@ -2,10 +2,11 @@
 
     python benchmarks/bench_methods.py [--device cuda] [--images 1] [--size 224] [--methods all]
                                        [--batch-size 32] [--rounds 2] [--skip-reference]
+                                       [--no-channels-last] [--compile | --no-compile]
 
 For each method: seconds per image of ``unioncam.explain`` and of its reference (pytorch-grad-cam
 1.5.7 or TorchCAM 0.5.0; none for UnionCAM and Integrative CAM) on the same model
-(efficientnet_lite0 with its real weights, its default layer), the same real photos and the same
+(efficientnet_lite0 with its real weights, its default layer; each side its own copy), the same real photos and the same
 device, the ratio, and the Pearson correlation of the two maps on the first photo (a check that
 both computed the same thing). Masked-forward methods (Score-CAM, Ablation-CAM, ...) run
 ``--batch-size`` masked inputs per forward on both sides (default 32; pytorch-grad-cam's ScoreCAM
@@ -19,6 +20,13 @@ TorchCAM's 35 and 10: their cost is linear in it); SS-CAM's and SmoothGrad-CAM++
 default 4 noisy samples on both sides. Finer-CAM's reference explains the predicted classes itself
 (pytorch-grad-cam's ``FinerCAM`` with ``targets=None``); RefineCAM's gets the layers ours finds
 (:func:`unioncam.methods.refine.stage_layers`). Group-CAM has no reference library.
+
+Ours runs with the evaluation job's speed options on the device (``unioncam.load(...,
+channels_last=True)``; ``torch.compile`` of the forward-only passes padded to the masked batch, as
+the job's workers do, on CUDA only) unless ``--no-channels-last`` / ``--compile`` / ``--no-compile``
+say otherwise; the reference gets its own copy of the model as its users load it (NCHW, eager). The
+header line says which options ours ran with. A compiled model is compiled during the warm-up call,
+which is not timed.
 
 Both sides run in IEEE fp32. pytorch-grad-cam gets its model with trainable parameters (it calls
 ``backward()``, so it also computes the parameters' gradients, as it does for its users); ours stays
@@ -130,11 +138,21 @@ def main() -> int:
                    help="SS-CAM's and IS-CAM's num_samples, both sides (default 2; TorchCAM's defaults: 35 and 10)")
     p.add_argument("--rounds", type=int, default=2, help="timed calls per side after one warm-up (median)")
     p.add_argument("--skip-reference", action="store_true", help="time ours only")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="ours without the job's channels_last (default: on, as the job)")
+    p.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="compile our forward-only passes (default: on with CUDA, off on CPU, as the job)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="never compile ours")
     add_device_arg(p)
     args = p.parse_args()
     device = device_of(args.device)
-    lm = unioncam.load("efficientnet_lite0", input_size=args.size)
+    compile_ = args.compile if args.compile is not None else device.type == "cuda"  # the job's default
+    lm = unioncam.load("efficientnet_lite0", input_size=args.size)  # the reference's copy: as users load it
     lm.model.to(device)
+    mine = unioncam.load("efficientnet_lite0", input_size=args.size, channels_last=args.channels_last)
+    mine.model.to(device)
+    if compile_:
+        mine.model.compile_inference(pad_to=args.batch_size)  # as the job's workers: one padded shape
     # "all" and family names leave out the methods that cannot explain the model (LeGrad: ViTs only),
     # as the CLI does; a method named on its own is refused (NotApplicableError)
     methods, left_out = applicable(parse_methods(args.methods), lm.model, None, lm.input_size,
@@ -143,7 +161,8 @@ def main() -> int:
         print(f"(left out {method}: {why})", file=sys.stderr)
     x = photos(args.images, lm.input_size).to(device)
     print(f"# bench_methods: efficientnet_lite0 at {tuple(x.shape[-2:])}, layer {lm.target_layer}, {args.images} "
-          f"real photo(s), masked batch {args.batch_size}; {machine(device)}", flush=True)
+          f"real photo(s), masked batch {args.batch_size}; ours with channels_last={args.channels_last}, "
+          f"compile={compile_}; {machine(device)}", flush=True)
     targets = unioncam.engine.predict(lm.model, x)[0].tolist()
     rows = []
     for method in methods:
@@ -153,7 +172,7 @@ def main() -> int:
             options["num_samples"] = args.samples
 
         def ours(method: str = method, options: dict = options) -> torch.Tensor:
-            return unioncam.explain(lm, x, method, targets=targets, **options).maps
+            return unioncam.explain(mine, x, method, targets=targets, **options).maps
 
         ref = None if args.skip_reference else reference(method, lm, x, targets, args.batch_size, args.samples)
         times: dict[str, list[float]] = {"ours": [], "ref": []}

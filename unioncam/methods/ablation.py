@@ -35,9 +35,8 @@ import torch
 from torch import Tensor
 
 from unioncam.methods.base import CAM, Details
-from unioncam.methods.forwards import LayerHook, batched_logits, count_masked_inputs
+from unioncam.methods.forwards import LayerHook, batched_logits
 from unioncam.methods.gradient import weighted_sum
-from unioncam.ops import autocast, chunks
 
 ONE_COPY_TOLERANCE = 1e-3  # the one-copy path's logits against the plain path's, of the largest effect (fp32)
 REDUCED_TOLERANCE = 0.1  # the same in fp16/bf16/tf32, where batch 1 and batch 32 round differently
@@ -91,22 +90,12 @@ class AblationCAM(CAM):
         """One image's ablated logits, the layers before the target layer run on one copy per batch
         (counted as one masked input per ablation unless ``count`` is False: the check's, which the plain
         path counts). Raises ``RuntimeError`` when the model's output is not one row per ablation."""
-        out = torch.empty(channels.numel(), dtype=torch.promote_types(image.dtype, torch.float32),
-                          device=image.device)
-        for sl in chunks(channels.numel(), self.batch_size):
-            n = sl.stop - sl.start
-            handle = self.layers[0].register_forward_hook(
-                lambda _m, _i, output, sl=sl, n=n: self._ablate(output, channels[sl], value.expand(n)))
-            count_masked_inputs(n if count else 0)
-            try:
-                with torch.inference_mode(), autocast(image.device, self.precision):
-                    logits = self.model(image[None])
-            finally:
-                handle.remove()
-            if logits.dim() != 2 or logits.shape[0] != n:
-                raise RuntimeError(f"the model gave {tuple(logits.shape)} logits for {n} ablations of one copy")
-            out[sl] = logits.to(out.dtype)[:, int(target)]
-        return out
+        def hook(sl: slice) -> LayerHook:
+            return lambda _m, _i, output: self._ablate(output, channels[sl], value.expand(sl.stop - sl.start))
+
+        n = channels.numel()
+        return batched_logits(self.model, target.expand(n), lambda _sl: image[None], n, self.batch_size,
+                              self.precision, self.layers[0], hook, count)
 
     def _shared(self, images: Tensor, targets: Tensor, img_idx: Tensor, ch_idx: Tensor, values: Tensor,
                 original: Tensor) -> Tensor:

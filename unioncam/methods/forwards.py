@@ -26,20 +26,26 @@ def count_masked_inputs(n: int) -> None:
 
 def batched_logits(model: nn.Module, targets: Tensor, inputs: Callable[[slice], Tensor], n: int, batch_size: int,
                    precision: Precision = "fp32", layer: nn.Module | None = None,
-                   hook: Callable[[slice], LayerHook] | None = None) -> Tensor:
+                   hook: Callable[[slice], LayerHook] | None = None, count: bool = True) -> Tensor:
     """``S_{targets[j]}(inputs(j))`` for ``j < n`` (logits), ``batch_size`` inputs per forward.
 
     Args:
-        inputs: the ``len(slice)×3×H×W`` inputs of a slice of ``0..n`` (built one batch at a time).
+        inputs: the ``len(slice)×3×H×W`` inputs of a slice of ``0..n`` (built one batch at a time), or
+            one ``1×3×H×W`` input that ``hook`` widens to the slice at ``layer`` (Ablation-CAM's one copy).
         layer, hook: when given, ``hook(slice)`` is registered as a forward hook on ``layer`` for that
             batch's forward only (removed right after it, also on an exception).
+        count: add the inputs to the masked-input count (False for a check whose inputs count elsewhere).
     Returns:
         ``n`` logits in at least fp32, on the targets' device, without host synchronization.
+    Raises:
+        RuntimeError: the model's output is not one row of logits per input of the slice.
     """
     out: Tensor | None = None
     for sl in chunks(n, batch_size):
         x = inputs(sl)
-        count_masked_inputs(x.shape[0])
+        rows = sl.stop - sl.start
+        if count:
+            count_masked_inputs(rows)
         handle = layer.register_forward_hook(hook(sl)) if layer is not None and hook is not None else None
         try:
             with torch.inference_mode(), autocast(x.device, precision):
@@ -47,6 +53,8 @@ def batched_logits(model: nn.Module, targets: Tensor, inputs: Callable[[slice], 
         finally:
             if handle is not None:
                 handle.remove()
+        if logits.dim() != 2 or logits.shape[0] != rows:
+            raise RuntimeError(f"the model gave {tuple(logits.shape)} logits for {rows} inputs")
         if out is None:
             out = torch.empty(n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         out[sl] = logits.to(out.dtype).gather(1, targets[sl][:, None])[:, 0]
