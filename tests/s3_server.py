@@ -164,12 +164,13 @@ def s3_server() -> Iterator[S3]:
 
 @contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
-    """Set ``values`` in ``os.environ`` (and forget cached filesystems), restoring afterwards."""
+    """Set ``values`` in ``os.environ`` (and forget cached filesystems and S3 clients), restoring afterwards."""
     from unioncam import storage
 
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     storage._filesystem.cache_clear()
+    storage._s3_client_at.cache_clear()
     try:
         yield
     finally:
@@ -179,3 +180,4 @@ def environment(values: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[k] = v
         storage._filesystem.cache_clear()
+        storage._s3_client_at.cache_clear()

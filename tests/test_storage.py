@@ -8,6 +8,7 @@ cuts a response short.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -83,6 +84,30 @@ def test_redact_masks_credentials_in_uris():
     assert storage.redact("https://h/x?X-Amz-Credential=abc&token=def&n=1") == \
         "https://h/x?X-Amz-Credential=***&token=***&n=1"
     assert storage.redact("/plain/path") == "/plain/path"
+
+
+def test_an_s3_overwrite_of_the_same_size_within_a_second_moves_the_stamp(env):
+    """On s3:// the stamp is size and ETag, so a same-size overwrite in the same second (the modification
+    time in whole seconds, all S3 reports, would not move) is seen without reading the object; the
+    listing's stamps equal the HEAD's."""
+    folder = f"s3://{BUCKET}/stamps"
+    a, b = storage.join(folder, "a.parquet"), storage.join(folder, "b.parquet")
+    storage.write_bytes(a, b"x" * 100)
+    storage.write_bytes(b, b"y" * 7)
+    storage.write_bytes(storage.join(folder, "sub", "c.parquet"), b"z")  # not directly in the folder
+    before = storage.stamp(a)
+    storage.write_bytes(a, b"w" * 100)  # the same size, well within the second
+    after = storage.stamp(a)
+    assert before != after
+    part = hashlib.md5(b"w" * 100).digest()  # pyarrow uploads in parts: the ETag is the MD5 of the parts' MD5s
+    assert after == f"100:{hashlib.md5(part).hexdigest()}-1"
+    assert storage.list_stamps(folder, ".parquet") == {a: after, b: storage.stamp(b)}
+    assert storage.list_stamps(f"s3://{BUCKET}/nothing-here") == {}
+    assert storage.list_stamps("s3://no-such-bucket-uc/x") == {}
+    with pytest.raises(FileNotFoundError, match=re.escape(f"s3://{BUCKET}/stamps/missing")):
+        storage.stamp(storage.join(folder, "missing"))
+    creds = f"s3://{env.env()['AWS_ACCESS_KEY_ID']}:{SECRET}@{BUCKET}/stamps/a.parquet"
+    assert storage.stamp(creds) == after  # credentials in the URI are the client's, as pyarrow's
 
 
 def test_glob_and_braces_select_the_same_files_on_s3_as_locally(env, tmp_path):

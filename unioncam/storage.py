@@ -20,6 +20,10 @@ Decisions:
 - **Exclusive creation** (:func:`create_exclusive`, the run lock) uses ``O_CREAT | O_EXCL``
   locally and S3's conditional PUT (``If-None-Match: *``, through boto3) on ``s3://``; pyarrow
   sends no conditional headers. GCS uses ``if_generation_match=0`` through google-cloud-storage.
+- **Stamps** (:func:`stamp`, :func:`list_stamps`: what tells a rewritten file without reading it) are
+  size and ETag on ``s3://`` when boto3 is installed (S3 reports modification times in whole seconds,
+  so a same-size overwrite within a second would keep a time-based stamp), size and modification time
+  elsewhere.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 RETRIES = 4
 BACKOFF = 0.5
@@ -137,6 +141,45 @@ def _remote(uri: str) -> _Remote:
     fs = _filesystem(parts.scheme, parts.netloc)
     host = parts.netloc.rpartition("@")[2]
     return _Remote(fs, f"{host}{parts.path}".rstrip("/"))
+
+
+def _s3_client(netloc: str) -> Any | None:
+    """A boto3 S3 client for ``s3://netloc`` (``AWS_ENDPOINT_URL`` honoured, and a ``key:secret@``
+    in ``netloc`` as pyarrow takes it), one per bucket and endpoint; None when boto3 is not installed."""
+    return _s3_client_at(netloc, os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_client_at(netloc: str, endpoint: str | None) -> Any | None:
+    try:
+        import boto3
+    except ImportError:
+        return None
+    user, _, _ = netloc.rpartition("@")
+    key, _, secret = user.partition(":")
+    creds = {"aws_access_key_id": unquote(key), "aws_secret_access_key": unquote(secret)} if key else {}
+    return boto3.client("s3", endpoint_url=endpoint, **creds)
+
+
+def _s3_call(what: str, call: Callable[[], T]) -> T:
+    """``call()`` (a boto3 request) retried like pyarrow's, its botocore errors as ``OSError`` (a 404 as
+    ``FileNotFoundError``)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    def attempt() -> T:
+        try:
+            return call()
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+                raise FileNotFoundError("not found") from None
+            if code in ("403", "AccessDenied"):
+                raise PermissionError(_one_line(exc)) from None
+            raise OSError(_one_line(exc)) from None
+        except BotoCoreError as exc:
+            raise OSError(_one_line(exc)) from None
+
+    return retrying(f"cannot {what}", attempt)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -505,13 +548,11 @@ def create_exclusive(location: str, data: bytes) -> bool:
     parts = urlsplit(location)
     bucket, key = parts.netloc.rpartition("@")[2], parts.path.lstrip("/")
     if parts.scheme == "s3":
-        try:
-            import boto3
-            from botocore.exceptions import ClientError
-        except ImportError:
+        client = _s3_client(parts.netloc)
+        if client is None:
             raise StorageError(f"creating {redact(location)} exclusively needs boto3 (pip install "
-                               "'unioncam[s3]'): pyarrow sends no conditional requests") from None
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+                               "'unioncam[s3]'): pyarrow sends no conditional requests")
+        from botocore.exceptions import ClientError
 
         def put() -> bool:
             try:
@@ -544,11 +585,13 @@ def create_exclusive(location: str, data: bytes) -> bool:
 
 
 def stamp(location: str) -> str | None:
-    """``"<bytes>:<mtime_ns>"``: what changes whenever a file is rewritten, read without reading its
-    content (a ``stat``; on object stores the object's size and last-modified time in seconds,
-    ``"<bytes>:<s>s"``, one HEAD); None where the store reports no modification time. Equal stamps
-    let a check skip hashing; a change that keeps both (bit rot, a restored mtime) needs a hash
-    (``unioncam verify --deep``).
+    """What changes whenever a file is rewritten, read without reading its content: ``"<bytes>:<mtime_ns>"``
+    for a local file (a ``stat``); ``"<bytes>:<ETag>"`` for an ``s3://`` object with boto3 installed (one
+    HEAD; the ETag is the content's MD5 for a single-part upload and changes with every overwrite of other
+    content, even within the same second); on other object stores ``"<bytes>:<s>s"``, the size and
+    last-modified time in whole seconds, which an overwrite of the same size within the same second keeps;
+    None where the store reports no modification time. Equal stamps let a check skip hashing; a change that
+    keeps the stamp (bit rot, a restored mtime) needs a hash (``unioncam verify --deep``).
 
     Raises:
         StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
@@ -559,6 +602,12 @@ def stamp(location: str) -> str | None:
         except FileNotFoundError:
             raise _error(FileNotFoundError, f"{location} is missing") from None
         return f"{st.st_size}:{st.st_mtime_ns}"
+    parts = urlsplit(location)
+    client = _s3_client(parts.netloc) if parts.scheme == "s3" else None
+    if client is not None:
+        answer = _s3_call(f"stat {redact(location)}", lambda: client.head_object(
+            Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/")))
+        return f"{answer['ContentLength']}:{str(answer['ETag']).strip(chr(34))}"
     r = _remote(location)
     info = retrying(f"cannot stat {redact(location)}", lambda: r.fs.get_file_info(r.path))  # type: ignore[attr-defined]
     if info.size is None:
@@ -567,8 +616,8 @@ def stamp(location: str) -> str | None:
 
 
 def _remote_stamp(info: Any) -> str | None:
-    """An object's stamp from its ``pyarrow.fs.FileInfo``: size and modification time in whole
-    seconds (``"<bytes>:<s>s"``), the precision both a HEAD and a listing report."""
+    """An object's stamp from its ``pyarrow.fs.FileInfo`` (stores other than S3 with boto3): size and
+    modification time in whole seconds (``"<bytes>:<s>s"``), the precision both a HEAD and a listing report."""
     return None if info.mtime_ns is None else f"{info.size}:{info.mtime_ns // 1_000_000_000}s"
 
 
@@ -588,6 +637,22 @@ def list_stamps(folder: str, suffix: str = "") -> dict[str, str | None]:
                 st = entry.stat()
                 found[join(folder, entry.name)] = f"{st.st_size}:{st.st_mtime_ns}"
         return found
+    parts = urlsplit(folder)
+    client = _s3_client(parts.netloc) if parts.scheme == "s3" else None
+    if client is not None:
+        prefix = parts.path.strip("/") + "/" if parts.path.strip("/") else ""
+
+        def listing() -> dict[str, str | None]:
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=parts.netloc.rpartition("@")[2], Prefix=prefix, Delimiter="/")
+            return {join(folder, item["Key"][len(prefix):]): f"{item['Size']}:{str(item['ETag']).strip(chr(34))}"
+                    for page in pages for item in page.get("Contents", ())
+                    if item["Key"].endswith(suffix) and item["Key"] != prefix}
+
+        try:
+            return _s3_call(f"list {redact(folder)}", listing)
+        except FileNotFoundError:  # no such bucket
+            return {}
     import pyarrow.fs as pafs
 
     r = _remote(folder)
@@ -623,22 +688,13 @@ def fingerprint(location: str, content: bool = True) -> dict[str, Any]:
 
 def _s3_etag(location: str) -> str | None:
     """The object's ETag (a HEAD request through boto3); None when boto3 is not installed."""
-    try:
-        import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return None
     parts = urlsplit(location)
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-
-    def head() -> str:
-        try:
-            answer = client.head_object(Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/"))
-        except (ClientError, BotoCoreError) as exc:
-            raise OSError(_one_line(exc)) from None
-        return str(answer["ETag"]).strip('"')
-
-    return retrying(f"cannot stat {redact(location)}", head)
+    client = _s3_client(parts.netloc)
+    if client is None:
+        return None
+    answer = _s3_call(f"stat {redact(location)}", lambda: client.head_object(
+        Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/")))
+    return str(answer["ETag"]).strip('"')
 
 
 def sha256(location: str) -> str:

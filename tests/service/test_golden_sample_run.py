@@ -55,10 +55,11 @@ def test_the_sample_run_is_what_it_was_before_the_renovation(tmp_path: Path, dat
     cfg = EvalConfig.from_argv(["--shards", str(shard), "--out", str(tmp_path / "run"), "--model", "efficientnet_lite0",
                                 "--insdel-steps", "32", "--limit", "1", *RUNS[dataset]],  # 1 image: CI time
                                dataset)  # type: ignore[arg-type]
-    ShardEvaluator(cfg, "cpu", run_id="golden").evaluate(str(shard), str(cfg.out))
+    ShardEvaluator(cfg, "cpu", run_id="golden").evaluate(str(shard), str(cfg.out), limit=cfg.limit)
 
     rows = read_parquet(str(tmp_path / "run" / "metrics" / f"{shard.stem}.parquet")).to_pylist()
     assert rows and {r["method"] for r in rows} == set(cfg.methods)
+    assert len({r["key"] for r in rows}) == 1  # the limit (CI time)
     differ = []
     for row in rows:
         then = golden["rows"][f"{row['key']}|{row['method']}|{row['rank']}"]

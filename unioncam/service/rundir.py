@@ -370,7 +370,7 @@ def source_changed(name: str, entry: dict[str, Any], path: str | None = None, de
     source fingerprints (no ``source``) are not checked.
 
     The fingerprint is :func:`unioncam.storage.fingerprint`'s: size plus sha256 (files) or ETag (S3).
-    When the source's stamp (size and modification time; from ``listed`` when given) is the one
+    When the source's stamp (:func:`unioncam.storage.stamp`; from ``listed`` when given) is the one
     recorded, nothing is read (a rerun does not read the dataset again) unless ``deep``.
 
     Raises:
