@@ -21,12 +21,22 @@ from service_data import make_shards
 from unioncam.data.shards import iter_samples
 from unioncam.engine import predict
 from unioncam.evaluation import METRICS, default_metrics, metric_classes, parse_metrics, protocol_columns, scorers
-from unioncam.evaluation.base import ColumnType, Format, MapBatch, Metric, TableColumn, Values, mean_of
+from unioncam.evaluation.base import (
+    ColumnType,
+    CurvePanel,
+    Format,
+    MapBatch,
+    Metric,
+    ReportFacts,
+    TableColumn,
+    Values,
+    mean_of,
+)
 from unioncam.methods import GradCAM
 from unioncam.models import load
 from unioncam.service import EvalConfig, read_metrics
 from unioncam.service.config import ConfigError
-from unioncam.service.report import load_rows, summary_columns, summary_table
+from unioncam.service.report import load_rows, summary_columns, summary_table, write_report
 from unioncam.service.report.tables import _table1
 from unioncam.service.results import metrics_schema
 from unioncam.service.runner import RunManifest
@@ -49,9 +59,23 @@ class CentreMetric(Metric):
     default = False
     summary_columns: ClassVar[Mapping[str, Format]] = {"centre_energy": "auc", "centre_n": "int"}
     table = (TableColumn("Centre ↑", "centre_energy"),)
+    distributions: ClassVar[Mapping[str, str]] = {"centre_energy": "centre energy ↑"}
+    figure = "centre.png"
 
     def forwards_per_map(self) -> int:
         return 1
+
+    @classmethod
+    def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
+        n = int(rows["centre_energy"].notna().sum())
+        return [f"Centre: {n} maps of {', '.join(methods)}; protocol {facts.protocol.name}; "
+                f"requested {sorted(facts.requested or ())}."]
+
+    @classmethod
+    def curves(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[CurvePanel]:
+        ok = rows[rows["centre_energy"].notna()]
+        return [CurvePanel("centre energy", "x", "y", {m: ([0.0, 1.0], [0.0, mean_of(ok["centre_energy"])], len(ok))
+                                                       for m in methods})]
 
     def score(self, batch: MapBatch) -> list[Values]:
         mask = _centre(batch.maps)
@@ -138,6 +162,19 @@ def test_a_registered_metric_reaches_config_rows_schema_and_report(tmp_path: Pat
     assert summary.loc["gradcam", "centre_n"] == len(ok)
     table = _table1(summary.reset_index(), requested={"ad", "centre"})
     assert table["Centre ↑"].tolist() == [f"{summary.loc['gradcam', 'centre_energy']:.3f}"]
+
+    # the report: the metric's note under Table 1, its figure of curves, its column in the box plots
+    manifest.save()
+    paths = write_report(cfg.out, overlays=0)
+    md = Path(paths["markdown"]).read_text()
+    assert f"- Centre: {len(ok)} maps of gradcam; protocol {cfg.protocol}; requested ['ad', 'centre']." in md
+    assert "Average Drop = 100/N Σ max(0, Y−O)/Y" in md and "- Average Increase = 100/N Σ 1[Y<O]" in md  # ai: y, o
+    report = tmp_path / "run" / "report"
+    assert "centre.png" in md and (report / "centre.png").is_file() and not (report / "road.png").exists()
+    from PIL import Image
+
+    with Image.open(report / "distributions.png") as png:  # 4.2 inches at 110 dpi per panel: drop, centre
+        assert png.size[0] == round(2 * 4.2 * 110)
 
     # rescore clears and recomputes the columns of the metrics it runs (and the protocol's)
     assert [c for cls in metric_classes(["centre"]) for c in cls.columns] == ["centre_energy", "centre_prob"]

@@ -7,8 +7,9 @@ Modules: :mod:`~unioncam.evaluation.drop_increase` (Average Drop / Increase), :m
 
 Adding a metric: one module with a :class:`Metric` subclass (its columns, direction, boxes, forwards
 per map, :meth:`~Metric.score` and :meth:`~Metric.summarize`) and one line here, ``METRICS.add``.
-The job's ``--metrics``, the worker, the Parquet schema, rescore and the report's tables derive from
-the registry (``tests/evaluation/test_metric_registry.py`` registers a toy metric and finds it in each).
+The job's ``--metrics``, the worker, the Parquet schema, rescore and the report's tables, notes and
+figures derive from the registry (``tests/evaluation/test_metric_registry.py`` registers a toy metric and
+finds it in each).
 """
 
 from __future__ import annotations

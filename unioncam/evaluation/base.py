@@ -61,6 +61,26 @@ class TableColumn:
     count: bool = False
 
 
+@dataclass(frozen=True)
+class ReportFacts:
+    """What the report tells a metric about the run: its ``protocol``, the files' ``provenance`` (the
+    first shard's) and the metrics it ``requested`` (None: not recorded, an older run)."""
+
+    protocol: Protocol
+    provenance: Mapping[str, Any]
+    requested: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class CurvePanel:
+    """One panel of a metric's curves: per method, ``(xs, ys, images)`` (the images averaged)."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: Mapping[str, tuple[list[float], list[float], int]]
+
+
 class Metric(abc.ABC):
     """A row metric: one instance per worker (:class:`MetricContext`), :meth:`score` per batch of maps.
 
@@ -78,6 +98,9 @@ class Metric(abc.ABC):
         summary_columns: the columns :meth:`summarize` adds to ``summary.csv``, name → :data:`Format`.
         table: its columns in the report's Table 1.
         table_when_requested: Table 1 shows :attr:`table` only when the run requested the metric.
+        distributions: per-image columns (stored or :meth:`derive`'s) the report's box plots show
+            (``distributions.png``), column → title.
+        figure: the file of :meth:`curves`' figure in the report (``road.png``).
     """
 
     name: ClassVar[str]
@@ -90,6 +113,8 @@ class Metric(abc.ABC):
     summary_columns: ClassVar[Mapping[str, Format]] = {}
     table: ClassVar[tuple[TableColumn, ...]] = ()
     table_when_requested: ClassVar[bool] = False
+    distributions: ClassVar[Mapping[str, str]] = {}
+    figure: ClassVar[str | None] = None
 
     def __init__(self, context: MetricContext) -> None:
         self.context = context
@@ -109,6 +134,17 @@ class Metric(abc.ABC):
         """Per-row values the report computes from the stored columns (``rows``: a pandas DataFrame
         of a run's rows), name → array; e.g. Average Drop's per-image ``drop`` under the run's protocol."""
         return {}
+
+    @classmethod
+    def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
+        """Lines under the report's Table 1 (its rule, what it left out and why), when the run requested
+        the metric or did not record what it requested; ``rows``: the run's rows with :meth:`derive`'s."""
+        return []
+
+    @classmethod
+    def curves(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[CurvePanel]:
+        """The panels of the report's figure :attr:`figure` (none: no figure), from the run's rows."""
+        return []
 
     @abc.abstractmethod
     def forwards_per_map(self) -> int:

@@ -107,6 +107,7 @@ class InsertionDeletion(Metric):
     by_protocol = True
     summary_columns: ClassVar[Mapping[str, Format]] = {"insertion_auc": "auc", "deletion_auc": "auc"}
     table = (TableColumn("Insertion ↑", "insertion_auc"), TableColumn("Deletion ↓", "deletion_auc"))
+    distributions: ClassVar[Mapping[str, str]] = {"insertion_auc": "insertion AUC ↑", "deletion_auc": "deletion AUC ↓"}
 
     @classmethod
     def unavailable(cls, protocol: Protocol) -> str | None:

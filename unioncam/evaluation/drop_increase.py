@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from unioncam.engine import batched_probs, default_batch_size, model_device
-from unioncam.evaluation.base import ColumnType, Format, MapBatch, Metric, TableColumn, Values, check_maps
+from unioncam.evaluation.base import ColumnType, Format, MapBatch, Metric, ReportFacts, TableColumn, Values, check_maps
 from unioncam.evaluation.protocols import Protocol, get_protocol
 from unioncam.evaluation.summary import summarize
 from unioncam.ops import resolve_precision
@@ -131,10 +131,20 @@ class AverageDrop(_Confidence):
     higher_is_better = False
     summary_columns: ClassVar[Mapping[str, Format]] = {"average_drop": "pct", "ad_ci_low": "pct", "ad_ci_high": "pct"}
     table = (TableColumn("Average Drop % ↓ [95% CI]", "average_drop", ("ad_ci_low", "ad_ci_high")),)
+    distributions: ClassVar[Mapping[str, str]] = {"drop": "per-image drop (%)"}
 
     @classmethod
     def summarize(cls, rows: Any) -> dict[str, Any]:
         return cls._interval(rows["drop"], "average_drop", "ad")
+
+    @classmethod
+    def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
+        p = facts.protocol
+        rule = ("100/N Σ max(0, Y−O)/Y" if p.drop == "relative" and not p.drop_eps else
+                f"100/N Σ max(0, Y−O)/(Y + {p.drop_eps:g})" if p.drop == "relative" else
+                "100/N Σ max(0, Y−O) (absolute)")
+        return [f"Average Drop = {rule} (protocol {p.name}; see Metric protocol below); 95% percentile "
+                "bootstrap CIs."]
 
 
 class AverageIncrease(_Confidence):
@@ -150,3 +160,7 @@ class AverageIncrease(_Confidence):
     @classmethod
     def summarize(cls, rows: Any) -> dict[str, Any]:
         return cls._interval(rows["increase"], "average_increase", "ai")
+
+    @classmethod
+    def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
+        return ["Average Increase = 100/N Σ 1[Y<O]; 95% percentile bootstrap CIs."]

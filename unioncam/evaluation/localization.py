@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from unioncam.evaluation.base import ColumnType, Format, MapBatch, Metric, TableColumn, Values, mean_of
+from unioncam.evaluation.base import ColumnType, Format, MapBatch, Metric, ReportFacts, TableColumn, Values, mean_of
 from unioncam.ops import safe_divide
 
 
@@ -63,6 +63,7 @@ class EnergyPointingGame(Metric):
     needs_boxes = True
     summary_columns: ClassVar[Mapping[str, Format]] = {"epg": "auc", "n_epg": "int"}
     table = (TableColumn("EPG ↑", "epg"),)
+    distributions: ClassVar[Mapping[str, str]] = {"epg": "energy pointing game ↑"}
 
     def forwards_per_map(self) -> int:
         return 0
@@ -74,3 +75,22 @@ class EnergyPointingGame(Metric):
     @classmethod
     def summarize(cls, rows: Any) -> dict[str, Any]:
         return {"epg": mean_of(rows["epg"]), "n_epg": int(rows["epg"].notna().sum())}
+
+    @classmethod
+    def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
+        """Why EPG is empty or partial (nothing when every image has it)."""
+        ok = rows[rows["error"].isna()]
+        images, with_boxes = ok["key"].nunique(), ok.loc[ok["epg"].notna(), "key"].nunique()
+        if not images:
+            return []
+        if with_boxes == 0:
+            why = {"imagenet": "ImageNet shards have boxes only when converted with --boxes",
+                   "voc": "VOC shards carry the boxes of each image's labelled objects; these samples have none"}.get(
+                str(facts.provenance.get("dataset")), "their samples' .json has no \"boxes\"")
+            if facts.requested is None:
+                return [f"EPG: no values: no boxes in these shards ({why}), or epg was not requested."]
+            return [f"EPG: no boxes in these shards ({why})."]
+        if with_boxes < images:
+            return [f"EPG: over the {with_boxes} of {images} images that have boxes (n_epg in summary.csv); "
+                    "the others have none."]
+        return []

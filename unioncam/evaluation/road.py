@@ -38,7 +38,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unioncam.engine import batched_probs, default_batch_size, model_device
-from unioncam.evaluation.base import ColumnType, Format, MapBatch, Metric, TableColumn, Values, check_maps
+from unioncam.evaluation.base import (
+    ColumnType,
+    CurvePanel,
+    Format,
+    MapBatch,
+    Metric,
+    ReportFacts,
+    TableColumn,
+    Values,
+    check_maps,
+)
 from unioncam.models.base import PixelModel
 from unioncam.ops import resolve_precision
 
@@ -491,10 +501,57 @@ class Road(Metric):
     table = (TableColumn("ROAD MoRF ↓", "road_morf"), TableColumn("ROAD LeRF ↑", "road_lerf"),
              TableColumn("ROAD combined ↑", "road_combined"), TableColumn("ROAD n", "road_n", count=True))
     table_when_requested = True
+    figure = "road.png"
 
     @classmethod
     def provenance(cls, requested: bool) -> dict[str, Any]:
         return {"road_percentiles": list(PERCENTILES) if requested else None}
+
+    @classmethod
+    def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
+        """The definition, then per method how many error-free images the ROAD columns leave out
+        (:func:`road_complete`) and why; nothing for a run without ROAD values."""
+        ok = rows[rows["error"].isna()]
+        none = ok["road_morf"].map(missing_values) | ok["road_lerf"].map(missing_values)
+        if bool(none.all()):
+            return []
+        complete = road_complete(ok)
+        notes = ["ROAD (Rong et al., 2022; pytorch-grad-cam's ROADMostRelevantFirst/LeastRelevantFirst): the most "
+                 "(MoRF) or least (LeRF) relevant 10…90% of the pixels (grad-cam's percentiles p = 90…10: the pixels "
+                 "beyond the map's p-th percentile) replaced by noisy linear imputation; MoRF/LeRF are the mean f_c "
+                 "over the percentiles, combined = (LeRF − MoRF)/2 (grad-cam's ROADCombined). All three average "
+                 "over the same images (ROAD n, road_n in summary.csv): those with every ROAD value defined; an "
+                 "image with a percentile whose threshold removed every pixel (NaN), or on which ROAD failed, is "
+                 "left out of all three."]
+        for method in methods:
+            mine = ok["method"] == method
+            failed, nan = int((mine & none).sum()), int((mine & ~none & ~complete).sum())
+            if failed or nan:
+                why = [f"{nan} where a ROAD threshold removed every pixel (NaN)"] if nan else []
+                why += [f"{failed} where ROAD failed (no values)"] if failed else []
+                notes.append(f"ROAD: {failed + nan} image(s) of method {method} left out (ROAD n = "
+                             f"{int((mine & complete).sum())} of {int(mine.sum())}): {', '.join(why)}.")
+        return notes
+
+    @classmethod
+    def curves(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[CurvePanel]:
+        """MoRF and LeRF: per method the mean ``f_c`` against the share of pixels removed, ``100 − p`` at
+        grad-cam's percentile ``p``, over the images of the ROAD columns (:func:`road_complete`)."""
+        ok = rows[rows["error"].isna()]
+        ok = ok[road_complete(ok)]
+        if ok.empty:
+            return []
+        percentiles = list(facts.provenance.get("road_percentiles") or PERCENTILES)
+        panels = []
+        for col, title in (("road_morf", "ROAD MoRF: most relevant removed ↓"),
+                           ("road_lerf", "ROAD LeRF: least relevant removed ↑")):
+            lines = {}
+            for method in methods:
+                m = road_matrix(ok.loc[ok["method"] == method, col])
+                if m.size:
+                    lines[method] = ([100.0 - p for p in percentiles[:m.shape[1]]], m.mean(axis=0).tolist(), len(m))
+            panels.append(CurvePanel(title, "pixels removed and imputed (%)", "f_c (probability)", lines))
+        return panels
 
     def forwards_per_map(self) -> int:
         return 2 * len(PERCENTILES)

@@ -28,14 +28,15 @@ import pandas as pd
 
 from unioncam import storage
 from unioncam.evaluation import metric_classes
+from unioncam.evaluation.base import ReportFacts
 from unioncam.methods import provided_maps
 from unioncam.service.report.data import RunData, load_rows
 from unioncam.service.report.figures import (
     OverlayKeyError,
     _ams_plot,
+    _curves_plot,
     _overlay_grid,
     _plots,
-    _road_plot,
     _sanity_plot,
     choose_overlay_keys,
 )
@@ -43,14 +44,12 @@ from unioncam.service.report.formats import FORMATS_NOTE, _formatted, fmt_auc, f
 from unioncam.service.report.render import CSS, Block, _md, _render_html, _render_md, protocol_blocks
 from unioncam.service.report.tables import (
     _class_pivot,
-    _epg_note,
     _table1,
     ams_table,
     beta_table,
     declared,
     identical_methods,
     per_class_table,
-    road_notes,
     sanity_table,
     section_methods,
     summary_columns,
@@ -112,10 +111,16 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
 
     listed = {name: entry.get("path") for name, entry in manifest.get("shards", {}).items()}
     shards = {name: p.get("shard_path") or listed.get(name) for name, p in provs.items()}  # older runs: manifest
+    metric_facts = ReportFacts(protocol, prov, None if requested is None else frozenset(requested))
+    ok = df[df["error"].isna()]
+    # the metrics the report speaks of: those requested, or that have values (AI computed with AD: y, o)
+    reported = [cls for cls in metric_classes() if requested is None or cls.name in requested
+                or any(bool(ok[c].notna().any()) for c in cls.columns if c in ok)]
     figures = _plots(df, summary)
-    road_png = _road_plot(df, methods, list(prov.get("road_percentiles") or range(10, 100, 10)))
-    if road_png:
-        figures["road.png"] = road_png
+    for metric in reported:
+        panels = metric.curves(df, methods, metric_facts) if metric.figure else []
+        if panels:
+            figures[str(metric.figure)] = _curves_plot(panels)
     ams_png = _ams_plot(df, ams_method) if ams_method is not None else None
     if ams_png:
         figures["ams_beta.png"] = ams_png
@@ -152,24 +157,16 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
              "versions": f"unioncam {prov.get('unioncam_version')}, torch {prov.get('torch_version')}, "
                          f"ray {prov.get('ray_version')}"}
     provided = provided_maps(methods)  # {method: (the method that computed its maps, its detail)}
-    epg_note = _epg_note(df, None if requested is None else "epg" in requested, prov.get("dataset"))
-    ok = df[df["error"].isna()]  # no value of any metric that needs boxes: the run had none
+    # no value of any metric that needs boxes (in ok, the error-free rows): the run had none
     no_boxes = all(bool(ok[c].isna().all()) for m in metric_classes() if m.needs_boxes for c in m.columns)
     table = _table1(summary, requested, no_boxes, dict.fromkeys(provided, "†") or None)
-    drop_rule = ("100/N Σ max(0, Y−O)/Y" if protocol.drop == "relative" and not protocol.drop_eps else
-                 f"100/N Σ max(0, Y−O)/(Y + {protocol.drop_eps:g})" if protocol.drop == "relative" else
-                 "100/N Σ max(0, Y−O) (absolute)")
-    notes = [FORMATS_NOTE,
-             f"Average Drop = {drop_rule}; Average Increase = 100/N Σ 1[Y<O] (protocol {protocol.name}; "
-             "see Metric protocol below); 95% percentile bootstrap CIs.",
+    notes = [FORMATS_NOTE, *(note for m in reported for note in m.notes(df, methods, metric_facts)),
              "s/image: the mean wall-clock seconds per image to compute the method's map (each batch's time over "
              "its images; scoring the metrics is not included), on this run's hardware and precision."]
     for other, (provider, key) in provided.items():
         notes.append(f"† {other}'s maps are {provider}'s {key} (REFERENCE.md: UnionCAM's L_Region is Score-CAM's "
                      f"map), computed once inside {provider}: {other}'s s/image counts only taking them over, and "
                      f"{provider}'s includes that work. Run {other} without {provider} to time it alone.")
-    if epg_note:
-        notes.append(epg_note)
     for method in methods:  # a method that may equal another (CAM.same_as), when their rows agree
         cls = declared(method)
         if cls is None or cls.same_as is None or cls.same_as[0] not in methods:
@@ -182,16 +179,8 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
                          f"{prov.get('target_layer')}: {why}.")
 
     blocks: list[Block] = [("h2", "Results (Table 1 layout)"), ("table", (table, "summary")), ("notes", notes)]
-    if requested and "road" in requested:
-        notes.append("ROAD (Rong et al., 2022; pytorch-grad-cam's ROADMostRelevantFirst/LeastRelevantFirst): the "
-                     "most (MoRF) or least (LeRF) relevant 10…90% of the pixels (grad-cam's percentiles p = 90…10: "
-                     "the pixels beyond the map's p-th percentile) replaced by noisy linear imputation; MoRF/LeRF "
-                     "are the mean f_c over the percentiles, combined = (LeRF − MoRF)/2 (grad-cam's ROADCombined). "
-                     "All three average over the same images (ROAD n, road_n in summary.csv): those with every "
-                     "ROAD value defined; an image with a percentile whose threshold removed every pixel (NaN), "
-                     "or on which ROAD failed, is left out of all three.")
-        notes += road_notes(df, methods)
-    blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png", "road.png") if n in figures]
+    curves = [str(m.figure) for m in reported if m.figure]
+    blocks += [("img", (n, "")) for n in ("ad_ai.png", "distributions.png", *curves) if n in figures]
 
     if sanity is not None:
         seed = run.sanity_provenance.get("sanity_seed")

@@ -1,4 +1,5 @@
-"""The report's figures (PNG bytes): metric plots, ROAD, AMS β's, the sanity check and the overlay grid."""
+"""The report's figures (PNG bytes): metric plots, metrics' curves (ROAD), AMS β's, the sanity check and the
+overlay grid."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import base64
 import html
 import io
 import textwrap
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from unioncam import storage
-from unioncam.evaluation.road import road_complete, road_matrix
+from unioncam.evaluation import metric_classes
+from unioncam.evaluation.base import CurvePanel
 from unioncam.service.report.formats import fmt_text
 from unioncam.service.results import read_saliency
 
@@ -23,36 +24,22 @@ class OverlayKeyError(ValueError):
     """``overlay_keys`` names images the run cannot draw (the message lists a few valid keys)."""
 
 
-def _road_plot(df: pd.DataFrame, methods: list[str], percentiles: list[float]) -> bytes | None:
-    """ROAD curves: mean f_c after imputing the most (MoRF ↓) / least (LeRF ↑) relevant pixels per
-    method, against the share removed: ``100 − p`` at grad-cam's percentile ``p`` (the pixels above
-    the map's ``p``-th percentile, or below the ``(100 − p)``-th for LeRF, are removed); over the
-    images of the ROAD columns (:func:`road_complete`)."""
-    ok = df[df["error"].isna()]
-    ok = ok[road_complete(ok)]
-    if ok.empty:
-        return None
+def _curves_plot(panels: Sequence[CurvePanel]) -> bytes:
+    """A metric's curves (:meth:`Metric.curves <unioncam.evaluation.base.Metric.curves>`): one panel
+    each, a line per method labelled with its image count."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (col, title) in zip(axes, (("road_morf", "ROAD MoRF: most relevant removed ↓"),
-                                       ("road_lerf", "ROAD LeRF: least relevant removed ↑")), strict=True):
-        for method in methods:
-            m = road_matrix(ok.loc[ok["method"] == method, col])
-            if m.size:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    ax.plot([100 - p for p in percentiles[:m.shape[1]]], np.nanmean(m, axis=0), marker="o",
-                            label=f"{method} (n={len(m)})")
-        ax.set_xlabel("pixels removed and imputed (%)")
-        ax.set_ylabel("f_c (probability)")
-        ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for method, (xs, ys, n) in panel.lines.items():
+            ax.plot(xs, ys, marker="o", label=f"{method} (n={n})")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     data = _png(fig)
     plt.close(fig)
     return data
-
-
 
 
 def _png(fig: Any) -> bytes:
@@ -88,9 +75,8 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame) -> dict[str, bytes]:
         figures["ad_ai.png"] = _png(fig)
         plt.close(fig)
     ok = df[df["error"].isna()]
-    panels = [(c, t) for c, t in (("drop", "per-image drop (%)"), ("insertion_auc", "insertion AUC ↑"),
-                                  ("deletion_auc", "deletion AUC ↓"), ("epg", "energy pointing game ↑"))
-              if ok[c].notna().any()]
+    shown = {c: t for cls in metric_classes() for c, t in cls.distributions.items()}  # each metric's, in its order
+    panels = [(c, t) for c, t in shown.items() if c in ok and ok[c].notna().any()]
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
         for ax, (col, title) in zip(axes[0], panels, strict=True):

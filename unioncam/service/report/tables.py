@@ -10,7 +10,6 @@ import pandas as pd
 
 from unioncam.evaluation import Metric, TableColumn, metric_classes, summarize
 from unioncam.evaluation.base import mean_of
-from unioncam.evaluation.road import missing_values, road_complete
 from unioncam.methods import CAM, get_method
 from unioncam.service.report.formats import _missing, column_formats, fmt_int, fmt_sig3
 
@@ -22,25 +21,6 @@ def summary_columns() -> list[str]:
     """``summary.csv``'s columns: method, n, errors, each registered metric's ``summary_columns``
     (registry order: ``average_drop`` … ``road_n``), ``seconds_per_image``."""
     return [*SUMMARY_HEAD, *(c for cls in metric_classes() for c in cls.summary_columns), *SUMMARY_TAIL]
-
-
-def road_notes(df: pd.DataFrame, methods: list[str]) -> list[str]:
-    """Per method, how many error-free images the ROAD columns leave out (:func:`road_complete`) and why."""
-    ok = df[df["error"].isna()]
-    complete = road_complete(ok)
-    none = ok["road_morf"].map(missing_values) | ok["road_lerf"].map(missing_values)
-    notes = []
-    for method in methods:
-        mine = ok["method"] == method
-        failed, nan = int((mine & none).sum()), int((mine & ~none & ~complete).sum())
-        if failed or nan:
-            why = [f"{nan} where a ROAD threshold removed every pixel (NaN)"] if nan else []
-            why += [f"{failed} where ROAD failed (no values)"] if failed else []
-            notes.append(f"ROAD: {failed + nan} image(s) of method {method} left out (ROAD n = "
-                         f"{int((mine & complete).sum())} of {int(mine.sum())}): {', '.join(why)}.")
-    return notes
-
-
 
 
 def summary_table(df: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
@@ -163,25 +143,6 @@ def identical_methods(df: pd.DataFrame, a: str, b: str, rtol: float = 1e-5,
             return 0
         compared = compared or col != "y"  # Y is the same for every method (one image, one target)
     return int(both["key"].nunique()) if compared else 0
-
-
-def _epg_note(df: pd.DataFrame, requested: bool | None, dataset: Any) -> str:
-    """Why EPG is empty or partial (empty text when every image has it, or it was not requested)."""
-    ok = df[df["error"].isna()]
-    images, with_boxes = ok["key"].nunique(), ok.loc[ok["epg"].notna(), "key"].nunique()
-    if requested is False or not images:
-        return ""
-    if with_boxes == 0:
-        why = {"imagenet": "ImageNet shards have boxes only when converted with --boxes",
-               "voc": "VOC shards carry the boxes of each image's labelled objects; these samples have none"}.get(
-            str(dataset), "their samples' .json has no \"boxes\"")
-        if requested is None:
-            return f"EPG: no values: no boxes in these shards ({why}), or epg was not requested."
-        return f"EPG: no boxes in these shards ({why})."
-    if with_boxes < images:
-        return (f"EPG: over the {with_boxes} of {images} images that have boxes (n_epg in summary.csv); "
-                "the others have none.")
-    return ""
 
 
 def _table1(summary: pd.DataFrame, requested: set[str] | None = None, no_boxes: bool = False,
