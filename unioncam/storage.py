@@ -21,9 +21,9 @@ Decisions:
   locally and S3's conditional PUT (``If-None-Match: *``, through boto3) on ``s3://``; pyarrow
   sends no conditional headers. GCS uses ``if_generation_match=0`` through google-cloud-storage.
 - **Stamps** (:func:`stamp`, :func:`list_stamps`: what tells a rewritten file without reading it) are
-  size and ETag on ``s3://`` when boto3 is installed (S3 reports modification times in whole seconds,
-  so a same-size overwrite within a second would keep a time-based stamp), size and modification time
-  elsewhere.
+  size and modification time; on ``s3://`` with boto3 installed the ETag too (S3 reports modification
+  times in whole seconds, so a same-size overwrite within a second would keep a time-based stamp).
+  :func:`stamps_match` compares them, a stamp recorded without the ETag on its size and seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -149,6 +150,9 @@ def _s3_client(netloc: str) -> Any | None:
     return _s3_client_at(netloc, os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
+_S3_CLIENTS = threading.Lock()  # boto3 sessions are not thread-safe: one client is built at a time
+
+
 @functools.lru_cache(maxsize=32)
 def _s3_client_at(netloc: str, endpoint: str | None) -> Any | None:
     try:
@@ -158,17 +162,26 @@ def _s3_client_at(netloc: str, endpoint: str | None) -> Any | None:
     user, _, _ = netloc.rpartition("@")
     key, _, secret = user.partition(":")
     creds = {"aws_access_key_id": unquote(key), "aws_secret_access_key": unquote(secret)} if key else {}
-    return boto3.client("s3", endpoint_url=endpoint, **creds)
+    with _S3_CLIENTS:  # its own session: the environment's credentials as they are now, not the default session's
+        return boto3.session.Session().client("s3", endpoint_url=endpoint, **creds)
 
 
 def _s3_call(what: str, call: Callable[[], T]) -> T:
     """``call()`` (a boto3 request) retried like pyarrow's, its botocore errors as ``OSError`` (a 404 as
     ``FileNotFoundError``)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
 
     def attempt() -> T:
         try:
             return call()
+        except (ParamValidationError, NoCredentialsError, PartialCredentialsError) as exc:  # permanent: no retry
+            raise StorageError(f"cannot {what}: {_one_line(exc)}") from None
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
@@ -586,12 +599,12 @@ def create_exclusive(location: str, data: bytes) -> bool:
 
 def stamp(location: str) -> str | None:
     """What changes whenever a file is rewritten, read without reading its content: ``"<bytes>:<mtime_ns>"``
-    for a local file (a ``stat``); ``"<bytes>:<ETag>"`` for an ``s3://`` object with boto3 installed (one
-    HEAD; the ETag is the content's MD5 for a single-part upload and changes with every overwrite of other
-    content, even within the same second); on other object stores ``"<bytes>:<s>s"``, the size and
-    last-modified time in whole seconds, which an overwrite of the same size within the same second keeps;
-    None where the store reports no modification time. Equal stamps let a check skip hashing; a change that
-    keeps the stamp (bit rot, a restored mtime) needs a hash (``unioncam verify --deep``).
+    for a local file (a ``stat``); on object stores the size and last-modified time in whole seconds,
+    ``"<bytes>:<s>s"`` (one HEAD), which an overwrite of the same size within the same second keeps, so on
+    ``s3://`` with boto3 installed the ETag follows, ``"<bytes>:<s>s:<ETag>"`` (the content's MD5 for a
+    single-part upload; it changes with every overwrite of other content); None where the store reports no
+    modification time. Compare stamps with :func:`stamps_match`. Equal stamps let a check skip hashing; a
+    change that keeps the stamp (bit rot, a restored mtime) needs a hash (``unioncam verify --deep``).
 
     Raises:
         StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
@@ -602,17 +615,41 @@ def stamp(location: str) -> str | None:
         except FileNotFoundError:
             raise _error(FileNotFoundError, f"{location} is missing") from None
         return f"{st.st_size}:{st.st_mtime_ns}"
-    parts = urlsplit(location)
-    client = _s3_client(parts.netloc) if parts.scheme == "s3" else None
-    if client is not None:
-        answer = _s3_call(f"stat {redact(location)}", lambda: client.head_object(
-            Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/")))
-        return f"{answer['ContentLength']}:{str(answer['ETag']).strip(chr(34))}"
+    head = _s3_head(location)
+    if head is not None:
+        return _s3_stamp(head["ContentLength"], head["LastModified"], head["ETag"])
     r = _remote(location)
     info = retrying(f"cannot stat {redact(location)}", lambda: r.fs.get_file_info(r.path))  # type: ignore[attr-defined]
     if info.size is None:
         raise _error(FileNotFoundError, f"{redact(location)} is missing")
     return _remote_stamp(info)
+
+
+def stamps_match(recorded: str | None, now: str | None) -> bool:
+    """Whether a stamp recorded earlier (:func:`stamp`) says the file is unchanged now. An ``s3://`` stamp
+    without its ETag (recorded before stamps had one, or where boto3 is not installed) is compared on the
+    size and seconds both forms have; two absent stamps (a store without modification times) match, as
+    nothing tells them apart."""
+    if recorded == now:
+        return True
+    if recorded is None or now is None:
+        return False
+    short, long = sorted((recorded, now), key=len)
+    return short.endswith("s") and long.startswith(short + ":")
+
+
+def _s3_stamp(size: int, modified: Any, etag: str) -> str:
+    return f"{size}:{int(modified.timestamp())}s:{str(etag).strip(chr(34))}"
+
+
+def _s3_head(location: str) -> dict[str, Any] | None:
+    """The HEAD answer of an ``s3://`` object through boto3; None for other stores or without boto3."""
+    parts = urlsplit(location)
+    client = _s3_client(parts.netloc) if parts.scheme == "s3" else None
+    if client is None:
+        return None
+    return _s3_call(f"stat {redact(location)}", lambda: client.head_object(
+        Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/")))
 
 
 def _remote_stamp(info: Any) -> str | None:
@@ -645,7 +682,7 @@ def list_stamps(folder: str, suffix: str = "") -> dict[str, str | None]:
         def listing() -> dict[str, str | None]:
             pages = client.get_paginator("list_objects_v2").paginate(
                 Bucket=parts.netloc.rpartition("@")[2], Prefix=prefix, Delimiter="/")
-            return {join(folder, item["Key"][len(prefix):]): f"{item['Size']}:{str(item['ETag']).strip(chr(34))}"
+            return {join(folder, item["Key"][len(prefix):]): _s3_stamp(item["Size"], item["LastModified"], item["ETag"])
                     for page in pages for item in page.get("Contents", ())
                     if item["Key"].endswith(suffix) and item["Key"] != prefix}
 
@@ -676,25 +713,15 @@ def fingerprint(location: str, content: bool = True) -> dict[str, Any]:
     kind, size = file_info(location)
     if kind != "file":
         raise _error(FileNotFoundError, f"{redact(location)} is not a file")
+    head = _s3_head(location)
+    if head is not None:  # one HEAD gives both
+        return {"uri": redact(location), "bytes": size,
+                "stamp": _s3_stamp(head["ContentLength"], head["LastModified"], head["ETag"]),
+                "etag": str(head["ETag"]).strip('"')}
     found: dict[str, Any] = {"uri": redact(location), "bytes": size, "stamp": stamp(location)}
-    etag = _s3_etag(location) if urlsplit(location).scheme == "s3" else None
-    if etag is not None:
-        found["etag"] = etag
-        return found
     if content:
         found["sha256"] = sha256(location)
     return found
-
-
-def _s3_etag(location: str) -> str | None:
-    """The object's ETag (a HEAD request through boto3); None when boto3 is not installed."""
-    parts = urlsplit(location)
-    client = _s3_client(parts.netloc)
-    if client is None:
-        return None
-    answer = _s3_call(f"stat {redact(location)}", lambda: client.head_object(
-        Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/")))
-    return str(answer["ETag"]).strip('"')
 
 
 def sha256(location: str) -> str:

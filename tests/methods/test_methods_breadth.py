@@ -300,6 +300,9 @@ def test_ablationcam_runs_the_layers_before_its_layer_once_per_batch_or_falls_ba
         assert calls == [3, 1, 4, 1, 1, 1, 1, 1]  # 6 ablations per image, 4 per batch
     else:  # the one-copy check failed: the plain path for the rest (the checked batch is not forwarded again)
         assert calls == [3, 1, 4, 4, 4, 4, 2]
+    # one image whose ablations all fit the checked batch: nothing is left for the plain path after it
+    one = unioncam.explain(model, x[:1], "ablationcam", batch_size=8)
+    torch.testing.assert_close(one.maps, plain.maps[:1], atol=1e-10, rtol=0)
 
 
 def test_ablationcam_below_zero_uses_pytorch_grad_cams_offset():

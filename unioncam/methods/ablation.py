@@ -123,7 +123,8 @@ class AblationCAM(CAM):
                 if not self._one_copy:
                     rest = torch.ones(img_idx.numel(), dtype=torch.bool, device=img_idx.device)
                     rest[first] = False
-                    scores[rest] = self._plain(images, targets, img_idx[rest], ch_idx[rest], values)
+                    if bool(rest.any()):  # (none left: the checked batch was all)
+                        scores[rest] = self._plain(images, targets, img_idx[rest], ch_idx[rest], values)
                     return scores
                 rows = rows[first.numel():]
             if rows.numel():

@@ -296,7 +296,7 @@ def verify_shard(run_dir: str, name: str, run_id: str, entry: dict[str, Any], sa
                 return f"{folder}/{name}.parquet is missing"
             except storage.StorageError as exc:
                 return f"{folder}/{name}.parquet cannot be read now ({exc})"
-            if now == record["stamp"]:
+            if storage.stamps_match(record["stamp"], now):
                 continue  # untouched since it was written
         why = _footer_problem(location, folder, name, run_id, schema, rows)
         if why is None and isinstance(record, dict):
@@ -354,7 +354,7 @@ def content_changed(location: str, record: dict[str, Any], deep: bool = False) -
     """None when ``location`` still holds the bytes its :func:`unioncam.service.results.file_record`
     describes, else what changed (one line). The stamp is compared first (no read); a moved stamp,
     or ``deep``, hashes the file (local: read; object stores: downloaded)."""
-    if not deep and record.get("stamp") is not None and storage.stamp(location) == record["stamp"]:
+    if not deep and record.get("stamp") is not None and storage.stamps_match(record["stamp"], storage.stamp(location)):
         return None
     digest = storage.sha256(location)
     if digest != record.get("sha256"):
@@ -388,7 +388,7 @@ def source_changed(name: str, entry: dict[str, Any], path: str | None = None, de
         return f"{name} was computed from {uri}, this run names {storage.redact(path)}"
     if not deep and recorded.get("stamp") is not None:
         now = listed[path] if listed is not None and path in listed else storage.stamp(path)
-        if now == recorded["stamp"]:
+        if storage.stamps_match(recorded["stamp"], now):
             return None
     now_print = storage.fingerprint(path)  # a StorageError (unreadable now) is the caller's to report
     for field in ("bytes", "sha256", "etag"):
@@ -423,7 +423,8 @@ def run_files(run_dir: str, folder: str, manifest: dict[str, Any] | None = None)
     for name in names:
         location = where.output(folder, name)
         record = (shards[name].get("files") or {}).get(folder)
-        if isinstance(record, dict) and location in listed and listed[location] != record.get("stamp"):
+        if (isinstance(record, dict) and location in listed
+                and not storage.stamps_match(record.get("stamp"), listed[location])):
             changed = content_changed(location, record, deep=True)
             if changed is not None:  # its stamp moved: a rerun redoes the shard
                 raise RunFileError(f"{storage.redact(location)} {changed}: rerunning the job redoes its shard "
