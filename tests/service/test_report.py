@@ -504,6 +504,25 @@ def test_road_morf_lerf_and_combined_over_the_same_images(boxless, tmp_path):
     assert (run / "report" / "road.png").is_file()
 
 
+def test_road_notes_follow_table_1_when_it_failed_everywhere_or_was_not_requested(boxless, tmp_path):
+    """ROAD requested and failed on every image: the notes still say so (Table 1 shows ROAD n = 0). ROAD values
+    in a run that did not request ROAD (a rescore with --metrics ad keeps them): no ROAD notes, as Table 1
+    shows no ROAD column; its figure is still drawn."""
+    run = _with_road(boxless, tmp_path / "failed", {(m, i): (None, None) for m in ("gradcam", "xgradcam")
+                                                    for i in range(3)})
+    md = Path(write_report(run, overlays=0)["markdown"]).read_text()
+    assert "- ROAD: 3 image(s) of method gradcam left out (ROAD n = 0 of 3): 3 where ROAD failed (no values)." in md
+    assert "All three average over the same images" in md and not (run / "report" / "road.png").exists()
+
+    kept = _with_road(boxless, tmp_path / "kept", {})
+    manifest = json.loads((kept / "manifest.json").read_text())
+    manifest["config"]["metrics"] = ["ad", "ai", "epg"]
+    (kept / "manifest.json").write_text(json.dumps(manifest))
+    md = Path(write_report(kept, overlays=0)["markdown"]).read_text()
+    assert "ROAD" not in md.split("## Results")[1].split("\n## ")[0].replace("road.png", "")
+    assert (kept / "report" / "road.png").is_file()
+
+
 # -- 8. checking the report ---------------------------------------------------------------------------
 def test_html_check_catches_broken_pages(tmp_path):
     assert HTMLCheck(tmp_path).check("<html><body><p>ok<br></p></body></html>") == []

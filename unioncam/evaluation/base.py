@@ -137,13 +137,17 @@ class Metric(abc.ABC):
 
     @classmethod
     def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
-        """Lines under the report's Table 1 (its rule, what it left out and why), when the run requested
-        the metric or did not record what it requested; ``rows``: the run's rows with :meth:`derive`'s."""
+        """Lines under the report's Table 1 (its rule, what it left out and why), when the report speaks of
+        the metric: the run requested it, did not record what it requested, or its columns have values;
+        with :attr:`table_when_requested`, only when requested (as Table 1). ``rows``: the run's rows with
+        :meth:`derive`'s."""
         return []
 
     @classmethod
     def curves(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[CurvePanel]:
-        """The panels of the report's figure :attr:`figure` (none: no figure), from the run's rows."""
+        """The panels of the report's figure :attr:`figure` (none: no figure), from the run's rows; called
+        only for a metric with :attr:`figure`, when the report speaks of it (:meth:`notes`' rule, without
+        :attr:`table_when_requested`'s)."""
         return []
 
     @abc.abstractmethod

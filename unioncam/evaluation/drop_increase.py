@@ -163,4 +163,4 @@ class AverageIncrease(_Confidence):
 
     @classmethod
     def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
-        return ["Average Increase = 100/N Σ 1[Y<O]; 95% percentile bootstrap CIs."]
+        return [f"Average Increase = 100/N Σ 1[Y<O] (protocol {facts.protocol.name}); 95% percentile bootstrap CIs."]

@@ -510,11 +510,9 @@ class Road(Metric):
     @classmethod
     def notes(cls, rows: Any, methods: list[str], facts: ReportFacts) -> list[str]:
         """The definition, then per method how many error-free images the ROAD columns leave out
-        (:func:`road_complete`) and why; nothing for a run without ROAD values."""
+        (:func:`road_complete`) and why (every one of them when ROAD failed on all)."""
         ok = rows[rows["error"].isna()]
         none = ok["road_morf"].map(missing_values) | ok["road_lerf"].map(missing_values)
-        if bool(none.all()):
-            return []
         complete = road_complete(ok)
         notes = ["ROAD (Rong et al., 2022; pytorch-grad-cam's ROADMostRelevantFirst/LeastRelevantFirst): the most "
                  "(MoRF) or least (LeRF) relevant 10…90% of the pixels (grad-cam's percentiles p = 90…10: the pixels "

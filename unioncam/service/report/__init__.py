@@ -160,7 +160,9 @@ def write_report(run_dir: str | os.PathLike[str], overlays: int = 4, max_class_r
     # no value of any metric that needs boxes (in ok, the error-free rows): the run had none
     no_boxes = all(bool(ok[c].isna().all()) for m in metric_classes() if m.needs_boxes for c in m.columns)
     table = _table1(summary, requested, no_boxes, dict.fromkeys(provided, "†") or None)
-    notes = [FORMATS_NOTE, *(note for m in reported for note in m.notes(df, methods, metric_facts)),
+    # a metric's notes follow Table 1: one it shows only when requested (ROAD) speaks only then
+    noted = [m for m in reported if not m.table_when_requested or (requested is not None and m.name in requested)]
+    notes = [FORMATS_NOTE, *(note for m in noted for note in m.notes(df, methods, metric_facts)),
              "s/image: the mean wall-clock seconds per image to compute the method's map (each batch's time over "
              "its images; scoring the metrics is not included), on this run's hardware and precision."]
     for other, (provider, key) in provided.items():
