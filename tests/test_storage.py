@@ -106,6 +106,9 @@ def test_an_s3_overwrite_of_the_same_size_within_a_second_moves_the_stamp(env, m
     assert storage.list_stamps("s3://no-such-bucket-uc/x") == {}
     with pytest.raises(FileNotFoundError, match=re.escape(f"s3://{BUCKET}/stamps/missing")):
         storage.stamp(storage.join(folder, "missing"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"s3://{BUCKET}/stamps/missing")):
+        storage.fingerprint(storage.join(folder, "missing"))
+    assert storage.fingerprint(a) == {"uri": a, "bytes": 100, "stamp": after, "etag": head["ETag"].strip('"')}
     with pytest.raises(storage.StorageError) as caught:  # a request that cannot succeed is not retried
         storage.stamp(f"s3://{BUCKET}")
     assert "attempts" not in str(caught.value)

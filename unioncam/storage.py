@@ -710,14 +710,14 @@ def fingerprint(location: str, content: bool = True) -> dict[str, Any]:
     Raises:
         StorageError: the location cannot be read (``FileNotFoundError`` when it is missing).
     """
+    head = _s3_head(location)
+    if head is not None:  # one HEAD gives the size, the stamp and the ETag (a missing object: FileNotFoundError)
+        return {"uri": redact(location), "bytes": int(head["ContentLength"]),
+                "stamp": _s3_stamp(head["ContentLength"], head["LastModified"], head["ETag"]),
+                "etag": str(head["ETag"]).strip('"')}
     kind, size = file_info(location)
     if kind != "file":
         raise _error(FileNotFoundError, f"{redact(location)} is not a file")
-    head = _s3_head(location)
-    if head is not None:  # one HEAD gives both
-        return {"uri": redact(location), "bytes": size,
-                "stamp": _s3_stamp(head["ContentLength"], head["LastModified"], head["ETag"]),
-                "etag": str(head["ETag"]).strip('"')}
     found: dict[str, Any] = {"uri": redact(location), "bytes": size, "stamp": stamp(location)}
     if content:
         found["sha256"] = sha256(location)
