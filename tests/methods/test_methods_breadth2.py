@@ -434,12 +434,12 @@ def test_forward_counts_for_progress(tiny64):
     smooth = get_method("smoothgradcampp")(model, num_samples=3)
     before = masked_inputs()
     smooth(x)
-    assert masked_inputs() - before == smooth.masked_forwards(3, 48, 48) == 9
+    assert masked_inputs() - before == smooth.masked_forwards(3, 48, 48, 48) == 9
     group = get_method("groupcam")(model, groups=5, batch_size=4)  # ⌈16/5⌉ = 4 channels: 4 groups
     before = masked_inputs()
     done = group(x)
     assert masked_inputs() - before == int(done.details["forwards"].sum())  # the blurred images and the groups
-    assert group.masked_forwards(3, 48, 48) == 3 * (1 + 4) >= int(done.details["forwards"].sum())
+    assert group.masked_forwards(3, 48, 48, 48) == 3 * (1 + 4) >= int(done.details["forwards"].sum())
     from unioncam.methods.group import group_count
 
     assert [group_count(k, 32) for k in (1280, 16, 100, 0)] == [32, 16, 25, 0]

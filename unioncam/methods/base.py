@@ -201,10 +201,10 @@ class CAM(abc.ABC):
             raise TypeError(f"reshape must be a function of the layer's output, got {type(self.reshape).__name__}")
         self._acts: list[Tensor | None] = [None] * len(self.layers)
 
-    def masked_forwards(self, images: int, channels: int, active: int) -> int:
+    def masked_forwards(self, images: int, channels: int, active: int, live: int) -> int:
         """The forwards after the explaining one that this method runs on ``images`` images whose
-        target layer has ``channels`` channel maps in all and ``active`` of them not constant (totals
-        over the images), for progress within a batch: one per active channel when
+        target layer has ``channels`` channel maps in all, ``active`` of them not constant and ``live``
+        of them not 0 everywhere (totals over the images), for progress within a batch: one per active channel when
         :attr:`channel_forwards`, plus :attr:`extra_forwards` per image. A method whose count
         depends on its options (SS-CAM's samples) overrides this."""
         return active * self.channel_forwards + images * self.extra_forwards

@@ -109,7 +109,7 @@ class GroupCAM(CAM):
         self.groups, self.percentile = int(groups), float(percentile)
         self.blur_kernel, self.blur_sigma = int(blur_kernel), float(blur_sigma)
 
-    def masked_forwards(self, images: int, channels: int, active: int) -> int:
+    def masked_forwards(self, images: int, channels: int, active: int, live: int) -> int:
         """Per image: the blurred image and one per group, ``⌈K/⌈K/G⌉⌉`` (constant groups, which are
         skipped, counted too: an upper bound)."""
         k = channels // images if images else 0

@@ -65,7 +65,7 @@ class SmoothGradCAMpp(CAM):
         self.std = float(std)
         self.seed = int(seed)
 
-    def masked_forwards(self, images: int, channels: int, active: int) -> int:
+    def masked_forwards(self, images: int, channels: int, active: int, live: int) -> int:
         """``num_samples`` noisy forwards (each with a backward) per image."""
         return images * self.num_samples
 

@@ -129,7 +129,7 @@ class ShardEvaluator:
         run, for progress within a batch of images, from what each method run declares
         (:meth:`unioncam.methods.CAM.masked_forwards`): one per *non-constant* channel of the target
         layer on these images for each ``channel_forwards`` method (Score-CAM, UnionCAM; one hooked
-        forward counts the channels; SS-CAM: every channel per sample), ``extra_forwards`` per image
+        forward counts the channels; SS-CAM: every channel not 0 everywhere, per sample), ``extra_forwards`` per image
         (UnionCAM's 2 β inputs, ``L_Den`` and ``L_Reg``), and each metric's ``forwards_per_map``
         per map. Exact without ``sanity``, except work a method does only sometimes (UnionCAM's
         third β input, ``L_Dereg``, when AMS needs it; Ablation-CAM's channels already at the
@@ -139,15 +139,16 @@ class ShardEvaluator:
         maps = x.shape[0] * repeat * len(self.cfg.methods)
         if self.cfg.rescore:  # the maps are read, not computed
             return maps * self.per_map
-        channels = active = 0
+        channels = active = live = 0
         if any(cam.channel_forwards for cam in self.cams.values()):
             layer = find_layer(self.model, None)
             grid = self.model.reshape_transform or (lambda out: out)  # transformers: channels of the token grid
-            seen: list[tuple[int, int]] = []
+            seen: list[tuple[int, int, int]] = []
 
-            def count(_m: Any, _i: Any, out: Tensor) -> None:  # channel maps in all, and the non-constant ones
+            def count(_m: Any, _i: Any, out: Tensor) -> None:  # channel maps in all, non-constant, not all 0
                 maps = grid(out)
-                seen.append((maps.shape[0] * maps.shape[1], int((~is_constant(maps)).sum())))
+                seen.append((maps.shape[0] * maps.shape[1], int((~is_constant(maps)).sum()),
+                             int(maps.flatten(2).ne(0).any(2).sum())))
 
             handle = layer.register_forward_hook(count)
             try:  # no_grad, not inference_mode: the eager forward, so a compiled graph never sees this hook
@@ -155,9 +156,9 @@ class ShardEvaluator:
                     self.model(x)
             finally:
                 handle.remove()
-            channels, active = (seen[0][0] * repeat, seen[0][1] * repeat) if seen else (0, 0)
+            channels, active, live = (n * repeat for n in seen[0]) if seen else (0, 0, 0)
         images = x.shape[0] * repeat
-        explaining = sum(cam.masked_forwards(images, channels, active) for cam in self.cams.values())
+        explaining = sum(cam.masked_forwards(images, channels, active, live) for cam in self.cams.values())
         if self.cfg.sanity:  # the maps again on the original and at every cascade step (+ step 0)
             explaining *= 2 + len(cascade_steps(self.model, self.cfg.sanity_layers))
         return explaining + maps * self.per_map
