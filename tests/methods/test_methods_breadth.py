@@ -456,7 +456,8 @@ def test_lite0_smoothed_score_cams_match_torchcam(method, cls_name, samples):
     from unioncam.viz import load_image
 
     loaded = unioncam.load("efficientnet_lite0", input_size=64)
-    x = torch.stack([load_image(p, loaded.input_size) for p in sample_photo_paths(["grace_hopper", "chelsea"]).values()])
+    paths = sample_photo_paths(["grace_hopper", "chelsea"])
+    x = torch.stack([load_image(p, loaded.input_size) for p in paths.values()])
     seeded = method == "sscam"
     options = {"num_samples": samples, **({"seed": 3} if seeded else {})}
     ours = unioncam.explain(loaded, x, method, batch_size=32, **options)
