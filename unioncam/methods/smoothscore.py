@@ -22,7 +22,7 @@ Decisions:
   device, and a one-image call equals TorchCAM's given the same seed. (TorchCAM draws one tensor for
   the whole batch, so its maps change with the batch.)
 * Dead channels (``A_k = 0`` at every position; after a ReLU or ReLU6 they are common:
-  EfficientNet-Lite0's ``head_act`` has 751 of 1280 on the chelsea photo at 224 px, 538 to 751 on
+  EfficientNet-Lite0's ``head_act`` has 751 of 1280 on the chelsea photo at 224 px, 484 to 751 on
   the four benchmark photos) are not forwarded. Their term ``w_k A_k`` is 0 whatever ``w_k``; their
   only effect is on the softmax's denominator ``Z = Σ_j exp(m_j)``, a positive factor of the whole map,
   which the base's min-max normalization removes: the map is ``ReLU(Σ_live e^{m_k} A_k) / Z``, and
@@ -38,7 +38,7 @@ Decisions:
   have many equal ones) have equal masks for every sample, hence equal inputs and scores: each distinct
   ``ψ(A_k)`` is forwarded once per sample and its logit given to all its channels, ``N·U`` forwards per
   image for ``U`` distinct maps (EfficientNet-Lite0's ``head_act``: ``U`` = 445 of ``K`` = 1280 on the
-  chelsea photo at 112 px, 505 at 224 px, the zero map included when a constant non-zero channel
+  chelsea photo at 112 px, 504 at 224 px: the zero map is forwarded only when a constant non-zero channel
   needs it). The weights are the same as forwarding every channel.
 """
 
