@@ -12,10 +12,13 @@ both computed the same thing). Masked-forward methods (Score-CAM, Ablation-CAM, 
 ``--batch-size`` masked inputs per forward on both sides (default 32; pytorch-grad-cam's ScoreCAM
 through its ``batch_size`` attribute). Each timing is the median of ``--rounds`` calls after one
 warm-up call. ``--size`` smaller than the model's 224 makes a quick run (fewer pixels per forward,
-fewer positions per map; the channel count, hence the number of masked forwards, is unchanged).
+fewer positions per map; the channel count is unchanged, and the number of masked forwards only as far
+as the constant and all-zero channels, which ours skips, stay the same). ``--images N`` averages over the
+first N photos (chelsea, coffee, motorcycle, grace_hopper), whose constant channels differ.
 
-SS-CAM and IS-CAM run ``--samples`` masked forwards per channel on both sides (default 2, not
-TorchCAM's 35 and 10: their cost is linear in it); SS-CAM's and SmoothGrad-CAM++'s maps agree only for
+SS-CAM and IS-CAM run ``--samples`` samples per channel on both sides (default 2, not TorchCAM's 35
+and 10: their cost is linear in it; the reference forwards every channel per sample, ours the channels
+it cannot skip); SS-CAM's and SmoothGrad-CAM++'s maps agree only for
 ``--images 1`` (TorchCAM draws the noise for the whole batch at once). SmoothGrad-CAM++ runs TorchCAM's
 default 4 noisy samples on both sides. Finer-CAM's reference explains the predicted classes itself
 (pytorch-grad-cam's ``FinerCAM`` with ``targets=None``); RefineCAM's gets the layers ours finds
@@ -54,7 +57,7 @@ PGC = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradC
        "fullgrad": "FullGrad", "shapleycam": "ShapleyCAM", "finercam": "FinerCAM", "kpcacam": "KPCA_CAM",
        "refinecam": "RefineCAM"}
 TORCHCAM = {"cam": "CAM", "sscam": "SSCAM", "iscam": "ISCAM", "smoothgradcampp": "SmoothGradCAMpp"}
-SAMPLED = ("sscam", "iscam")  # num_samples masked forwards per channel: --samples on both sides
+SAMPLED = ("sscam", "iscam")  # num_samples samples per channel: --samples on both sides
 
 
 @contextlib.contextmanager

@@ -416,33 +416,34 @@ def test_smoothed_score_cams_equal_torchcam_and_do_not_depend_on_the_batch(tiny6
 @pytest.mark.parametrize(("method", "cls_name"), [("sscam", "SSCAM"), ("iscam", "ISCAM")])
 def test_smoothed_score_cams_skip_dead_channels_only(tiny64, method, cls_name):
     """Channels 0 everywhere are not forwarded (their softmax share only scales the map, which the
-    normalization removes); a constant non-zero channel is forwarded, as it shifts the map. With 6 dead
-    and 2 constant channels the maps still equal TorchCAM's, which forwards all 16; with every channel
-    dead the map is all zero and nothing is forwarded."""
+    normalization removes); a constant non-zero channel is forwarded: on a layer with negative values (the
+    second conv, before its ReLU) it shifts the weighted sum against the ReLU. With 5 dead and 2 constant
+    channels (-1 and 2) the maps still equal TorchCAM's, which forwards all 16; with every channel dead the
+    map is all zero and nothing is forwarded."""
     import copy
 
-    model, _, name, x = tiny64
+    model, _, _, x = tiny64
     seeded = method == "sscam"
     options = {"num_samples": 2, **({"seed": 5} if seeded else {})}
     edited = copy.deepcopy(model)
+    edited.net.features[4].inplace = False  # TorchCAM keeps the hooked tensor itself: no ReLU in place on it
     conv = edited.net.features[3]
     with torch.no_grad():
         conv.weight[:7] = 0
-        conv.bias[:5] = -1.0  # ReLU(-1) = 0 everywhere: dead
-        conv.bias[5:7] = torch.tensor([0.5, 2.0], dtype=conv.bias.dtype)  # constant 0.5 and 2
-    ours = unioncam.explain(edited, x, method, batch_size=4, **options)
-    live = 16 - 5 - 1  # and one of channels 7..15 is dead in tiny64 already (see the test above)
+        conv.bias[:5] = 0.0  # 0 everywhere: dead
+        conv.bias[5:7] = torch.tensor([-1.0, 2.0], dtype=conv.bias.dtype)  # constant -1 and 2
+    ours = unioncam.explain(edited, x, method, "features.3", batch_size=4, **options)
     if seeded:
-        assert ours.details["forwards"].tolist() == [live * 2] * 3
-    else:  # the two constant channels share the all-zero ψ map: 8 varying maps + 1, per sample
-        assert ours.details["forwards"].tolist() == [(8 + 1) * 2] * 3
-    theirs = torchcam_one_by_one(cls_name, edited, f"net.{name}", x, ours.targets.tolist(), 5 if seeded else None,
+        assert ours.details["forwards"].tolist() == [(16 - 5) * 2] * 3
+    else:  # the two constant channels share the all-zero ψ map: 9 varying maps + 1, per sample
+        assert ours.details["forwards"].tolist() == [(9 + 1) * 2] * 3
+    theirs = torchcam_one_by_one(cls_name, edited, "net.features.3", x, ours.targets.tolist(), 5 if seeded else None,
                                  batch_size=8, num_samples=2)
     torch.testing.assert_close(ours.maps, theirs, atol=1e-5, rtol=0)
     with torch.no_grad():
         conv.weight.zero_()
-        conv.bias.fill_(-1.0)
-    dead = unioncam.explain(edited, x, method, batch_size=4, **options)
+        conv.bias.zero_()
+    dead = unioncam.explain(edited, x, method, "features.3", batch_size=4, **options)
     assert dead.details["forwards"].tolist() == [0, 0, 0]
     assert float(dead.maps.abs().max()) == 0.0
 

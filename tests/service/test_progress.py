@@ -105,8 +105,18 @@ def test_the_worker_knows_exactly_how_many_forwards_a_batch_of_images_needs(tmp_
     cfg = EvalConfig(shards=str(shard), out=str(tmp_path / "ss"), model="tiny_cnn", methods=["sscam"],
                      metrics=["ad"], report=False).resolved()
     ev = ShardEvaluator(cfg, "cpu")
+    conv = ev.model.net.features[3]
+    with torch.no_grad():  # one channel constant 1 after the ReLU: not 0 everywhere, though constant
+        conv.weight[0] = 0
+        conv.bias[0] = 1.0
+    acts.clear()
+    handle = ev.model.net.get_submodule(ev.loaded.target_layer).register_forward_hook(
+        lambda _m, _i, out: acts.append(out))
+    with torch.no_grad():
+        ev.model(x)
+    handle.remove()
     nonzero = int(acts[0].flatten(2).ne(0).any(2).sum())
-    assert 0 < nonzero <= 16
+    assert nonzero == int((~is_constant(acts[0])).sum()) + 1  # the count tells the two apart
     assert ev.forwards_needed(x) == nonzero * 35 + 2  # TorchCAM's 35 samples, then Y and O
     before = masked_inputs()
     ev.evaluate(str(shard), cfg.out)

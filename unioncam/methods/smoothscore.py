@@ -27,10 +27,10 @@ Decisions:
   only effect is on the softmax's denominator ``Z = Σ_j exp(m_j)``, a positive factor of the whole map,
   which the base's min-max normalization removes: the map is ``ReLU(Σ_live e^{m_k} A_k) / Z``, and
   ``norm(up(M / Z)) = norm(up(M))``. So the live channels' softmax is taken alone (dead channels get
-  weight 0) and the maps are the references' up to rounding. (Only where every live ``e^{m_k − max}``
-  underflows against a dead channel's ``m``, a logit gap of about 87 in fp32, does the reference's fp32
-  softmax give an all-zero map where ours does not.) A constant but non-zero channel adds
-  ``w_k c`` everywhere, which does change the map: it is forwarded.
+  weight 0) and the maps are the references' up to rounding. (Only where the reference's fp32 softmax
+  underflows every live weight to 0 against a dead channel's mean logit, a gap beyond about 100, is its
+  map all zero where ours is not.) A constant non-zero channel adds ``w_k c`` everywhere, which changes
+  the map wherever the ReLU clips (a layer with negative values): it is forwarded.
 * SS-CAM: every live (channel, sample) pair costs one masked forward: ``N·L`` per image for ``L`` live
   channels. The noise is still drawn for all ``K`` channels, so each channel's noise is the one TorchCAM
   gives it.
@@ -39,7 +39,7 @@ Decisions:
   ``ψ(A_k)`` is forwarded once per sample and its logit given to all its channels, ``N·U`` forwards per
   image for ``U`` distinct maps (EfficientNet-Lite0's ``head_act``: ``U`` = 445 of ``K`` = 1280 on the
   chelsea photo at 112 px, 504 at 224 px: the zero map is forwarded only when a constant non-zero channel
-  needs it). The weights are the same as forwarding every channel.
+  needs it). The live channels' weights are the same as forwarding every live channel.
 """
 
 from __future__ import annotations

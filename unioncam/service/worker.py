@@ -45,7 +45,7 @@ from unioncam.evaluation.sanity import cascade_steps, sanity_check
 from unioncam.methods import CAM, get_method, provided_maps
 from unioncam.methods.base import find_layer
 from unioncam.models import compiled_graphs, load
-from unioncam.ops import autocast, is_constant, normalize, resolve_precision
+from unioncam.ops import autocast, ieee_fp32, is_constant, normalize, resolve_precision
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.pool import WorkerStartError
 from unioncam.service.results import (
@@ -128,14 +128,15 @@ class ShardEvaluator:
         """The masked inputs explaining and scoring the images ``x`` (each for ``repeat`` targets) will
         run, for progress within a batch of images, from what each method run declares
         (:meth:`unioncam.methods.CAM.masked_forwards`): one per *non-constant* channel of the target
-        layer on these images for each ``channel_forwards`` method (Score-CAM, UnionCAM; one hooked
-        forward counts the channels; SS-CAM: every channel not 0 everywhere, per sample), ``extra_forwards`` per image
-        (UnionCAM's 2 β inputs, ``L_Den`` and ``L_Reg``), and each metric's ``forwards_per_map``
-        per map. Exact without ``sanity``, except work a method does only sometimes (UnionCAM's
-        third β input, ``L_Dereg``, when AMS needs it; Ablation-CAM's channels already at the
-        ablation value, which it skips), which the count may pass (the driver shows it capped at
-        the total: the count always reaches the total); with ``sanity`` the randomized models'
-        constant channels are taken as the original's."""
+        layer on these images for each ``channel_forwards`` method (Score-CAM, UnionCAM; SS-CAM: every
+        channel not 0 everywhere, per sample; one hooked forward counts the channels, in IEEE fp32 as the
+        explaining forward runs), ``extra_forwards`` per image (UnionCAM's 2 β inputs, ``L_Den`` and
+        ``L_Reg``), and each metric's ``forwards_per_map`` per map. Exact without ``sanity``, except work
+        a method does only sometimes (UnionCAM's third β input, ``L_Dereg``, when AMS needs it;
+        Ablation-CAM's channels already at the ablation value, which it skips; IS-CAM's equal maps,
+        forwarded once; Group-CAM's constant groups), which the count may pass (the driver shows it
+        capped at the total) or stop short of until the batch ends; with ``sanity`` the randomized
+        models' constant and dead channels are taken as the original's."""
         maps = x.shape[0] * repeat * len(self.cfg.methods)
         if self.cfg.rescore:  # the maps are read, not computed
             return maps * self.per_map
@@ -152,7 +153,7 @@ class ShardEvaluator:
 
             handle = layer.register_forward_hook(count)
             try:  # no_grad, not inference_mode: the eager forward, so a compiled graph never sees this hook
-                with torch.no_grad():
+                with torch.no_grad(), ieee_fp32():  # as the explaining forward: no TF32 to move a channel near 0
                     self.model(x)
             finally:
                 handle.remove()
