@@ -12,7 +12,7 @@ import unioncam.evaluation as metrics
 from unioncam.methods.gradient import gradcampp_alpha, xgradcam_weights
 from unioncam.methods.integrative import generalized_alpha
 from unioncam.methods.union import pixel_average_alpha
-from unioncam.ops import normalize, safe_divide
+from unioncam.ops import is_constant, is_zero, normalize, safe_divide
 
 REPO = Path(__file__).resolve().parents[1]
 KIT_FOX = "n02119789"  # torchvision 278
@@ -104,3 +104,12 @@ def test_gradcampp_alpha_is_the_generalized_alpha_with_unit_phi_factors(dtype):
     old = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
     assert torch.equal(alpha, old)
     assert (alpha[1, 2] == 0).all()  # a zero gradient: zero denominator, α = 0
+
+
+def test_is_zero_and_is_constant_tell_dead_from_constant_channels():
+    maps = torch.zeros(2, 3, 2, 2)
+    maps[0, 1] = 2.0  # constant, not zero
+    maps[0, 2, 1, 0] = -0.5  # varies
+    maps[1, 0, 0, 1] = 1e-30  # tiny but not zero
+    assert is_zero(maps).tolist() == [[True, False, False], [False, True, True]]
+    assert is_constant(maps).tolist() == [[True, True, False], [False, True, True]]

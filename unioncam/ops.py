@@ -77,6 +77,12 @@ def is_constant(maps: Tensor) -> Tensor:
     return maps.amax(dim=(-2, -1)) <= maps.amin(dim=(-2, -1))
 
 
+def is_zero(maps: Tensor) -> Tensor:
+    """Boolean mask over the leading dimensions: True where a map (last two dims) is 0 everywhere (a dead
+    channel; SS-CAM and IS-CAM do not forward these)."""
+    return ~maps.ne(0).any(dim=-1).any(dim=-1)
+
+
 @contextlib.contextmanager
 def ieee_fp32() -> Iterator[None]:
     """Run fp32 convolutions and matmuls in IEEE fp32 inside the block, restoring the flags after.

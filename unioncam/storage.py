@@ -617,7 +617,7 @@ def stamp(location: str) -> str | None:
         return f"{st.st_size}:{st.st_mtime_ns}"
     head = _s3_head(location)
     if head is not None:
-        return _s3_stamp(head["ContentLength"], head["LastModified"], head["ETag"])
+        return head[1]
     r = _remote(location)
     info = retrying(f"cannot stat {redact(location)}", lambda: r.fs.get_file_info(r.path))  # type: ignore[attr-defined]
     if info.size is None:
@@ -642,14 +642,17 @@ def _s3_stamp(size: int, modified: Any, etag: str) -> str:
     return f"{size}:{int(modified.timestamp())}s:{str(etag).strip(chr(34))}"
 
 
-def _s3_head(location: str) -> dict[str, Any] | None:
-    """The HEAD answer of an ``s3://`` object through boto3; None for other stores or without boto3."""
+def _s3_head(location: str) -> tuple[int, str, str] | None:
+    """An ``s3://`` object's size, stamp and ETag from one HEAD through boto3; None for other stores or
+    without boto3."""
     parts = urlsplit(location)
     client = _s3_client(parts.netloc) if parts.scheme == "s3" else None
     if client is None:
         return None
-    return _s3_call(f"stat {redact(location)}", lambda: client.head_object(
+    head = _s3_call(f"stat {redact(location)}", lambda: client.head_object(
         Bucket=parts.netloc.rpartition("@")[2], Key=parts.path.lstrip("/")))
+    size, etag = int(head["ContentLength"]), str(head["ETag"]).strip('"')
+    return size, _s3_stamp(size, head["LastModified"], etag), etag
 
 
 def _remote_stamp(info: Any) -> str | None:
@@ -712,9 +715,7 @@ def fingerprint(location: str, content: bool = True) -> dict[str, Any]:
     """
     head = _s3_head(location)
     if head is not None:  # one HEAD gives the size, the stamp and the ETag (a missing object: FileNotFoundError)
-        return {"uri": redact(location), "bytes": int(head["ContentLength"]),
-                "stamp": _s3_stamp(head["ContentLength"], head["LastModified"], head["ETag"]),
-                "etag": str(head["ETag"]).strip('"')}
+        return {"uri": redact(location), "bytes": head[0], "stamp": head[1], "etag": head[2]}
     kind, size = file_info(location)
     if kind != "file":
         raise _error(FileNotFoundError, f"{redact(location)} is not a file")

@@ -50,7 +50,7 @@ from torch import Tensor
 from unioncam.methods.base import CAM, Details
 from unioncam.methods.forwards import batched_logits
 from unioncam.methods.gradient import weighted_sum
-from unioncam.ops import min_max_eps, upsample
+from unioncam.ops import is_zero, min_max_eps, upsample
 
 NORM_EPS = 1e-8  # TorchCAM's _normalize
 
@@ -74,7 +74,7 @@ class _SmoothedScoreCAM(CAM):
                 logits: Tensor) -> tuple[Tensor, Details]:
         b, k = acts.shape[:2]
         size = (images.shape[-2], images.shape[-1])
-        live = acts.flatten(2).ne(0).any(dim=2)  # B×K: not 0 everywhere (dead channels are not forwarded)
+        live = ~is_zero(acts)  # B×K: not 0 everywhere (dead channels are not forwarded)
         totals = torch.zeros(b, k, dtype=torch.promote_types(acts.dtype, torch.float32), device=acts.device)
         forwards = torch.zeros(b, dtype=torch.long, device=acts.device)
         self._begin(b)

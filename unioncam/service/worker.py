@@ -45,7 +45,7 @@ from unioncam.evaluation.sanity import cascade_steps, sanity_check
 from unioncam.methods import CAM, get_method, provided_maps
 from unioncam.methods.base import find_layer
 from unioncam.models import compiled_graphs, load
-from unioncam.ops import autocast, ieee_fp32, is_constant, normalize, resolve_precision
+from unioncam.ops import autocast, ieee_fp32, is_constant, is_zero, normalize, resolve_precision
 from unioncam.service.config import EvalConfig, top_k
 from unioncam.service.pool import WorkerStartError
 from unioncam.service.results import (
@@ -149,7 +149,7 @@ class ShardEvaluator:
             def count(_m: Any, _i: Any, out: Tensor) -> None:  # channel maps in all, non-constant, not all 0
                 maps = grid(out)
                 seen.append((maps.shape[0] * maps.shape[1], int((~is_constant(maps)).sum()),
-                             int(maps.flatten(2).ne(0).any(2).sum())))
+                             int((~is_zero(maps)).sum())))
 
             handle = layer.register_forward_hook(count)
             try:  # no_grad, not inference_mode: the eager forward, so a compiled graph never sees this hook
