@@ -2,7 +2,7 @@
 
     python benchmarks/bench_methods.py [--device cuda] [--images 1] [--size 224] [--methods all]
                                        [--batch-size 32] [--rounds 2] [--skip-reference]
-                                       [--no-channels-last] [--compile | --no-compile]
+                                       [--no-channels-last] [--no-fuse] [--compile | --no-compile]
 
 For each method: seconds per image of ``unioncam.explain`` and of its reference (pytorch-grad-cam
 1.5.7 or TorchCAM 0.5.0; none for UnionCAM and Integrative CAM) on the same model
@@ -25,9 +25,10 @@ default 4 noisy samples on both sides. Finer-CAM's reference explains the predic
 (:func:`unioncam.methods.refine.stage_layers`). Group-CAM has no reference library.
 
 Ours runs with the evaluation job's speed options on the device (``unioncam.load(...,
-channels_last=True)``; ``torch.compile`` of the forward-only passes padded to the masked batch, as
-the job's workers do, on CUDA only) unless ``--no-channels-last`` / ``--compile`` / ``--no-compile``
-say otherwise; the reference gets its own copy of the model as its users load it (NCHW, eager). The
+channels_last=True, fuse=True)``: the forward-only passes through a copy with each BatchNorm folded
+into its convolution; ``torch.compile`` of the forward-only passes padded to the masked batch, as
+the job's workers do, on CUDA only) unless ``--no-channels-last`` / ``--no-fuse`` / ``--compile`` /
+``--no-compile`` say otherwise; the reference gets its own copy of the model as its users load it (NCHW, eager). The
 header line says which options ours ran with. A compiled model is compiled during the warm-up call,
 which is not timed.
 
@@ -143,6 +144,8 @@ def main() -> int:
     p.add_argument("--skip-reference", action="store_true", help="time ours only")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="ours without the job's channels_last (default: on, as the job)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="ours without the job's BatchNorm folding (default: on, as the job)")
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="compile our forward-only passes (default: on with CUDA, off on CPU, as the job)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="never compile ours")
@@ -152,7 +155,8 @@ def main() -> int:
     compile_ = args.compile if args.compile is not None else device.type == "cuda"  # the job's default
     lm = unioncam.load("efficientnet_lite0", input_size=args.size)  # the reference's copy: as users load it
     lm.model.to(device)
-    mine = unioncam.load("efficientnet_lite0", input_size=args.size, channels_last=args.channels_last)
+    mine = unioncam.load("efficientnet_lite0", input_size=args.size, channels_last=args.channels_last,
+                         fuse=args.fuse)
     mine.model.to(device)
     if compile_:
         mine.model.compile_inference(pad_to=args.batch_size)  # as the job's workers: one padded shape
@@ -165,7 +169,7 @@ def main() -> int:
     x = photos(args.images, lm.input_size).to(device)
     print(f"# bench_methods: efficientnet_lite0 at {tuple(x.shape[-2:])}, layer {lm.target_layer}, {args.images} "
           f"real photo(s), masked batch {args.batch_size}; ours with channels_last={args.channels_last}, "
-          f"compile={compile_}; {machine(device)}", flush=True)
+          f"fuse={args.fuse}, compile={compile_}; {machine(device)}", flush=True)
     targets = unioncam.engine.predict(lm.model, x)[0].tolist()
     rows = []
     for method in methods:

@@ -21,7 +21,11 @@ def _tiny_cnn() -> LoadedModel:
 
 def methods_for_tiny_cnn() -> list[str]:
     """The registered methods whose ``check_model`` accepts ``tiny_cnn`` (all but the transformer-only ones)."""
-    lm = _tiny_cnn()
+    return methods_for(_tiny_cnn())
+
+
+def methods_for(lm: LoadedModel) -> list[str]:
+    """The registered methods whose ``check_model`` accepts ``lm``'s model and layer."""
     out = []
     for name in METHODS.names():
         try:

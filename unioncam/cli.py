@@ -96,7 +96,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     gpu = device.type == "cuda"
     compile_ = args.compile if args.compile is not None else gpu  # GPU default: compiled (docs/performance.md)
     try:
-        loaded = load(args.model, args.weights, channels_last=args.channels_last, compile=compile_,
+        loaded = load(args.model, args.weights, channels_last=args.channels_last, fuse=args.fuse, compile=compile_,
                       allow_download=args.allow_download)
     except WeightsError:
         raise
@@ -370,11 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masked inputs per forward (default, as the job: 4 on CPU, sized from the GPU's free memory)")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="the methods' masked forwards (auto: fp16 on CUDA, fp32 on CPU); metrics always fp32")
-    # the speed options' defaults are the evaluation job's (EvalConfig): channels_last on, compile on with CUDA
+    # the speed options' defaults are the evaluation job's (EvalConfig): channels_last and fuse on, compile on with CUDA
     p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True, default=True,
                    help="NHWC conv weights, faster on CPU and cuDNN (the default, as in the job)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                    help="keep conv weights NCHW")
+    p.add_argument("--fuse", dest="fuse", action="store_const", const=True, default=True,
+                   help="forward-only passes through a copy with BatchNorm folded into the convolutions "
+                        "(the default, as in the job)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_const", const=False,
+                   help="forward-only passes through the model as it is")
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the forward-only passes (default: on with CUDA, off on CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="never compile")

@@ -353,6 +353,7 @@ def test_cli_explain_defaults_agree_with_the_job():
     args = build_parser().parse_args(["explain", "x.png", "--out", "o"])
     job = EvalConfig()
     assert args.channels_last is job.channels_last is True
+    assert args.fuse is job.fuse is True
     assert args.precision == job.precision == "auto"
     assert args.compile is job.compile is None  # both: on with CUDA, off on CPU
     assert args.batch_size is job.batch_size is None  # both: 4 on CPU, from the GPU's memory on CUDA
@@ -364,6 +365,8 @@ def test_cli_explain_defaults_agree_with_the_job():
     off = build_parser().parse_args(["explain", "x.png", "--out", "o", "--no-channels-last"])
     assert off.channels_last is False
     assert build_parser().parse_args(["explain", "x.png", "--out", "o", "--channels-last"]).channels_last is True
+    assert build_parser().parse_args(["explain", "x.png", "--out", "o", "--no-fuse"]).fuse is False
+    assert EvalConfig.from_argv(["--shards", "x-*.tar", "--out", "o", "--no-fuse"], "imagenet").fuse is False
 
 
 def test_cli_explain_loads_channels_last_by_default(tmp_path, monkeypatch):
@@ -386,6 +389,7 @@ def test_cli_explain_loads_channels_last_by_default(tmp_path, monkeypatch):
                 "--out", str(tmp_path / "o"), *extra]
         assert cli.main(argv) == 0
     assert [c["channels_last"] for c in calls] == [True, False]
+    assert [c["fuse"] for c in calls] == [True, True]
     assert [c["compile"] for c in calls] == [False, False]  # CPU
 
 

@@ -23,6 +23,7 @@ def yaml_config(tmp_path, text: str) -> EvalConfig:
 @pytest.mark.parametrize(("text", "message"), [
     ('batch_size: "32"\n', "'batch_size' must be an integer, got '32'"),
     ("channels_last: \"no\"\n", "'channels_last' must be true or false"),
+    ("fuse: 1\n", "'fuse' must be true or false"),
     ("workers: 2.5\n", "'workers' must be an integer, got 2.5"),
     ("workers: true\n", "'workers' must be an integer"),
     ("insdel_steps: 0\n", "insdel_steps must be >= 1"),

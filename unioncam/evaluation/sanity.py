@@ -257,12 +257,14 @@ def cascade_steps(model: nn.Module, layers: LayerSelection) -> list[int]:
 
 def _copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy; a :class:`PixelModel`'s compiled inference forward is dropped, since it is bound
-    to the original module (it would run the original weights): copies run eagerly."""
+    to the original module (it would run the original weights): copies run eagerly. Its fused copy is
+    dropped too (the copy's own is built from its weights, and rebuilt as they are randomized)."""
     work = copy.deepcopy(model, memo)
     for m in work.modules():
         if isinstance(m, PixelModel):
             m._compiled = None
             m._pad_to = None
+            m._fused = None
     return work
 
 

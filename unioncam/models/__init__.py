@@ -79,7 +79,7 @@ def load(model: str | nn.Module, weights: str | os.PathLike[str] | None = None, 
          target_layer: str | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
          input_size: int | tuple[int, int] | None = None, class_names: Sequence[str] | None = None,
          reshape: Reshape | None = None, allow_download: bool = False, channels_last: bool = False,
-         compile: bool = False) -> LoadedModel:
+         fuse: bool = False, compile: bool = False) -> LoadedModel:
     """Build model ``model`` (a name, see the module docstring, or an ``nn.Module``) with its weights.
 
     Args:
@@ -88,7 +88,8 @@ def load(model: str | nn.Module, weights: str | os.PathLike[str] | None = None, 
         target_layer, mean, std, input_size, class_names, reshape: override the family's defaults
             (``input_size`` an int means square).
         allow_download: let torchvision/timm download missing weights into their caches.
-        channels_last, compile: :class:`PixelModel`'s speed options.
+        channels_last, fuse, compile: :class:`PixelModel`'s speed options (``fuse``: grad-free forwards
+            through a copy with BatchNorm folded into the convolutions, :mod:`unioncam.models.fused`).
     Raises:
         WeightsError: no weights (and no download allowed), or a bad weights file.
         ValueError: an unknown name or layer.
@@ -112,6 +113,8 @@ def load(model: str | nn.Module, weights: str | os.PathLike[str] | None = None, 
         loaded = _override(loaded, target_layer, size, mean, std, class_names, reshape)
     if channels_last:
         loaded.model.channels_last()
+    if fuse:
+        loaded.model.fuse_inference()
     if compile:
         loaded.model.compile_inference()
     return loaded

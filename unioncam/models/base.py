@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from unioncam import storage
+from unioncam.models.fused import FusedNet, FuseError, fuse, runs_as_traced
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,6 +61,9 @@ class PixelModel(nn.Module):
         self._compiled: Callable[[Tensor], Tensor] | None = None
         self._pad_to: int | None = None
         self._channels_last = False
+        self._fuse = False
+        self._fused: FusedNet | None = None
+
     def channels_last(self) -> PixelModel:
         """Store 4-D weights in ``torch.channels_last``; convs then produce NHWC activations."""
         self._channels_last = True
@@ -80,6 +84,35 @@ class PixelModel(nn.Module):
         self._pad_to = pad_to
         return self
 
+    def fuse_inference(self) -> PixelModel:
+        """Run grad-free forwards through a fused copy of ``net`` (:mod:`unioncam.models.fused`: each
+        BatchNorm folded into its convolution, activations in place), built on first use and rebuilt
+        when the folded weights change. ``net`` runs instead while any of its modules has a forward hook
+        (a method's hooked forward) or a folded normalization is in training mode, and for good when
+        ``torch.fx`` cannot trace it (a warning says why). A compiled forward (:meth:`compile_inference`)
+        takes precedence."""
+        self._fuse = True
+        self._fused = None
+        return self
+
+    def fused(self) -> FusedNet | None:
+        """The fused copy grad-free forwards would run now, building it if needed; None when fusion is
+        off, not possible for this network, or ``net`` must run itself (see :meth:`fuse_inference`)."""
+        if not self._fuse:
+            return None
+        fused = self._fused
+        if fused is None or not fused.current():
+            self._fused = None
+            if not runs_as_traced(self.net):
+                return None  # built once no hook is in the way
+            try:
+                fused = self._fused = fuse(self.net)
+            except FuseError as exc:
+                logging.getLogger(__name__).warning("%s; its forwards run unfused", exc)
+                self._fuse = False
+                return None
+        return fused if fused.usable() else None
+
     def _compiled_forward(self, x: Tensor) -> Tensor:
         assert self._compiled is not None
         n, size = x.shape[0], self._pad_to
@@ -96,14 +129,18 @@ class PixelModel(nn.Module):
             outs.append(self._compiled(part)[: min(size, n - start)])
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, net: nn.Module | None = None) -> Tensor:
         mean = self.mean.to(x.dtype)
         std = self.std.to(x.dtype)
-        return self.net((x - mean) / std)
+        return (self.net if net is None else net)((x - mean) / std)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._compiled is not None and torch.is_inference_mode_enabled():
-            return self._compiled_forward(x)
+        if torch.is_inference_mode_enabled():
+            if self._compiled is not None:
+                return self._compiled_forward(x)
+            fused = self.fused()
+            if fused is not None:
+                return self._forward(x, fused.module)
         return self._forward(x)
 
 

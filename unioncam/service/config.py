@@ -63,8 +63,11 @@ class EvalConfig:
             run in ``metrics_precision``.
         metrics_precision: precision of the metric forwards (Y, O, insertion/deletion): "fp32"
             (default, IEEE: today's numbers), or "fp16"/"tf32"/... for speed on GPUs; logits stay fp32.
-        channels_last / compile: the model's speed options (:func:`unioncam.models.load`);
-            channels_last is on by default (benchmarks/bench_unioncam.py: 1.2-1.4× on CPU); compile
+        channels_last / fuse / compile: the model's speed options (:func:`unioncam.models.load`);
+            channels_last is on by default (benchmarks/bench_unioncam.py: 1.2-1.4× on CPU); fuse (on by
+            default) runs the forward-only passes through a copy with each BatchNorm folded into its
+            convolution (:mod:`unioncam.models.fused`; 1.3-1.4× on EfficientNet-Lite0's CPU forward,
+            nothing to fold in VGG16); compile
             None means on for GPU workers (compiled once, warmed up before the first shard, batches
             padded to one shape) and off on CPU (where it lost on VGG16 and costs ~80 s per worker).
         max_gpu_memory: GiB per GPU worker from which batch sizes are derived (with 90% of the free
@@ -121,6 +124,7 @@ class EvalConfig:
     precision: str = "auto"
     metrics_precision: str = "fp32"
     channels_last: bool = True
+    fuse: bool = True
     compile: bool | None = None
     max_gpu_memory: float = DEFAULT_GPU_MEMORY_GIB
     limit: int | None = None
@@ -561,6 +565,9 @@ def build_parser(dataset: Dataset | None) -> argparse.ArgumentParser:
                    help="the metric forwards (default fp32, IEEE; fp16 is faster on GPUs, logits stay fp32)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                    help="keep conv weights NCHW (channels_last is on by default)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_const", const=False,
+                   help="run the forward-only passes on the model as it is (by default BatchNorm is folded "
+                        "into the convolutions of a copy)")
     p.add_argument("--compile", action="store_const", const=True,
                    help="torch.compile the forward-only passes (default: on for GPU workers, off on CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False,

@@ -77,7 +77,7 @@ class ShardEvaluator:
                  free_memory: int | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.loaded = load(cfg.model or "vgg16", cfg.weights, channels_last=cfg.channels_last,
+        self.loaded = load(cfg.model or "vgg16", cfg.weights, channels_last=cfg.channels_last, fuse=cfg.fuse,
                            allow_download=cfg.allow_download)
         self.model = self.loaded.model.to(self.device)
         self.size = self.loaded.input_size
@@ -115,7 +115,8 @@ class ShardEvaluator:
             "run_id": run_id, "dataset": cfg.dataset, "model": self.loaded.name,
             "weights_sha256": self.loaded.weights_sha256, "target_layer": self.loaded.target_layer,
             "input_size": list(self.size), "precision": self.precision, "metrics_precision": self.metrics_precision,
-            "target": cfg.target, "channels_last": cfg.channels_last, "compile": self.compile,
+            "target": cfg.target, "channels_last": cfg.channels_last, "fuse": cfg.fuse,
+            "compile": self.compile,
             "insdel_steps": cfg.insdel_steps, "protocol": self.protocol.name,
             **({"seed": cfg.seed} if cfg.seed is not None else {}),  # the seeded methods' (only when one runs)
             **({"method_options": cfg.method_options} if cfg.method_options else {}),
