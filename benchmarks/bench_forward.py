@@ -31,7 +31,7 @@ def build(name: str, size: int, channels_last: bool = False, fuse: bool = False)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            net = getattr(torchvision.models, name.partition(":")[2])(weights=None)
+            net = getattr(torchvision.models, name.partition(":")[2])(weights=None).eval()  # as users load it
         return unioncam.load(net, input_size=size, class_names=[str(i) for i in range(1000)],
                              channels_last=channels_last, fuse=fuse)
     return unioncam.load(name, input_size=size, channels_last=channels_last, fuse=fuse)

@@ -169,6 +169,13 @@ def test_training_mode_runs_the_model_itself():
     assert lm.model.fused() is None
     lm.model.net.features[5].eval()
     assert lm.model.fused() is not None
+    # a model first used in training mode gets its copy, with every fold, once it is in eval mode
+    other = bn_net(True)
+    other.model.train()
+    assert other.model.fused() is None
+    other.model.eval()
+    copy = other.model.fused()
+    assert copy is not None and len(copy.pairs) == 2
 
 
 class Branchy(nn.Module):

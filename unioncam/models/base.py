@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from unioncam import storage
-from unioncam.models.fused import FusedNet, FuseError, fuse, runs_as_traced
+from unioncam.models.fused import FusedNet, FuseError, can_fuse, fuse
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,8 +103,8 @@ class PixelModel(nn.Module):
         fused = self._fused
         if fused is None or not fused.current():
             self._fused = None
-            if not runs_as_traced(self.net):
-                return None  # built once no hook is in the way
+            if not can_fuse(self.net):
+                return None  # built once no hook or training-mode normalization is in the way
             try:
                 fused = self._fused = fuse(self.net)
             except FuseError as exc:

@@ -102,9 +102,11 @@ class FusedNet:
         return not _hooked(self.watched) and not any(bn.training for _, bn in self.pairs)
 
 
-def runs_as_traced(net: nn.Module) -> bool:
-    """No forward hook on ``net``'s modules (nor a global one): a fused copy may be built and run."""
-    return not _hooked(net.modules())
+def can_fuse(net: nn.Module) -> bool:
+    """A fused copy of ``net`` may be built now: no forward hook on its modules (nor a global one), and
+    no normalization in training mode (what is folded depends on it, so a copy is built in eval mode)."""
+    modules = list(net.modules())
+    return not _hooked(modules) and not any(m.training for m in modules if isinstance(m, _BatchNorm))
 
 
 def fuse(net: nn.Module) -> FusedNet:
