@@ -86,13 +86,19 @@ def test_every_method_gives_the_same_maps_through_the_fused_copy(nets):
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     methods = methods_for(bn_net(False, torch.float32))  # check_model runs a float32 dry forward
     assert {"scorecam", "ablationcam", "sscam", "unioncam", "gradcam"} <= set(methods)
-    for method in methods:
-        a, b = unioncam.explain(plain, x, method), unioncam.explain(fused, x, method)
-        assert torch.equal(a.targets, b.targets), method
-        torch.testing.assert_close(b.maps, a.maps, atol=1e-9, rtol=0, msg=method)
     copy = fused.model.fused()
     assert copy is not None and len(copy.pairs) == 2 and copy.inplace == 2
     assert plain.model.fused() is None
+    calls: list[int] = []
+    handle = copy.module.register_forward_hook(lambda *_: calls.append(1))  # the copy's, not the network's
+    try:
+        for method in methods:
+            a, b = unioncam.explain(plain, x, method), unioncam.explain(fused, x, method)
+            assert torch.equal(a.targets, b.targets), method
+            torch.testing.assert_close(b.maps, a.maps, atol=1e-9, rtol=0, msg=method)
+    finally:
+        handle.remove()
+    assert fused.model.fused() is copy and len(calls) > 100  # the masked forwards ran through it
 
 
 def _through_copy(model: unioncam.models.PixelModel, x: Tensor) -> tuple[Tensor, int]:
@@ -143,7 +149,7 @@ def test_changed_weights_rebuild_the_copy():
     bn = lm.model.net.features[1]
     with torch.no_grad():
         bn.running_var.mul_(4.0)  # in place: the version moves
-    assert not first.current()
+    assert not first.current(lm.model.net)
     out, n = _through_copy(lm.model, x)
     assert n == 1 and lm.model.fused() is not first
     with torch.no_grad():
@@ -224,6 +230,118 @@ def test_only_provable_folds_and_inplace_activations():
         with torch.inference_mode():
             torch.testing.assert_close(fused.module(x), net(x), atol=1e-5, rtol=0)
         assert torch.equal(x, before)  # the input is never overwritten
+
+
+class Aliased(nn.Module):
+    """A ReLU reads a view (Flatten's output) of a tensor the network reads again afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.flat = nn.Flatten()
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        return self.act(self.flat(y)) + y.flatten(1)
+
+
+def test_an_activation_of_a_view_is_not_made_in_place():
+    net = Aliased().eval()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(10))
+    fused = fuse(net)
+    assert fused.inplace == 0
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.module(x), net(x), atol=1e-6, rtol=0)
+
+
+def test_a_global_hook_runs_the_model_itself(nets):
+    _, lm = nets
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert lm.model.fused() is None
+        _, n = _through_copy(lm.model, x)
+    finally:
+        handle.remove()
+    assert n == 0 and lm.model.fused() is not None
+
+
+def test_a_changed_module_tree_or_network_rebuilds_the_copy():
+    lm = bn_net(True)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    first = lm.model.fused()
+    lm.model.net.classifier = nn.Linear(16, 10).double().eval()  # a new module in the tree
+    out, n = _through_copy(lm.model, x)
+    assert n == 1 and lm.model.fused() is not first
+    with torch.no_grad():
+        torch.testing.assert_close(out, lm.model(x), atol=1e-12, rtol=0)
+    other = _randomize_bn(BNNet(), 12).double()
+    lm.model.net = other  # another network
+    out, _ = _through_copy(lm.model, x)
+    assert lm.model.fused().pairs[0][1] is other.features[1]
+    with torch.no_grad():
+        torch.testing.assert_close(out, lm.model(x), atol=1e-12, rtol=0)
+
+
+class Scaled(nn.Module):
+    """A buffer of a module the trace goes through (read as an attribute), and dropout in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.tensor([2.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = nn.functional.dropout(self.conv(x), 0.5, self.training) * self.scale
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_moves_and_training_mode_are_followed():
+    lm = load(Scaled(), target_layer="conv", input_size=16, class_names=["a", "b", "c"], fuse=True)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(13))
+    lm.model.train()  # the trace would fix dropout on
+    assert lm.model.fused() is None
+    lm.model.eval()
+    out, n = _through_copy(lm.model, x)
+    assert n == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out, lm.model(x))
+    lm.model.double()  # the buffer the copy holds is replaced
+    lm.model.net.scale.fill_(3.0)
+    out, n = _through_copy(lm.model, x.double())
+    assert n == 1 and out.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(out, lm.model(x.double()), atol=1e-12, rtol=0)
+
+
+def test_a_copy_first_built_under_autocast_folds_every_pair():
+    lm = bn_net(True, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        copy = lm.model.fused()
+    assert copy is not None and len(copy.pairs) == 2
+
+
+def test_networks_a_copy_cannot_follow_are_not_fused(caplog):
+    class Remembers(BNNet):
+        def forward(self, x: Tensor) -> Tensor:
+            self.last = self.features(x)  # read back by someone after the forward
+            return self.classifier(self.pool(self.last).flatten(1))
+
+    net = _randomize_bn(Remembers(), 14)
+    with pytest.raises(FuseError, match="forward sets attributes of the network"):
+        fuse(net)
+    assert "last" not in net.__dict__  # the trace's proxy is not left behind
+    with torch.inference_mode():
+        frozen = _randomize_bn(BNNet(), 15)  # weights made under inference mode
+    with pytest.raises(FuseError, match="inference tensors"):
+        fuse(frozen)
+    lm = load(net, target_layer="features.6", input_size=32, fuse=True)
+    with caplog.at_level(logging.WARNING, logger="unioncam.models.base"):
+        _, n = _through_copy(lm.model, torch.rand(1, 3, 32, 32))
+    assert n == 0 and any("sets attributes" in r.getMessage() for r in caplog.records)
+    assert isinstance(net.last, Tensor)
 
 
 class DataDependent(nn.Module):

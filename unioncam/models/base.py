@@ -39,12 +39,14 @@ class PixelModel(nn.Module):
     resolves them here or inside ``net``. ``target_layer`` is the default layer to explain, and
     ``reshape_transform`` (transformers) turns that layer's token output into a ``B×C×h×w`` grid.
 
-    Speed options (:func:`unioncam.models.load` sets them; both keep the results equal up to float
+    Speed options (:func:`unioncam.models.load` sets them; each keeps the results equal up to float
     rounding): :meth:`channels_last` stores conv weights NHWC, which PyTorch's CPU and cuDNN kernels
-    run faster, and :meth:`compile_inference` runs the forward-only passes (no grad: the methods'
-    masked forwards, the metrics: every pass run under ``torch.inference_mode``) through
-    ``torch.compile``; the explaining forward with its hooks (and its backward) always runs eagerly,
-    also for gradient-free methods, which run it under ``no_grad``.
+    run faster; :meth:`fuse_inference` runs the forward-only passes (no grad: the methods' masked
+    forwards, the metrics: every pass run under ``torch.inference_mode``) through a copy with each
+    BatchNorm folded into its convolution (:mod:`unioncam.models.fused`); :meth:`compile_inference` runs
+    them through ``torch.compile`` instead. The explaining forward with its hooks (and its backward)
+    always runs the network itself, eagerly, also for gradient-free methods, which run it under
+    ``no_grad``.
     """
 
     mean: Tensor
@@ -87,10 +89,10 @@ class PixelModel(nn.Module):
     def fuse_inference(self) -> PixelModel:
         """Run grad-free forwards through a fused copy of ``net`` (:mod:`unioncam.models.fused`: each
         BatchNorm folded into its convolution, activations in place), built on first use and rebuilt
-        when the folded weights change. ``net`` runs instead while any of its modules has a forward hook
-        (a method's hooked forward) or a folded normalization is in training mode, and for good when
-        ``torch.fx`` cannot trace it (a warning says why). A compiled forward (:meth:`compile_inference`)
-        takes precedence."""
+        when ``net`` changes as :meth:`FusedNet.current` sees it (call this again after writes it
+        cannot see: through ``.data`` or NumPy). ``net`` runs instead while any of its modules has a
+        forward hook (a method's hooked forward) or is in training mode, and for good when it cannot be
+        fused (a warning says why). A compiled forward (:meth:`compile_inference`) takes precedence."""
         self._fuse = True
         self._fused = None
         return self
@@ -101,7 +103,7 @@ class PixelModel(nn.Module):
         if not self._fuse:
             return None
         fused = self._fused
-        if fused is None or not fused.current():
+        if fused is None or not fused.current(self.net):
             self._fused = None
             if not can_fuse(self.net):
                 return None  # built once no hook or training-mode normalization is in the way
@@ -112,6 +114,10 @@ class PixelModel(nn.Module):
                 self._fuse = False
                 return None
         return fused if fused.usable() else None
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PixelModel:
+        self._fused = None  # .to(), .cpu(), .half(): the copy's folded weights would stay where they were
+        return super()._apply(fn, recurse)
 
     def _compiled_forward(self, x: Tensor) -> Tensor:
         assert self._compiled is not None

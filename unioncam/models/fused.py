@@ -8,16 +8,25 @@ For ``y = BN(conv(x))`` in eval mode, with ``s = γ / sqrt(σ² + ε)`` per outp
 so one convolution with folded weights replaces the convolution and the normalization
 (``torch.nn.utils.fusion.fuse_conv_bn_eval``). An activation (ReLU, ReLU6, Hardtanh, SiLU, Hardswish,
 LeakyReLU) whose input is a convolution's or normalization's output that nothing else uses then
-overwrites that output instead of allocating a new tensor. On EfficientNet-Lite0 at batch 32 on two
-CPU cores this makes the channels_last eager forward about 1.3-1.4× faster (docs/performance.md).
+overwrites that output instead of allocating a new tensor. On EfficientNet-Lite0 on two CPU cores this
+makes the channels_last eager forward 1.3× (batch 4) to 1.5× (batch 32) faster, ResNet-50's 1.03-1.16×
+(``benchmarks/bench_forward.py``, docs/performance.md).
 
 The copy is built from a ``torch.fx`` trace of the network (convolutions, linear layers and
 normalizations are leaves, so a subclass with its own padding, like EfficientNet's "same" convolution,
 is kept whole). Only a trace shows that a convolution's output has one user; a network that cannot be
-traced is not fused (:class:`FuseError`). Every other module of the copy is the network's own object,
-so it shares their weights; the folded convolutions hold weights of their own, computed from the
-sources recorded in :attr:`FusedNet.pairs`, and :meth:`FusedNet.current` tells when those changed
-(an in-place update bumps a tensor's version, a new tensor changes its identity, a move its storage).
+traced, whose weights are inference tensors, or whose ``forward`` sets attributes (a side effect the
+copy would not repeat) is not fused (:class:`FuseError`). The trace is made with every module in eval
+mode and fixes the network's Python-level choices (``self.training`` branches, attributes read in
+``forward``).
+
+The copy calls the network's own leaf modules, except the folded pairs and the replaced activations;
+the folded convolutions hold weights of their own. :meth:`FusedNet.current` tells when the copy no
+longer matches the network: another module tree (a module added, removed or replaced), or a tensor it
+was built from or captured (the folded pairs' weights and statistics, the tensors the trace reads as
+attributes) replaced, updated in place (PyTorch bumps its version: in-place ops, ``load_state_dict``,
+``nn.init``) or given new storage (``.to()``). Writes that PyTorch does not version (through ``.data``
+or a NumPy view) are not seen: call ``PixelModel.fuse_inference()`` again after them.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from unioncam.ops import ieee_fp32
 
 # activations (these classes exactly) with an ``inplace`` flag whose in-place form computes the same values
 INPLACE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.LeakyReLU)
@@ -49,26 +60,21 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (nn.Conv2d, nn.Linear, _BatchNorm)) or super().is_leaf_module(m, module_qualified_name)
 
 
-# a tensor a folded convolution was computed from: (its owner's ``_parameters`` or ``_buffers``, its name,
-# the tensor, its version, its storage address)
+# a tensor the copy was built from or holds: (its owner's ``_parameters``, ``_buffers`` or ``__dict__``,
+# its name there, the tensor, its version, its storage address)
 Source = tuple[dict[str, Any], str, Tensor | None, int, int]
 
 
-def _sources(conv: nn.Conv2d, bn: _BatchNorm) -> list[Source]:
-    out: list[Source] = []
-    for module, names in ((conv, ("weight", "bias")), (bn, ("weight", "bias", "running_mean", "running_var"))):
-        for name in names:
-            table = module._parameters if name in module._parameters else module._buffers
-            t = table.get(name)
-            out.append((table, name, t, t._version if t is not None else 0, t.data_ptr() if t is not None else 0))
-    return out
+def _source(owner: nn.Module, name: str) -> Source:
+    table = next((t for t in (owner._parameters, owner._buffers) if name in t), owner.__dict__)
+    t = table.get(name)
+    t = t if isinstance(t, Tensor) else None
+    return table, name, t, t._version if t is not None else 0, t.data_ptr() if t is not None else 0
 
 
-def _hooked(modules: Iterable[nn.Module]) -> bool:
-    """A forward hook or pre-hook on one of ``modules``, or a global one."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+# a watched module's child: (the module's table of submodules, the table's size, the child's name, the
+# child); a module without children has one entry with name "" and child None
+Child = tuple[dict[str, nn.Module | None], int, str, nn.Module | None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,36 +83,48 @@ class FusedNet:
 
     Attributes:
         module: the copy (a ``GraphModule``).
+        net: the network it copies.
         pairs: the (convolution, normalization) modules of the network folded into one, in graph order.
         inplace: how many activations run in place.
         watched: the network's modules when it was traced.
-        sources: every tensor the folded convolutions were computed from, as it was then.
+        children: the module tree then, one entry per child of each watched module.
+        sources: the tensors the copy was built from or captured, as they were then.
     """
 
     module: fx.GraphModule
+    net: nn.Module
     pairs: tuple[tuple[nn.Conv2d, _BatchNorm], ...]
     inplace: int
     watched: tuple[nn.Module, ...]
+    children: tuple[Child, ...]
     sources: tuple[Source, ...]
 
-    def current(self) -> bool:
-        """Every source is still the same tensor (not replaced), unchanged (an in-place update bumps its
-        version) and where it was (a move or a dtype change gives it new storage)."""
-        return all(table.get(name) is t and (t is None or (t._version == version and t.data_ptr() == ptr))
-                   for table, name, t, version, ptr in self.sources)
+    def current(self, net: nn.Module) -> bool:
+        """The copy still copies ``net``: the same network, the same module tree, every source unchanged
+        (module docstring). About 0.2 ms for EfficientNet-Lite0 on this project's CPU (one flat pass)."""
+        return net is self.net \
+            and all(table.get(name) is child and len(table) == size for table, size, name, child in self.children) \
+            and all(table.get(name) is t and (t is None or (t._version == version and t.data_ptr() == ptr))
+                    for table, name, t, version, ptr in self.sources)
 
     def usable(self) -> bool:
-        """The copy computes what the network would: no hook on any of its modules (the copy does not
-        call every one of them: the folded pairs, the replaced activations, the containers the trace
-        went through, so a hook there would not run) and no folded normalization in training mode."""
-        return not _hooked(self.watched) and not any(bn.training for _, bn in self.pairs)
+        """The copy computes what the network would now: :func:`can_fuse` of its modules."""
+        return _ready(self.watched)
+
+
+def _ready(modules: Iterable[nn.Module]) -> bool:
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def can_fuse(net: nn.Module) -> bool:
-    """A fused copy of ``net`` may be built now: no forward hook on its modules (nor a global one), and
-    no normalization in training mode (what is folded depends on it, so a copy is built in eval mode)."""
-    modules = list(net.modules())
-    return not _hooked(modules) and not any(m.training for m in modules if isinstance(m, _BatchNorm))
+    """A fused copy of ``net`` may be built and run now: every module is in eval mode (the trace fixes
+    ``self.training`` branches, and a fold needs the running statistics), and none has a forward hook
+    or pre-hook, nor is one registered globally (the copy does not call every module of ``net``: the
+    folded pairs, the replaced activations, the containers the trace went through, so a hook there
+    would not run)."""
+    return _ready(net.modules())
 
 
 def fuse(net: nn.Module) -> FusedNet:
@@ -115,6 +133,11 @@ def fuse(net: nn.Module) -> FusedNet:
     Raises:
         FuseError: ``torch.fx`` cannot trace ``net`` (data-dependent control flow, say).
     """
+    tensors = [*net.parameters(), *net.buffers()]
+    if any(t.is_inference() for t in tensors):
+        raise FuseError(f"{type(net).__name__}'s weights are inference tensors (made under torch.inference_mode)")
+    modules = list(net.modules())
+    before = [_attributes(m) for m in modules]
     tracer = _Tracer()
     try:
         with torch.inference_mode(False), torch.no_grad():
@@ -122,6 +145,15 @@ def fuse(net: nn.Module) -> FusedNet:
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
         raise FuseError(f"torch.fx cannot trace {type(net).__name__}: {type(exc).__name__}: {exc}".splitlines()[0]) \
             from exc
+    finally:
+        changed = [m for m, was in zip(modules, before, strict=True) if not _same(_attributes(m), was)]
+        for m, was in zip(modules, before, strict=True):
+            if not _same(_attributes(m), was):
+                _restore(m, was)
+    if changed:
+        names = {id(m): n for n, m in net.named_modules()}
+        raise FuseError(f"{type(net).__name__}.forward sets attributes of {names[id(changed[0])] or 'the network'} "
+                        "(a side effect a copy would not repeat)")
     gm = fx.GraphModule(net, graph)  # it calls the very modules of ``net``
     pairs: list[tuple[nn.Conv2d, _BatchNorm]] = []
     fresh: set[nn.Module] = set()  # the folded convolutions
@@ -158,8 +190,36 @@ def fuse(net: nn.Module) -> FusedNet:
     gm.graph.lint()
     gm.delete_all_unused_submodules()  # the folded pairs' modules, the replaced activations
     gm.recompile()
-    sources = tuple(source for conv, bn in pairs for source in _sources(conv, bn))
-    return FusedNet(gm, tuple(pairs), inplace, tuple(net.modules()), sources)
+    sources = [_source(m, name) for conv, bn in pairs for m, names in
+               ((conv, ("weight", "bias")), (bn, ("weight", "bias", "running_mean", "running_var"))) for name in names]
+    for node in gm.graph.nodes:  # tensors the trace reads as attributes: the copy holds them, not their owner
+        if node.op == "get_attr" and isinstance(node.target, str):
+            owner, _, name = node.target.rpartition(".")
+            sources.append(_source(net.get_submodule(owner), name))
+    children: list[Child] = [(m._modules, len(m._modules), name, child) for m in modules
+                             for name, child in (m._modules.items() or [("", None)])]
+    return FusedNet(gm, net, tuple(pairs), inplace, tuple(modules), tuple(children), tuple(sources))
+
+
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(m: nn.Module) -> dict[str, dict[str, Any]]:
+    """Shallow copies of ``m``'s ``__dict__`` and of its parameter, buffer and module tables: what a
+    ``forward`` that sets attributes changes."""
+    return {"__dict__": dict(m.__dict__), **{table: dict(getattr(m, table)) for table in _TABLES}}
+
+
+def _same(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> bool:
+    return all(a[k].keys() == b[k].keys() and all(a[k][n] is b[k][n] for n in a[k]) for k in a)
+
+
+def _restore(m: nn.Module, was: dict[str, dict[str, Any]]) -> None:
+    m.__dict__.clear()
+    m.__dict__.update(was["__dict__"])
+    for table in _TABLES:
+        getattr(m, table).clear()
+        getattr(m, table).update(was[table])
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d | None:
@@ -167,7 +227,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d | None:
 
     The fold assumes ``conv`` computes ``W ⊛ x + b`` from its own ``weight`` and ``bias`` and ``bn`` the
     eval-mode affine normalization; a subclass may not (weight standardization, an activation inside the
-    normalization), so the folded module is checked against the pair on a random input.
+    normalization), so the folded module is checked against the pair on a random input, in the weights'
+    dtype at full precision (a caller's autocast or TF32 would round both sides beyond the tolerance).
     """
     if conv.training or bn.training or bn.running_mean is None or bn.running_var is None:
         return None
@@ -178,7 +239,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d | None:
     z = torch.randn(2, conv.in_channels, side, side, generator=torch.Generator().manual_seed(0)).to(
         device=conv.weight.device, dtype=conv.weight.dtype)
     try:
-        expected, got = bn(conv(z)), folded(z)
+        with ieee_fp32(), torch.autocast(device_type=z.device.type, enabled=False):
+            expected, got = bn(conv(z)), folded(z)
     except RuntimeError:
         return None
     if expected.shape != got.shape:
