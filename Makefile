@@ -33,6 +33,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_driver_scale.py
 	cd benchmarks && ../$(BIN)/python bench_job_scale.py
 	cd benchmarks && ../$(BIN)/python bench_methods.py --size 112
+	cd benchmarks && ../$(BIN)/python bench_forward.py
 	cd benchmarks && ../$(BIN)/python bench_protocols.py
 	cd benchmarks && ../$(BIN)/python bench_road.py
 	cd benchmarks && TQDM_DISABLE=1 ../$(BIN)/python bench_sanity.py

@@ -80,7 +80,7 @@ def main() -> int:
                              f"{cl / t:.2f}×", f"{diff:.1e}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print(table(rows, ["model", "batch", "variant", "s/forward", "NCHW / it", "channels_last / it",
-                       "max |logit − NCHW|"]))
+                       "max logit difference to NCHW"]))
     return 0
 
 

@@ -513,7 +513,7 @@ def run_in_process(c: Check) -> None:
     from unioncam.ops import autocast
 
     shards, weights = c.data()
-    loaded = unioncam.load(c.args.model, weights, channels_last=True)  # the job's default channels_last
+    loaded = unioncam.load(c.args.model, weights, channels_last=True, fuse=True)  # the job's defaults
     net = loaded.model.to(c.device)
     s = in_process_settings(c, net, loaded.input_size)
     saved_threads = torch.get_num_threads()

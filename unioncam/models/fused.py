@@ -50,7 +50,8 @@ FOLD_TOLERANCE = 1e-3  # a folded pair against the pair, on a random input, rela
 
 
 class FuseError(RuntimeError):
-    """The network cannot be traced, so it is run as it is."""
+    """The network cannot be fused (fx cannot trace it, it holds inference tensors, its ``forward`` sets
+    attributes), so it runs as it is."""
 
 
 class _Tracer(fx.Tracer):
@@ -69,6 +70,8 @@ def _source(owner: nn.Module, name: str) -> Source:
     table = next((t for t in (owner._parameters, owner._buffers) if name in t), owner.__dict__)
     t = table.get(name)
     t = t if isinstance(t, Tensor) else None
+    if t is not None and t.is_inference():  # no version counter to follow it by
+        raise FuseError(f"{type(owner).__name__}.{name} is an inference tensor (made under torch.inference_mode)")
     return table, name, t, t._version if t is not None else 0, t.data_ptr() if t is not None else 0
 
 
@@ -131,7 +134,8 @@ def fuse(net: nn.Module) -> FusedNet:
     """The fused copy of ``net`` (module docstring); ``net`` itself is not changed.
 
     Raises:
-        FuseError: ``torch.fx`` cannot trace ``net`` (data-dependent control flow, say).
+        FuseError: ``torch.fx`` cannot trace ``net`` (data-dependent control flow, say), its weights are
+            inference tensors, or its ``forward`` sets attributes.
     """
     tensors = [*net.parameters(), *net.buffers()]
     if any(t.is_inference() for t in tensors):
