@@ -329,10 +329,24 @@ def test_networks_a_copy_cannot_follow_are_not_fused(caplog):
             self.last = self.features(x)  # read back by someone after the forward
             return self.classifier(self.pool(self.last).flatten(1))
 
+    class Appends(BNNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: dict[str, list[Tensor]] = {"features": []}
+
+        def forward(self, x: Tensor) -> Tensor:
+            f = self.features(x)
+            self.seen["features"].append(f)  # a side effect inside a container
+            return self.classifier(self.pool(f).flatten(1))
+
     net = _randomize_bn(Remembers(), 14)
-    with pytest.raises(FuseError, match="forward sets attributes of the network"):
+    with pytest.raises(FuseError, match="forward stores values in the network"):
         fuse(net)
-    assert "last" not in net.__dict__  # the trace's proxy is not left behind
+    assert "last" not in net.__dict__  # the trace ran on a copy: nothing is left behind
+    appends = _randomize_bn(Appends(), 16)
+    with pytest.raises(FuseError, match="forward stores values"):
+        fuse(appends)
+    assert appends.seen == {"features": []}
     with torch.inference_mode():
         frozen = _randomize_bn(BNNet(), 15)  # weights made under inference mode
     with pytest.raises(FuseError, match="inference tensors"):
@@ -340,8 +354,32 @@ def test_networks_a_copy_cannot_follow_are_not_fused(caplog):
     lm = load(net, target_layer="features.6", input_size=32, fuse=True)
     with caplog.at_level(logging.WARNING, logger="unioncam.models.base"):
         _, n = _through_copy(lm.model, torch.rand(1, 3, 32, 32))
-    assert n == 0 and any("sets attributes" in r.getMessage() for r in caplog.records)
-    assert isinstance(net.last, Tensor)
+    assert n == 0 and any("stores values" in r.getMessage() for r in caplog.records)
+    assert isinstance(net.last, Tensor)  # the network itself ran
+
+
+class Constant(BNNet):
+    """A tensor made in ``forward`` (fx keeps it as a constant of the copy, not of the network)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x * torch.tensor([2.0], dtype=x.dtype))
+
+
+def test_constants_and_parametrized_convolutions():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(17))
+    net = _randomize_bn(Constant(), 18)
+    fused = fuse(net)
+    assert len(fused.pairs) == 2 and not hasattr(net, "_tensor_constant0")
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.module(x), net(x), atol=1e-5, rtol=0)
+    normed = _randomize_bn(BNNet(), 19)
+    nn.utils.parametrizations.weight_norm(normed.features[0])  # its weight is computed at each call
+    fused = fuse(normed)
+    assert [bn for _, bn in fused.pairs] == [normed.features[5]]  # the parametrized pair is left alone
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.module(x), normed(x), atol=1e-5, rtol=0)
+    lm = load(normed, target_layer="features.6", input_size=32, fuse=True)
+    assert unioncam.explain(lm, x, "scorecam").maps.shape == (2, 32, 32)
 
 
 class DataDependent(nn.Module):

@@ -89,8 +89,9 @@ class PixelModel(nn.Module):
     def fuse_inference(self) -> PixelModel:
         """Run grad-free forwards through a fused copy of ``net`` (:mod:`unioncam.models.fused`: each
         BatchNorm folded into its convolution, activations in place), built on first use and rebuilt
-        when ``net`` changes as :meth:`FusedNet.current` sees it (call this again after writes it
-        cannot see: through ``.data`` or NumPy). ``net`` runs instead while any of its modules has a
+        when ``net`` changes as :meth:`FusedNet.current` sees it (call this again after changes it
+        cannot see: writes through ``.data`` or NumPy, a folded module's settings such as a
+        BatchNorm's ``eps``). ``net`` runs instead while any of its modules has a
         forward hook (a method's hooked forward) or is in training mode, and for good when it cannot be
         fused (a warning says why). A compiled forward (:meth:`compile_inference`) takes precedence."""
         self._fuse = True

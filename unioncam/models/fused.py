@@ -15,18 +15,22 @@ makes the channels_last eager forward 1.3× (batch 4) to 1.5× (batch 32) faster
 The copy is built from a ``torch.fx`` trace of the network (convolutions, linear layers and
 normalizations are leaves, so a subclass with its own padding, like EfficientNet's "same" convolution,
 is kept whole). Only a trace shows that a convolution's output has one user; a network that cannot be
-traced, whose weights are inference tensors, or whose ``forward`` sets attributes (a side effect the
-copy would not repeat) is not fused (:class:`FuseError`). The trace is made with every module in eval
-mode and fixes the network's Python-level choices (``self.training`` branches, attributes read in
-``forward``).
+traced, whose weights are inference tensors, or whose ``forward`` stores values (in an attribute, a list
+or dict attribute: a side effect the copy would not repeat) is not fused (:class:`FuseError`). The trace
+runs on a copy of the module tree (the tensors shared), so it never changes the network. It is made with
+every module in eval mode and fixes the network's Python-level choices (``self.training`` branches,
+attributes read in ``forward``). A parametrized weight (``weight_norm``) is not folded, nor are weights
+whose own dtype rounds beyond the fold check (bf16 weights; fp32 weights under bf16 autocast fold).
 
 The copy calls the network's own leaf modules, except the folded pairs and the replaced activations;
 the folded convolutions hold weights of their own. :meth:`FusedNet.current` tells when the copy no
 longer matches the network: another module tree (a module added, removed or replaced), or a tensor it
 was built from or captured (the folded pairs' weights and statistics, the tensors the trace reads as
 attributes) replaced, updated in place (PyTorch bumps its version: in-place ops, ``load_state_dict``,
-``nn.init``) or given new storage (``.to()``). Writes that PyTorch does not version (through ``.data``
-or a NumPy view) are not seen: call ``PixelModel.fuse_inference()`` again after them.
+``nn.init``) or given new storage (``.to()``). Not seen: writes that PyTorch does not version (through
+``.data`` or a NumPy view), and changed settings of a folded or replaced module (a BatchNorm's ``eps``, a
+convolution's ``stride``, an activation's slope, a patched ``forward``): call
+``PixelModel.fuse_inference()`` again after them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from unioncam.ops import ieee_fp32
@@ -50,8 +55,8 @@ FOLD_TOLERANCE = 1e-3  # a folded pair against the pair, on a random input, rela
 
 
 class FuseError(RuntimeError):
-    """The network cannot be fused (fx cannot trace it, it holds inference tensors, its ``forward`` sets
-    attributes), so it runs as it is."""
+    """The network cannot be fused (fx cannot trace it, it holds inference tensors, its ``forward`` stores
+    values), so it runs as it is."""
 
 
 class _Tracer(fx.Tracer):
@@ -135,30 +140,43 @@ def fuse(net: nn.Module) -> FusedNet:
 
     Raises:
         FuseError: ``torch.fx`` cannot trace ``net`` (data-dependent control flow, say), its weights are
-            inference tensors, or its ``forward`` sets attributes.
+            inference tensors, or its ``forward`` stores values.
     """
     tensors = [*net.parameters(), *net.buffers()]
     if any(t.is_inference() for t in tensors):
         raise FuseError(f"{type(net).__name__}'s weights are inference tensors (made under torch.inference_mode)")
-    modules = list(net.modules())
-    before = [_attributes(m) for m in modules]
-    tracer = _Tracer()
+    try:  # the trace runs forward on a copy of the module tree (the tensors shared), never on net itself
+        traced = copy.deepcopy(net, {id(t): t for t in tensors})
+    except Exception as exc:  # an attribute that cannot be copied (a lock, a file)
+        raise FuseError(f"{type(net).__name__} cannot be copied to trace it: {type(exc).__name__}: {exc}"
+                        .splitlines()[0]) from exc
+    copies = list(traced.modules())
+    before = [_attributes(m) for m in copies]
     try:
         with torch.inference_mode(False), torch.no_grad():
-            graph = tracer.trace(net)
+            graph = _Tracer().trace(traced)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
         raise FuseError(f"torch.fx cannot trace {type(net).__name__}: {type(exc).__name__}: {exc}".splitlines()[0]) \
             from exc
-    finally:
-        changed = [m for m, was in zip(modules, before, strict=True) if not _same(_attributes(m), was)]
-        for m, was in zip(modules, before, strict=True):
-            if not _same(_attributes(m), was):
-                _restore(m, was)
-    if changed:
-        names = {id(m): n for n, m in net.named_modules()}
-        raise FuseError(f"{type(net).__name__}.forward sets attributes of {names[id(changed[0])] or 'the network'} "
-                        "(a side effect a copy would not repeat)")
-    gm = fx.GraphModule(net, graph)  # it calls the very modules of ``net``
+    attrs = {n.target for n in graph.nodes if n.op == "get_attr" and isinstance(n.target, str)}
+    constants = {a for a in attrs if "." not in a and a not in before[0]["__dict__"]}  # what fx stowed on the root
+    for m, was in zip(copies, before, strict=True):
+        now = _attributes(m)
+        if m is traced:
+            now["__dict__"] = {k: v for k, v in now["__dict__"].items() if k not in constants}
+        if not _same(now, was) or _holds_proxy(now["__dict__"]):
+            name = next(n for n, c in traced.named_modules() if c is m) or "the network"
+            raise FuseError(f"{type(net).__name__}.forward stores values in {name} (a side effect a copy would "
+                            "not repeat)")
+    root: dict[str, Any] = {}  # what the graph calls and reads: net's own modules and tensors, fx's constants
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(node.target, str):
+            root[node.target] = net.get_submodule(node.target)
+        elif node.op == "get_attr" and isinstance(node.target, str):
+            owner, _, name = node.target.rpartition(".")
+            root[node.target] = getattr(traced if node.target in constants else net.get_submodule(owner), name)
+    gm = fx.GraphModule(root, graph, class_name=f"Fused{type(net).__name__}")  # it calls the very modules of net
+    modules = list(net.modules())
     pairs: list[tuple[nn.Conv2d, _BatchNorm]] = []
     fresh: set[nn.Module] = set()  # the folded convolutions
     inplace = 0
@@ -196,10 +214,9 @@ def fuse(net: nn.Module) -> FusedNet:
     gm.recompile()
     sources = [_source(m, name) for conv, bn in pairs for m, names in
                ((conv, ("weight", "bias")), (bn, ("weight", "bias", "running_mean", "running_var"))) for name in names]
-    for node in gm.graph.nodes:  # tensors the trace reads as attributes: the copy holds them, not their owner
-        if node.op == "get_attr" and isinstance(node.target, str):
-            owner, _, name = node.target.rpartition(".")
-            sources.append(_source(net.get_submodule(owner), name))
+    for target in sorted(attrs - constants):  # tensors the trace reads as attributes: the copy holds them
+        owner, _, name = target.rpartition(".")
+        sources.append(_source(net.get_submodule(owner), name))
     children: list[Child] = [(m._modules, len(m._modules), name, child) for m in modules
                              for name, child in (m._modules.items() or [("", None)])]
     return FusedNet(gm, net, tuple(pairs), inplace, tuple(modules), tuple(children), tuple(sources))
@@ -218,12 +235,24 @@ def _same(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> bool:
     return all(a[k].keys() == b[k].keys() and all(a[k][n] is b[k][n] for n in a[k]) for k in a)
 
 
-def _restore(m: nn.Module, was: dict[str, dict[str, Any]]) -> None:
-    m.__dict__.clear()
-    m.__dict__.update(was["__dict__"])
-    for table in _TABLES:
-        getattr(m, table).clear()
-        getattr(m, table).update(was[table])
+def _holds_proxy(value: object, seen: set[int] | None = None, depth: int = 0) -> bool:
+    """An fx ``Proxy`` inside ``value`` (containers and plain objects, 4 levels deep): a value of the
+    trace that ``forward`` stored, e.g. appended to a list attribute."""
+    if isinstance(value, fx.Proxy):
+        return True
+    seen = set() if seen is None else seen
+    if depth > 4 or id(value) in seen or isinstance(value, (Tensor, nn.Module, str, bytes, int, float, type)):
+        return False
+    seen.add(id(value))
+    if isinstance(value, dict):
+        items: Iterable[object] = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    elif hasattr(value, "__dict__") and not callable(value):
+        items = vars(value).values()
+    else:
+        return False
+    return any(_holds_proxy(v, seen, depth + 1) for v in items)
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d | None:
@@ -234,9 +263,13 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d | None:
     normalization), so the folded module is checked against the pair on a random input, in the weights'
     dtype at full precision (a caller's autocast or TF32 would round both sides beyond the tolerance).
     """
-    if conv.training or bn.training or bn.running_mean is None or bn.running_var is None:
+    if conv.training or bn.training or bn.running_mean is None or bn.running_var is None \
+            or parametrize.is_parametrized(conv) or parametrize.is_parametrized(bn):
+        return None  # a parametrized weight (weight_norm, spectral_norm) is computed, not held
+    try:
+        folded = fuse_conv_bn_eval(conv, bn)
+    except Exception:  # a subclass fuse_conv_bn_eval cannot copy or assign to
         return None
-    folded = fuse_conv_bn_eval(conv, bn)
     kh, kw = conv.kernel_size
     dh, dw = conv.dilation
     side = max(8, (max(kh, kw) - 1) * max(dh, dw) + 2)
