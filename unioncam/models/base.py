@@ -107,7 +107,7 @@ class PixelModel(nn.Module):
         if fused is None or not fused.current(self.net):
             self._fused = None
             if not can_fuse(self.net):
-                return None  # built once no hook or training-mode normalization is in the way
+                return None  # built once no hook or training-mode module is in the way
             try:
                 fused = self._fused = fuse(self.net)
             except FuseError as exc:
