@@ -9,7 +9,7 @@ so one convolution with folded weights replaces the convolution and the normaliz
 (``torch.nn.utils.fusion.fuse_conv_bn_eval``). An activation (ReLU, ReLU6, Hardtanh, SiLU, Hardswish,
 LeakyReLU) whose input is a convolution's or normalization's output that nothing else uses then
 overwrites that output instead of allocating a new tensor. On EfficientNet-Lite0 on two CPU cores this
-makes the channels_last eager forward 1.3× (batch 4) to 1.5× (batch 32) faster, ResNet-50's 1.03-1.16×
+made the channels_last eager forward 1.2-1.3× (batch 4) and 1.4-1.5× (batch 32) faster, ResNet-50's 1.03-1.16×
 (``benchmarks/bench_forward.py``, docs/performance.md).
 
 The copy is built from a ``torch.fx`` trace of the network (convolutions, linear layers and

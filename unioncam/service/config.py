@@ -66,7 +66,7 @@ class EvalConfig:
         channels_last / fuse / compile: the model's speed options (:func:`unioncam.models.load`);
             channels_last is on by default (benchmarks/bench_unioncam.py: 1.2-1.4× on CPU); fuse (on by
             default) runs the forward-only passes through a copy with each BatchNorm folded into its
-            convolution (:mod:`unioncam.models.fused`; 1.3-1.4× on EfficientNet-Lite0's CPU forward,
+            convolution (:mod:`unioncam.models.fused`; 1.2-1.5× on EfficientNet-Lite0's CPU forward,
             nothing to fold in VGG16); compile
             None means on for GPU workers (compiled once, warmed up before the first shard, batches
             padded to one shape) and off on CPU (where it lost on VGG16 and costs ~80 s per worker).
